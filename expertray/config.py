@@ -1,0 +1,132 @@
+"""Typed, validated configuration. Validation happens once, here, with errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from expertray.errors import ConfigError
+
+GATING_FAMILIES = ("mixtral", "qwen_moe", "deepseek_v3", "gpt_oss")
+OVERFLOW_MODES = ("drop", "reroute", "dropless")
+DROP_PRIORITIES = ("first_come", "score")
+TRANSPORTS = ("auto", "collective", "object_store")
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How a token's experts and combine weights are chosen from router logits.
+
+    family: mixtral (softmax → top-k → renormalize), qwen_moe (softmax → top-k, `normalize` optional;
+    also OLMoE), deepseek_v3 (sigmoid + correction bias for selection, group-limited top-k, scaling),
+    gpt_oss (top-k on logits + bias → softmax over the k).
+    """
+
+    family: str = "mixtral"
+    num_experts: int = 8
+    top_k: int = 2
+    normalize: bool = True
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.family in GATING_FAMILIES, "gate.family", f"{self.family!r} is not one of {GATING_FAMILIES}")
+        _require(self.num_experts >= 1, "gate.num_experts", f"must be >= 1, got {self.num_experts}")
+        _require(1 <= self.top_k <= self.num_experts, "gate.top_k",
+                 f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _require(self.num_groups >= 1 and self.num_experts % self.num_groups == 0, "gate.num_groups",
+                 f"must divide num_experts={self.num_experts}, got {self.num_groups}")
+        _require(1 <= self.topk_groups <= self.num_groups, "gate.topk_groups",
+                 f"must be in [1, num_groups={self.num_groups}], got {self.topk_groups}")
+        if self.family == "deepseek_v3":
+            per_group = self.num_experts // self.num_groups
+            _require(per_group >= 2 or self.num_groups == 1, "gate.num_groups",
+                     "deepseek_v3 group scores sum the top-2 experts per group: need >= 2 experts per group")
+            _require(self.topk_groups * per_group >= self.top_k, "gate.topk_groups",
+                     f"topk_groups*experts_per_group={self.topk_groups * per_group} < top_k={self.top_k}")
+        _require(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+                 "gate.routed_scaling_factor", f"must be a positive finite number, got {self.routed_scaling_factor}")
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """Per-expert capacity with DeepSpeed/Tutel semantics: ceil(factor · T·k / E), at least `min_capacity`.
+
+    overflow: drop (assignments past capacity are dropped, by `drop_priority`), reroute (to the next-best
+    expert with room), dropless (no limit; `factor` is ignored).
+    """
+
+    factor: float = 1.25
+    min_capacity: int = 4
+    overflow: str = "dropless"
+    drop_priority: str = "first_come"
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.factor) and self.factor > 0, "capacity.factor",
+                 f"must be a positive finite number, got {self.factor}")
+        _require(self.min_capacity >= 0, "capacity.min_capacity", f"must be >= 0, got {self.min_capacity}")
+        _require(self.overflow in OVERFLOW_MODES, "capacity.overflow",
+                 f"{self.overflow!r} is not one of {OVERFLOW_MODES}")
+        _require(self.drop_priority in DROP_PRIORITIES, "capacity.drop_priority",
+                 f"{self.drop_priority!r} is not one of {DROP_PRIORITIES}")
+
+
+@dataclass(frozen=True)
+class MoELayerConfig:
+    """Shape of one MoE layer: SwiGLU experts d_model → d_ff → d_model, plus an optional shared expert."""
+
+    d_model: int = 256
+    d_ff: int = 512
+    gate: GateConfig = field(default_factory=GateConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    shared_d_ff: int = 0
+    shared_gated: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.d_model >= 1, "layer.d_model", f"must be >= 1, got {self.d_model}")
+        _require(self.d_ff >= 1, "layer.d_ff", f"must be >= 1, got {self.d_ff}")
+        _require(self.shared_d_ff >= 0, "layer.shared_d_ff", f"must be >= 0, got {self.shared_d_ff}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.gate.top_k
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from plain dicts, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown field (known: {sorted(fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        sub = _NESTED.get(ftype) if isinstance(ftype, str) else None
+        kwargs[name] = from_dict(sub, value, f"{prefix + '.' if prefix else ''}{name}") if sub else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict form of a config dataclass (round-trips through `from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+_NESTED: dict[str, type] = {"GateConfig": GateConfig, "CapacityConfig": CapacityConfig,
+                            "MoELayerConfig": MoELayerConfig}

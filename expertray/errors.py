@@ -1,0 +1,34 @@
+"""Exceptions raised by expertray. Each names the offending field, expert, actor or offset."""
+
+from __future__ import annotations
+
+
+class ExpertRayError(Exception):
+    """Base class for every error expertray raises on purpose."""
+
+
+class ConfigError(ExpertRayError, ValueError):
+    """A configuration value is out of range or inconsistent; the message names the field."""
+
+
+class InputError(ExpertRayError, ValueError):
+    """A request's tensor is malformed: shape, dtype, non-finite values, empty or oversize."""
+
+
+class UnknownExpertError(ExpertRayError, KeyError):
+    """A (layer, expert) pair or an actor id that the placement table does not know."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "unknown expert"
+
+
+class TraceFormatError(ExpertRayError, ValueError):
+    """A trace or snapshot file is malformed or truncated; the message names the byte offset."""
+
+
+class ExpertUnavailableError(ExpertRayError, RuntimeError):
+    """No live replica could serve a bucket of tokens; the request fails instead of losing rows."""
+
+
+class BackpressureError(ExpertRayError, RuntimeError):
+    """The router queue is full; retry later."""

@@ -1,0 +1,91 @@
+"""SwiGLU expert math on stacked weights (Mixtral / Qwen-MoE / DeepSeek layout).
+
+gate_up: [S, 2F, D] (gate rows first, then up rows), down: [S, D, F]; y = down · (silu(gate·x) ⊙ up·x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ExpertWeights:
+    """Weights of S expert slots, stacked."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.gate_up.dim() != 3 or self.down.dim() != 3:
+            raise ValueError(f"expert weights must be 3-D, got gate_up {tuple(self.gate_up.shape)}, "
+                             f"down {tuple(self.down.shape)}")
+        S, two_f, D = self.gate_up.shape
+        if two_f % 2 or self.down.shape != (S, D, two_f // 2):
+            raise ValueError(f"down must be [S, D, F] = {(S, D, two_f // 2)}, got {tuple(self.down.shape)}")
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.gate_up.shape[2]
+
+    @property
+    def d_ff(self) -> int:
+        return self.down.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
+
+    def select(self, slots: Sequence[int]) -> ExpertWeights:
+        """A copy holding only `slots`, in that order."""
+        idx = torch.as_tensor(list(slots), dtype=torch.long)
+        return ExpertWeights(self.gate_up.index_select(0, idx).contiguous(),
+                             self.down.index_select(0, idx).contiguous())
+
+    @staticmethod
+    def random(num_slots: int, d_model: int, d_ff: int, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> ExpertWeights:
+        g = torch.Generator().manual_seed(seed)
+        gate_up = torch.randn(num_slots, 2 * d_ff, d_model, generator=g) / d_model**0.5
+        down = torch.randn(num_slots, d_model, d_ff, generator=g) / d_ff**0.5
+        return ExpertWeights(gate_up.to(dtype), down.to(dtype))
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """One expert on rows x [n, D] with gate_up [2F, D], down [D, F] → [n, D]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return torch.matmul(F.silu(gate) * up, down.t(), out=out)
+
+
+def grouped_swiglu(rows: torch.Tensor, counts: Sequence[int], weights: ExpertWeights) -> torch.Tensor:
+    """Rows [N, D] grouped by slot (counts[s] consecutive rows for slot s) → outputs [N, D]."""
+    out = torch.empty_like(rows)
+    start = 0
+    for slot, n in enumerate(counts):
+        if n:
+            swiglu(rows[start:start + n], weights.gate_up[slot], weights.down[slot], out=out[start:start + n])
+            start += n
+    return out
+
+
+@dataclass
+class SharedExpert:
+    """A dense SwiGLU expert every token passes through (Qwen-MoE, DeepSeek), optionally sigmoid-gated."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = swiglu(x, self.gate_up, self.down)
+        if self.gate is not None:
+            y = torch.sigmoid(F.linear(x, self.gate)) * y
+        return y

@@ -1,0 +1,197 @@
+"""The placement table: which actor hosts which physical copy (slot) of each logical expert.
+
+One table for every consumer (router, controller, simulator, CLI, metrics). Logical experts are
+(layer, expert) pairs; a *slot* is one physical replica of one logical expert on one actor. Slots are kept
+sorted by actor, so a layer's destinations sorted by slot id are also grouped by actor (one contiguous
+segment per actor in a dispatch plan). Tables are immutable; every change yields version + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from expertray.errors import ConfigError, UnknownExpertError
+
+
+@dataclass(frozen=True, order=True)
+class Slot:
+    actor: str
+    layer: int
+    expert: int
+
+
+@dataclass(frozen=True)
+class LayerRoute:
+    """One layer's view of a table, compiled for the router's hot path.
+
+    dest_actor: [S_l] actor index (into table.actors) of each destination; contiguous per actor.
+    dest_expert: [S_l] logical expert each destination serves.
+    replicas: per logical expert, its destination indices (into the S_l destinations).
+    """
+
+    layer: int
+    dest_actor: torch.Tensor
+    dest_expert: torch.Tensor
+    replicas: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_dests(self) -> int:
+        return int(self.dest_actor.numel())
+
+
+@dataclass(frozen=True)
+class PlacementTable:
+    version: int
+    num_layers: int
+    num_experts: int
+    actors: tuple[str, ...]
+    slots: tuple[Slot, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(set(self.actors)) != len(self.actors):
+            raise ConfigError(f"placement.actors: duplicate actor ids in {self.actors}")
+        rank = {a: i for i, a in enumerate(self.actors)}
+        for s in self.slots:
+            if s.actor not in rank:
+                raise UnknownExpertError(f"slot {s} names unknown actor {s.actor!r}")
+            if not (0 <= s.layer < self.num_layers and 0 <= s.expert < self.num_experts):
+                raise UnknownExpertError(f"slot {s} is outside {self.num_layers} layers x {self.num_experts} experts")
+        if len(set(self.slots)) != len(self.slots):
+            raise ConfigError("placement.slots: an actor holds the same expert twice")
+        ordered = tuple(sorted(self.slots, key=lambda s: (rank[s.actor], s.layer, s.expert)))
+        object.__setattr__(self, "slots", ordered)
+        missing = [(layer, e) for layer in range(self.num_layers) for e in range(self.num_experts)
+                   if not self._replica_map.get((layer, e))]
+        if missing:
+            raise ConfigError(f"placement: logical experts without any replica, e.g. layer:expert "
+                              f"{missing[0][0]}:{missing[0][1]} ({len(missing)} in all)")
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def balanced(cls, num_layers: int, num_experts: int, actors: Sequence[str], version: int = 0) -> PlacementTable:
+        """Each layer's experts split into contiguous, near-equal blocks over the actors (uneven allowed)."""
+        if not actors:
+            raise ConfigError("placement.actors: need at least one expert actor")
+        n = len(actors)
+        slots = [Slot(actors[e * n // num_experts], layer, e)
+                 for layer in range(num_layers) for e in range(num_experts)]
+        return cls(version, num_layers, num_experts, tuple(actors), tuple(slots))
+
+    # --- queries ------------------------------------------------------------------------------------
+    @cached_property
+    def _replica_map(self) -> dict[tuple[int, int], list[int]]:
+        out: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(self.slots):
+            out.setdefault((s.layer, s.expert), []).append(i)
+        return out
+
+    def check_expert(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.num_layers):
+            raise UnknownExpertError(f"unknown layer {layer} (table has layers 0..{self.num_layers - 1})")
+        if not (0 <= expert < self.num_experts):
+            raise UnknownExpertError(f"unknown expert {layer}:{expert} (layer has experts 0..{self.num_experts - 1})")
+
+    def check_actor(self, actor: str) -> None:
+        if actor not in self.actors:
+            raise UnknownExpertError(f"unknown actor {actor!r} (actors: {', '.join(self.actors)})")
+
+    def replicas(self, layer: int, expert: int) -> list[Slot]:
+        self.check_expert(layer, expert)
+        return [self.slots[i] for i in self._replica_map[(layer, expert)]]
+
+    def slots_of(self, actor: str) -> list[Slot]:
+        self.check_actor(actor)
+        return [s for s in self.slots if s.actor == actor]
+
+    def replica_counts(self, layer: int) -> list[int]:
+        return [len(self._replica_map[(layer, e)]) for e in range(self.num_experts)]
+
+    @cached_property
+    def _routes(self) -> dict[int, LayerRoute]:
+        rank = {a: i for i, a in enumerate(self.actors)}
+        routes = {}
+        for layer in range(self.num_layers):
+            dests = [s for s in self.slots if s.layer == layer]
+            replicas: list[list[int]] = [[] for _ in range(self.num_experts)]
+            for j, s in enumerate(dests):
+                replicas[s.expert].append(j)
+            routes[layer] = LayerRoute(layer, torch.tensor([rank[s.actor] for s in dests], dtype=torch.long),
+                                       torch.tensor([s.expert for s in dests], dtype=torch.long),
+                                       tuple(tuple(r) for r in replicas))
+        return routes
+
+    def route(self, layer: int) -> LayerRoute:
+        if not (0 <= layer < self.num_layers):
+            raise UnknownExpertError(f"unknown layer {layer} (table has layers 0..{self.num_layers - 1})")
+        return self._routes[layer]
+
+    # --- changes (each returns a new version) -------------------------------------------------------
+    def with_slots(self, slots: Iterable[Slot], actors: Sequence[str] | None = None) -> PlacementTable:
+        return PlacementTable(self.version + 1, self.num_layers, self.num_experts,
+                              tuple(actors) if actors is not None else self.actors, tuple(slots))
+
+    def replicate(self, layer: int, expert: int, actor: str) -> PlacementTable:
+        self.check_expert(layer, expert)
+        self.check_actor(actor)
+        new = Slot(actor, layer, expert)
+        if new in self.slots:
+            raise ConfigError(f"actor {actor!r} already holds expert {layer}:{expert}")
+        return self.with_slots(self.slots + (new,))
+
+    def remove(self, layer: int, expert: int, actor: str) -> PlacementTable:
+        self.check_expert(layer, expert)
+        slot = Slot(actor, layer, expert)
+        if slot not in self.slots:
+            raise UnknownExpertError(f"actor {actor!r} holds no replica of expert {layer}:{expert}")
+        return self.with_slots(s for s in self.slots if s != slot)
+
+    def migrate(self, layer: int, expert: int, src: str, dst: str) -> PlacementTable:
+        return self.replicate(layer, expert, dst).remove(layer, expert, src).bump(self.version + 1)
+
+    def drain(self, actor: str) -> PlacementTable:
+        """Move every slot off `actor` to the least-loaded (fewest slots) other actors, then drop the actor."""
+        self.check_actor(actor)
+        others = [a for a in self.actors if a != actor]
+        if not others:
+            raise ConfigError(f"cannot drain {actor!r}: it is the only expert actor")
+        count = {a: 0 for a in others}
+        kept = [s for s in self.slots if s.actor != actor]
+        for s in kept:
+            count[s.actor] += 1
+        held = set(kept)
+        moved = []
+        for s in self.slots:
+            if s.actor != actor:
+                continue
+            if any(Slot(a, s.layer, s.expert) in held for a in others):
+                continue  # another replica survives: just drop this copy
+            target = min(others, key=lambda a: (count[a], others.index(a)))
+            count[target] += 1
+            moved.append(Slot(target, s.layer, s.expert))
+        return self.with_slots(kept + moved, others)
+
+    def with_actor(self, actor: str) -> PlacementTable:
+        if actor in self.actors:
+            raise ConfigError(f"actor {actor!r} already in the table")
+        return self.with_slots(self.slots, self.actors + (actor,))
+
+    def bump(self, version: int) -> PlacementTable:
+        return PlacementTable(version, self.num_layers, self.num_experts, self.actors, self.slots)
+
+    # --- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "num_layers": self.num_layers, "num_experts": self.num_experts,
+                "actors": list(self.actors), "slots": [[s.actor, s.layer, s.expert] for s in self.slots]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PlacementTable:
+        try:
+            return cls(int(d["version"]), int(d["num_layers"]), int(d["num_experts"]), tuple(d["actors"]),
+                       tuple(Slot(str(a), int(layer), int(e)) for a, layer, e in d["slots"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"placement table: malformed ({exc!r})") from exc
