@@ -58,7 +58,8 @@ def combine(rows: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> to
     """[N, D] expert outputs → [T, D]: weight each row by its gate weight and sum a token's rows.
 
     A token with every assignment dropped gets a zero row (its drops are counted by the caller).
+    `rows` is scaled in place: it is a transient buffer owned by the caller.
     """
     w = weights[plan.token_index, plan.k_index].to(rows.dtype)
     out = torch.zeros(plan.num_tokens, rows.shape[1], dtype=rows.dtype)
-    return out.index_add_(0, plan.token_index, rows * w.unsqueeze(1))
+    return out.index_add_(0, plan.token_index, rows.mul_(w.unsqueeze(1)))

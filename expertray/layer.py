@@ -8,8 +8,8 @@ import torch
 
 from expertray.capacity import apply_capacity
 from expertray.config import MoELayerConfig
-from expertray.dispatch import build_plan, combine, permute
-from expertray.experts import ExpertWeights, SharedExpert, grouped_swiglu
+from expertray.dispatch import build_plan
+from expertray.experts import ExpertWeights, SharedExpert, fused_experts_combine
 from expertray.gating import GateOutput, GateWeights, gate
 from expertray.validation import check_hidden
 
@@ -71,8 +71,7 @@ class MoELayer:
         compute = x.to(self.experts.gate_up.dtype)
         g, experts, dropped, rerouted, cap = self.route(x)
         plan = build_plan(experts, self.cfg.num_experts)
-        rows = grouped_swiglu(permute(compute, plan), plan.counts.tolist(), self.experts)
-        out = combine(rows, plan, g.weights)
+        out = fused_experts_combine(compute, plan, g.weights, self.experts)
         if self.shared is not None:
             out = out + self.shared(compute)
         return MoEOutput(out.to(hidden.dtype).reshape(shape), g, experts, plan.counts, dropped, rerouted, cap)

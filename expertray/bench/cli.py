@@ -1,0 +1,11 @@
+"""`expertray bench …`: one sub-command per benchmark module (each module exposes `cli`)."""
+
+from __future__ import annotations
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks: results as JSON (--json) or a table.", no_args_is_help=True)
+
+from expertray.bench import core  # noqa: E402
+
+bench_app.command("core")(core.cli)
