@@ -130,3 +130,56 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 _NESTED: dict[str, type] = {"GateConfig": GateConfig, "CapacityConfig": CapacityConfig,
                             "MoELayerConfig": MoELayerConfig}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A served model: `num_layers` MoE layers of one shape, spread over `num_expert_actors` Ray actors.
+
+    transport: collective (torch.distributed all-to-all in a gloo/NCCL group), object_store (numpy
+    views through Ray objects), or auto (collective when every actor can join the group).
+    Micro-batching: a router closes a batch at `max_batch_tokens` or `max_wait_ms` after its first request.
+    """
+
+    layer: MoELayerConfig = field(default_factory=MoELayerConfig)
+    num_layers: int = 2
+    num_expert_actors: int = 4
+    num_routers: int = 1
+    transport: str = "auto"
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 1.0
+    max_request_tokens: int = 65536
+    max_queue_tokens: int = 262144
+    routing_policy: str = "capacity"
+    routing_params: dict[str, Any] = field(default_factory=dict)
+    replica_policy: str = "round_robin"
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0
+    router_num_cpus: float = 0.5
+    seed: int = 0
+    collective_timeout_s: float = 30.0
+    stats_window_batches: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
+        _require(self.num_expert_actors >= 1, "cluster.num_expert_actors",
+                 f"must be >= 1, got {self.num_expert_actors}")
+        _require(self.num_routers >= 1, "cluster.num_routers", f"must be >= 1, got {self.num_routers}")
+        _require(self.transport in TRANSPORTS, "cluster.transport", f"{self.transport!r} is not one of {TRANSPORTS}")
+        _require(self.max_batch_tokens >= 1, "cluster.max_batch_tokens", f"must be >= 1, got {self.max_batch_tokens}")
+        _require(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "cluster.max_wait_ms",
+                 f"must be a finite number >= 0, got {self.max_wait_ms}")
+        _require(self.max_request_tokens >= 1, "cluster.max_request_tokens",
+                 f"must be >= 1, got {self.max_request_tokens}")
+        _require(self.max_queue_tokens >= self.max_request_tokens, "cluster.max_queue_tokens",
+                 f"must be >= max_request_tokens={self.max_request_tokens}, got {self.max_queue_tokens}")
+        _require(self.actor_num_cpus > 0 or self.actor_num_gpus > 0, "cluster.actor_num_cpus",
+                 "an expert actor needs a CPU or GPU share > 0")
+        _require(self.actor_num_gpus >= 0, "cluster.actor_num_gpus", f"must be >= 0, got {self.actor_num_gpus}")
+        _require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
+        _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
+                 f"must be > 0, got {self.collective_timeout_s}")
+        _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
+
+
+_NESTED["ClusterConfig"] = ClusterConfig

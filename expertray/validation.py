@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -15,7 +17,7 @@ def check_hidden(hidden: object, d_model: int, max_tokens: int | None = None) ->
     if isinstance(hidden, np.ndarray):
         if hidden.dtype.kind != "f":
             raise InputError(f"hidden states must be floating point, got numpy dtype {hidden.dtype}")
-        hidden = torch.from_numpy(np.ascontiguousarray(hidden))
+        hidden = tensor_view(np.ascontiguousarray(hidden))
     if not isinstance(hidden, torch.Tensor):
         raise InputError(f"hidden states must be a torch.Tensor or numpy array, got {type(hidden).__name__}")
     if hidden.dtype not in ACCEPTED_DTYPES:
@@ -35,3 +37,13 @@ def check_hidden(hidden: object, d_model: int, max_tokens: int | None = None) ->
         bad = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0, 0])
         raise InputError(f"hidden states contain NaN or inf (first at token {bad})")
     return flat
+
+
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor over a numpy array that may be read-only (Ray object-store buffers are).
+
+    Callers only read it; torch warns about read-only buffers regardless, so that warning is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)

@@ -1,0 +1,170 @@
+"""Controller: owns the versioned placement table, creates expert actors and routers, applies changes.
+
+A placement change is applied in three steps so no token is lost: (1) new slots get their weights
+(copied from an actor that holds them, else from the weight store), (2) every router switches to the new
+table between two batches, (3) only then are slots that left the table unloaded and removed actors killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import ray
+
+from expertray.actors.expert import ExpertActor
+from expertray.actors.router import LayerParams, RouterActor
+from expertray.config import ClusterConfig
+from expertray.errors import ConfigError
+from expertray.layer import MoELayer
+from expertray.placement import PlacementTable, Slot
+
+log = logging.getLogger(__name__)
+
+
+def _expert_blob(layers: list[MoELayer], slots: list[Slot]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    return {(s.layer, s.expert): (layers[s.layer].experts.gate_up[s.expert].numpy(),
+                                  layers[s.layer].experts.down[s.expert].numpy()) for s in slots}
+
+
+@ray.remote
+class Controller:
+    def __init__(self, cfg: ClusterConfig, layers: list[MoELayer]) -> None:
+        if len(layers) != cfg.num_layers:
+            raise ConfigError(f"cluster.num_layers={cfg.num_layers} but {len(layers)} layers of weights given")
+        self.cfg = cfg
+        self.layers = layers  # the weight store: source of truth when no live replica holds an expert
+        self.actors: dict[str, Any] = {}
+        self.routers: list[Any] = []
+        self.table: PlacementTable | None = None
+        self.transport: str | None = None
+        self.lock = asyncio.Lock()
+        self.next_actor = 0
+        self.history: list[dict[str, Any]] = []
+
+    # --- start-up ------------------------------------------------------------------------------------
+    def _new_actor(self) -> str:
+        actor_id = f"expert-{self.next_actor}"
+        self.next_actor += 1
+        c = self.cfg
+        self.actors[actor_id] = ExpertActor.options(
+            num_cpus=c.actor_num_cpus, num_gpus=c.actor_num_gpus, name=f"expertray-{actor_id}",
+            namespace="expertray").remote(actor_id, max(1, math.floor(c.actor_num_cpus)))
+        return actor_id
+
+    async def start(self) -> dict[str, Any]:
+        async with self.lock:
+            ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
+            table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
+            await asyncio.gather(*[self.actors[a].load.remote(_expert_blob(self.layers, table.slots_of(a)))
+                                   for a in ids])
+            params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
+            self.routers = [RouterActor.options(num_cpus=self.cfg.router_num_cpus, name=f"expertray-router-{i}",
+                                                namespace="expertray").remote(
+                f"router-{i}", self.cfg, params, table.to_dict(), self.actors,
+                max(1, math.floor(self.cfg.router_num_cpus))) for i in range(self.cfg.num_routers)]
+            transports = await asyncio.gather(*[r.start.remote() for r in self.routers])
+            self.transport = transports[0]
+            self.table = table
+            log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
+                     self.transport)
+            return {"actors": ids, "routers": len(self.routers), "transport": self.transport}
+
+    # --- queries -------------------------------------------------------------------------------------
+    def get_table(self) -> dict[str, Any]:
+        return self.table.to_dict()
+
+    def get_routers(self) -> list[Any]:
+        return self.routers
+
+    def get_config(self) -> ClusterConfig:
+        return self.cfg
+
+    async def status(self) -> dict[str, Any]:
+        actor_ids = list(self.table.actors)
+        actor_stats = await asyncio.gather(*[self.actors[a].stats.remote() for a in actor_ids])
+        router_stats = await asyncio.gather(*[r.stats.remote() for r in self.routers])
+        return {"table": self.table.to_dict(), "transport": self.transport,
+                "actors": dict(zip(actor_ids, actor_stats)), "routers": router_stats,
+                "history": self.history[-50:]}
+
+    # --- placement changes ---------------------------------------------------------------------------
+    async def apply_table(self, new: PlacementTable, reason: str = "") -> dict[str, Any]:
+        async with self.lock:
+            return await self._apply(new, reason)
+
+    async def _apply(self, new: PlacementTable, reason: str) -> dict[str, Any]:
+        old = self.table
+        new = new.bump(old.version + 1)
+        for a in new.actors:
+            if a not in self.actors:
+                raise ConfigError(f"placement names actor {a!r} that the controller has not created")
+        added = sorted(set(new.slots) - set(old.slots))
+        removed = sorted(set(old.slots) - set(new.slots))
+        await self._load_slots(added, old)
+        versions = await asyncio.gather(*[r.set_table.remote(new.to_dict(), self.actors) for r in self.routers])
+        assert all(v == new.version for v in versions), versions
+        self.table = new
+        by_actor: dict[str, list[tuple[int, int]]] = {}
+        for s in removed:
+            by_actor.setdefault(s.actor, []).append((s.layer, s.expert))
+        await asyncio.gather(*[self.actors[a].unload.remote(keys) for a, keys in by_actor.items()
+                               if a in new.actors])
+        for a in [a for a in old.actors if a not in new.actors]:
+            ray.kill(self.actors.pop(a))
+        event = {"version": new.version, "reason": reason, "added": [[s.actor, s.layer, s.expert] for s in added],
+                 "removed": [[s.actor, s.layer, s.expert] for s in removed]}
+        self.history.append(event)
+        log.info("placement v%d: +%d slots, -%d slots (%s)", new.version, len(added), len(removed), reason)
+        return event
+
+    async def _load_slots(self, slots: list[Slot], source: PlacementTable) -> None:
+        """Give every new slot its weights: from a live actor holding the expert, else the weight store."""
+        loads = []
+        for s in slots:
+            holders = [h.actor for h in source.replicas(s.layer, s.expert) if h.actor in self.actors]
+            if holders:
+                blob_ref = self.actors[holders[0]].export.remote([(s.layer, s.expert)])
+            else:
+                blob_ref = ray.put(_expert_blob(self.layers, [s]))
+            loads.append(self.actors[s.actor].load.remote(blob_ref))
+        await asyncio.gather(*loads)
+
+    async def replicate(self, layer: int, expert: int, actor: str | None = None) -> dict[str, Any]:
+        async with self.lock:
+            self.table.check_expert(layer, expert)
+            if actor is None:
+                held = {s.actor for s in self.table.replicas(layer, expert)}
+                free = [a for a in self.table.actors if a not in held]
+                if not free:
+                    raise ConfigError(f"every actor already holds expert {layer}:{expert}")
+                actor = min(free, key=lambda a: len(self.table.slots_of(a)))
+            return await self._apply(self.table.replicate(layer, expert, actor), f"replicate {layer}:{expert}")
+
+    async def migrate(self, layer: int, expert: int, dst: str, src: str | None = None) -> dict[str, Any]:
+        async with self.lock:
+            reps = self.table.replicas(layer, expert)
+            src = src or reps[0].actor
+            return await self._apply(self.table.migrate(layer, expert, src, dst), f"migrate {layer}:{expert}")
+
+    async def drain(self, actor: str) -> dict[str, Any]:
+        async with self.lock:
+            return await self._apply(self.table.drain(actor), f"drain {actor}")
+
+    async def add_actor(self) -> str:
+        """Start a new (empty) expert actor and add it to the table; policies then move slots onto it."""
+        async with self.lock:
+            actor_id = self._new_actor()
+            await self.actors[actor_id].ping.remote()
+            await self._apply(self.table.with_actor(actor_id), f"add {actor_id}")
+            return actor_id
+
+    async def shutdown(self) -> None:
+        for r in self.routers:
+            ray.kill(r)
+        for a in self.actors.values():
+            ray.kill(a)
+        self.routers, self.actors = [], {}

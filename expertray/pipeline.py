@@ -1,0 +1,105 @@
+"""The router's pure data path: gate → routing policy → replica selection → dispatch plan → buckets per
+actor, and, after the transport, combine. No Ray here: the RouterActor calls `prepare` and `finish`.
+
+T tokens, k choices, D = d_model, N routed rows, S_l destinations (physical slots) of the layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from expertray.capacity import CapacityResult
+from expertray.config import CapacityConfig, MoELayerConfig
+from expertray.dispatch import DispatchPlan, build_plan, combine, permute
+from expertray.experts import SharedExpert
+from expertray.gating import GateOutput, GateWeights, gate
+from expertray.placement import LayerRoute
+
+
+class RoutingPolicy(Protocol):
+    def route(self, gate: GateOutput, capacity: CapacityConfig, expert_load: torch.Tensor | None
+              ) -> CapacityResult: ...
+
+
+class ReplicaSelector(Protocol):
+    def select(self, experts: torch.Tensor, route: LayerRoute, dest_load: torch.Tensor | None,
+               local_actors: set[int] | None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ActorBucket:
+    """The rows one expert actor gets: rows[row_start : row_start + num_rows], grouped by `experts`."""
+
+    actor: int
+    row_start: int
+    num_rows: int
+    experts: list[int]
+    counts: list[int]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Everything decided before the transport. rows: [N, D] in plan order (contiguous per actor)."""
+
+    layer: int
+    gate: GateOutput
+    routing: CapacityResult
+    dests: torch.Tensor
+    plan: DispatchPlan
+    rows: torch.Tensor
+    buckets: list[ActorBucket]
+    expert_counts: torch.Tensor
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def split_sizes(self) -> list[int]:
+        """Rows per actor, in table actor order (the all-to-all's split sizes)."""
+        return [b.num_rows for b in self.buckets]
+
+
+def prepare(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, gate_weights: GateWeights,
+            policy: RoutingPolicy, selector: ReplicaSelector, route: LayerRoute, num_actors: int,
+            expert_load: torch.Tensor | None = None, dest_load: torch.Tensor | None = None,
+            local_actors: set[int] | None = None) -> PreparedBatch:
+    """Route hidden [T, D] through the layer's gate and policies and cut the rows into per-actor buckets."""
+    t0 = time.perf_counter()
+    g = gate(hidden, cfg.gate, gate_weights)
+    t1 = time.perf_counter()
+    routing = policy.route(g, cfg.capacity, expert_load)
+    dests = selector.select(routing.experts, route, dest_load, local_actors)
+    plan = build_plan(dests, route.num_dests)
+    rows = permute(hidden, plan)
+    per_actor = plan.group_counts(route.dest_actor, num_actors).tolist()
+    buckets, start, dest = [], 0, 0
+    counts = plan.counts.tolist()
+    dest_actor = route.dest_actor.tolist()
+    dest_expert = route.dest_expert.tolist()
+    for actor in range(num_actors):
+        experts, ecounts = [], []
+        while dest < len(dest_actor) and dest_actor[dest] == actor:
+            if counts[dest]:
+                experts.append(dest_expert[dest])
+                ecounts.append(counts[dest])
+            dest += 1
+        buckets.append(ActorBucket(actor, start, per_actor[actor], experts, ecounts))
+        start += per_actor[actor]
+    kept = routing.experts[routing.experts >= 0]
+    expert_counts = torch.bincount(kept, minlength=cfg.num_experts)
+    timings = {"gate": (t1 - t0) * 1e3, "plan": (time.perf_counter() - t1) * 1e3}
+    return PreparedBatch(layer, g, routing, dests, plan, rows, buckets, expert_counts, timings)
+
+
+def finish(batch: PreparedBatch, expert_rows: torch.Tensor, hidden: torch.Tensor,
+           shared: SharedExpert | None) -> torch.Tensor:
+    """Combine expert outputs [N, D] (plan order) into [T, D], plus the shared expert if any."""
+    if expert_rows.shape != batch.rows.shape:
+        raise RuntimeError(f"transport returned {tuple(expert_rows.shape)} rows for a batch of "
+                           f"{tuple(batch.rows.shape)}; refusing to combine a partial answer")
+    out = combine(expert_rows, batch.plan, batch.routing.weights)
+    if shared is not None:
+        out += shared(hidden)
+    return out
