@@ -15,6 +15,10 @@ class InputError(ExpertRayError, ValueError):
     """A request's tensor is malformed: shape, dtype, non-finite values, empty or oversize."""
 
 
+class OversizeError(InputError):
+    """A request is larger than a configured limit (tokens or bytes)."""
+
+
 class UnknownExpertError(ExpertRayError, KeyError):
     """A (layer, expert) pair or an actor id that the placement table does not know."""
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 
-from expertray.errors import InputError
+from expertray.errors import InputError, OversizeError
 
 ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -31,7 +31,7 @@ def check_hidden(hidden: object, d_model: int, max_tokens: int | None = None) ->
     if flat.shape[0] == 0:
         raise InputError("empty batch: hidden states have 0 tokens")
     if max_tokens is not None and flat.shape[0] > max_tokens:
-        raise InputError(f"request has {flat.shape[0]} tokens, over the limit of {max_tokens}")
+        raise OversizeError(f"request has {flat.shape[0]} tokens, over the limit of {max_tokens}")
     # amax propagates NaN and is ~8x cheaper than isfinite().all() on large batches
     if not bool(torch.isfinite(flat.abs().amax())):
         bad = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0, 0])

@@ -1,0 +1,123 @@
+"""The Serve app over real HTTP on 127.0.0.1: JSON and msgpack forwards, errors, backpressure, schema."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from expertray.api import launch, random_model
+from expertray.codec import decode_tensor, encode_tensor, pack, unpack
+from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+
+pytestmark = pytest.mark.ray
+D = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session):
+    from ray import serve
+
+    from expertray.serve import ExpertRayIngress
+
+    cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 6, 2)),
+                        num_layers=2, num_expert_actors=2, actor_num_cpus=0.25, max_request_tokens=256)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(ExpertRayIngress.bind(max_inflight_tokens=96), name="expertray", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", layers
+    serve.shutdown()
+    cluster.shutdown()
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, data=body, headers={"content-type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_json_and_msgpack_forward_match_in_process(served) -> None:
+    base, layers = served
+    x = np.random.default_rng(0).standard_normal((7, D)).astype(np.float32)
+    ref = layers[1](torch.from_numpy(x)).numpy()
+    status, body, _ = _post(f"{base}/v1/layers/1/forward", json.dumps({"hidden": x.tolist()}).encode(),
+                            "application/json")
+    assert status == 200
+    np.testing.assert_allclose(np.array(json.loads(body)["output"], dtype=np.float32), ref, atol=1e-5, rtol=0)
+    status, body, headers = _post(f"{base}/v1/layers/1/forward", pack({"hidden": encode_tensor(x)}),
+                                  "application/msgpack")
+    assert status == 200 and headers["content-type"] == "application/msgpack"
+    np.testing.assert_allclose(decode_tensor(unpack(body)["output"]), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path,body,ctype,code,needle", [
+    ("/v1/layers/0/forward", b"{not json", "application/json", 400, "malformed JSON"),
+    ("/v1/layers/0/forward", b"\xc1", "application/msgpack", 400, "malformed msgpack"),
+    ("/v1/layers/0/forward", pack({"hidden": {"dtype": "int8", "shape": [1, D], "data": b"x" * D}}),
+     "application/msgpack", 400, "dtype"),
+    ("/v1/layers/0/forward", pack({"hidden": {"dtype": "float32", "shape": [2, D], "data": b"\0" * 8}}),
+     "application/msgpack", 400, "do not match shape"),
+    ("/v1/layers/0/forward", json.dumps({"hidden": [[1.0] * (D - 1)]}).encode(), "application/json", 400,
+     "d_model=32"),
+    ("/v1/layers/0/forward", json.dumps({"hidden": []}).encode(), "application/json", 400, "non-empty"),
+    ("/v1/layers/0/forward", json.dumps({"hidden": [[float("nan")] * D]}).encode().replace(b"NaN", b"NaN"),
+     "application/json", 400, "NaN or inf"),
+    ("/v1/layers/0/forward", json.dumps({"hidden": [["a"] * D]}).encode(), "application/json", 400, "numbers"),
+    ("/v1/layers/5/forward", json.dumps({"hidden": [[0.0] * D]}).encode(), "application/json", 404,
+     "unknown layer 5"),
+    ("/v1/layers/0/forward", pack({"hidden": encode_tensor(np.zeros((300, D), np.float32))}),
+     "application/msgpack", 413, "over the limit of 256"),
+])
+def test_bad_requests_get_clear_4xx(served, path: str, body: bytes, ctype: str, code: int, needle: str) -> None:
+    base, _ = served
+    status, payload, _ = _post(base + path, body, ctype)
+    assert status == code, payload
+    assert needle in json.loads(payload)["error"]
+
+
+def test_backpressure_answers_503_with_retry_after_and_nothing_else_fails(served) -> None:
+    base, layers = served
+    x = np.random.default_rng(1).standard_normal((40, D)).astype(np.float32)
+    ref = layers[0](torch.from_numpy(x)).numpy()
+    body = pack({"hidden": encode_tensor(x)})
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: _post(f"{base}/v1/layers/0/forward", body, "application/msgpack"),
+                                range(24)))
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 503}, codes
+    assert 200 in codes
+    for status, payload, headers in results:
+        if status == 503:
+            assert headers.get("retry-after") == "1" or headers.get("Retry-After") == "1"
+        else:
+            np.testing.assert_allclose(decode_tensor(unpack(payload)["output"]), ref, atol=1e-5, rtol=0)
+
+
+def test_inspection_endpoints_and_openapi(served) -> None:
+    base, _ = served
+    with urllib.request.urlopen(f"{base}/healthz") as r:
+        assert json.load(r)["status"] == "ok"
+    with urllib.request.urlopen(f"{base}/v1/experts") as r:
+        experts = json.load(r)
+    assert len(experts) == 12 and all(e["actors"] for e in experts)
+    with urllib.request.urlopen(f"{base}/v1/placement") as r:
+        assert json.load(r)["num_experts"] == 6
+    with urllib.request.urlopen(f"{base}/openapi.json") as r:
+        assert "/v1/layers/{layer}/forward" in json.load(r)["paths"]
