@@ -66,7 +66,8 @@ class Controller:
                                                 namespace="expertray").remote(
                 f"router-{i}", self.cfg, params, table.to_dict(), self.actors,
                 max(1, math.floor(self.cfg.router_num_cpus))) for i in range(self.cfg.num_routers)]
-            transports = await asyncio.gather(*[r.start.remote() for r in self.routers])
+            me = ray.get_runtime_context().current_actor
+            transports = await asyncio.gather(*[r.start.remote(me) for r in self.routers])
             self.transport = transports[0]
             self.table = table
             log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
@@ -96,7 +97,8 @@ class Controller:
         async with self.lock:
             return await self._apply(new, reason)
 
-    async def _apply(self, new: PlacementTable, reason: str) -> dict[str, Any]:
+    async def _apply(self, new: PlacementTable, reason: str, dead: frozenset[str] = frozenset()
+                     ) -> dict[str, Any]:
         old = self.table
         new = new.bump(old.version + 1)
         for a in new.actors:
@@ -104,15 +106,16 @@ class Controller:
                 raise ConfigError(f"placement names actor {a!r} that the controller has not created")
         added = sorted(set(new.slots) - set(old.slots))
         removed = sorted(set(old.slots) - set(new.slots))
-        await self._load_slots(added, old)
-        versions = await asyncio.gather(*[r.set_table.remote(new.to_dict(), self.actors) for r in self.routers])
+        await self._load_slots(added, old, dead)
+        versions = await asyncio.gather(*[r.set_table.remote(new.to_dict(), self.actors, bool(dead))
+                                          for r in self.routers])
         assert all(v == new.version for v in versions), versions
         self.table = new
         by_actor: dict[str, list[tuple[int, int]]] = {}
         for s in removed:
             by_actor.setdefault(s.actor, []).append((s.layer, s.expert))
         await asyncio.gather(*[self.actors[a].unload.remote(keys) for a, keys in by_actor.items()
-                               if a in new.actors])
+                               if a in new.actors and a not in dead])
         for a in [a for a in old.actors if a not in new.actors]:
             ray.kill(self.actors.pop(a))
         event = {"version": new.version, "reason": reason, "added": [[s.actor, s.layer, s.expert] for s in added],
@@ -121,17 +124,46 @@ class Controller:
         log.info("placement v%d: +%d slots, -%d slots (%s)", new.version, len(added), len(removed), reason)
         return event
 
-    async def _load_slots(self, slots: list[Slot], source: PlacementTable) -> None:
+    async def _load_slots(self, slots: list[Slot], source: PlacementTable, dead: frozenset[str]) -> None:
         """Give every new slot its weights: from a live actor holding the expert, else the weight store."""
         loads = []
         for s in slots:
-            holders = [h.actor for h in source.replicas(s.layer, s.expert) if h.actor in self.actors]
+            holders = [h.actor for h in source.replicas(s.layer, s.expert)
+                       if h.actor in self.actors and h.actor not in dead]
             if holders:
                 blob_ref = self.actors[holders[0]].export.remote([(s.layer, s.expert)])
             else:
                 blob_ref = ray.put(_expert_blob(self.layers, [s]))
             loads.append(self.actors[s.actor].load.remote(blob_ref))
         await asyncio.gather(*loads)
+
+    async def _dead_actors(self, timeout_s: float = 5.0) -> set[str]:
+        async def alive(a: str) -> bool:
+            try:
+                await asyncio.wait_for(self.actors[a].ping.remote(), timeout_s)
+                return True
+            except Exception:  # noqa: BLE001 - any failure to answer counts as dead
+                return False
+        ids = list(self.table.actors)
+        return {a for a, ok in zip(ids, await asyncio.gather(*[alive(a) for a in ids])) if not ok}
+
+    async def heal(self, reporter: str = "") -> dict[str, Any]:
+        """Replace dead expert actors (weights reloaded from live replicas or the weight store) and make
+        every router re-form its transport; called by a router whose batch failed in transport."""
+        async with self.lock:
+            dead = await self._dead_actors()
+            if not dead:  # a broken collective with live peers: re-form the groups on the same table
+                await asyncio.gather(*[r.set_table.remote(self.table.to_dict(), self.actors, True)
+                                       for r in self.routers])
+                return {"replaced": {}, "version": self.table.version}
+            replaced = {a: self._new_actor() for a in sorted(dead)}
+            actors = tuple(replaced.get(a, a) for a in self.table.actors)
+            slots = [Slot(replaced.get(s.actor, s.actor), s.layer, s.expert) for s in self.table.slots]
+            new = PlacementTable(self.table.version, self.table.num_layers, self.table.num_experts, actors,
+                                 tuple(slots))
+            event = await self._apply(new, f"heal: replaced {replaced} (reported by {reporter})",
+                                      frozenset(dead))
+            return {"replaced": replaced, "version": event["version"]}
 
     async def replicate(self, layer: int, expert: int, actor: str | None = None) -> dict[str, Any]:
         async with self.lock:

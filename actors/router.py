@@ -20,7 +20,9 @@ import torch
 
 from expertray.actors.transport import CollectiveTransport, ObjectStoreTransport
 from expertray.config import ClusterConfig
-from expertray.errors import BackpressureError, UnknownExpertError
+from ray.exceptions import RayActorError
+
+from expertray.errors import BackpressureError, ExpertUnavailableError, TransportError, UnknownExpertError
 from expertray.experts import SharedExpert
 from expertray.gating import GateWeights
 from expertray.loadstats import LoadStats, balancedness
@@ -38,6 +40,10 @@ class _Pending:
     hidden: torch.Tensor
     future: asyncio.Future
     arrived: float
+    attempts: int = 0
+
+
+MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -66,15 +72,24 @@ class RouterActor:
         self.table = PlacementTable.from_dict(table)
         self.handles = handles
         self.transport: Any = None
-        self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0, "errors": 0}
+        self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0, "errors": 0,
+                         "retries": 0}
         self.timing_ms: dict[str, deque[float]] = {k: deque(maxlen=256) for k in
                                                    ("gate", "plan", "transport", "compute", "combine", "batch")}
         self.bytes_out = [0] * len(self.table.actors)
+        self.controller: Any = None
+        self.healthy = asyncio.Event()
+        self.healthy.set()
+        self.expert_tokens = torch.zeros(cfg.num_layers, cfg.layer.num_experts, dtype=torch.long)
+        self.started_at = time.time()
         self.loop_task: asyncio.Task | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
-    async def start(self) -> str:
-        """Open the transport and start the batching loop; returns the transport actually used."""
+    async def start(self, controller: Any = None) -> str:
+        """Open the transport and start the batching loop; returns the transport actually used.
+
+        `controller` is asked to heal the cluster when an expert actor fails mid-batch."""
+        self.controller = controller
         self.transport = await self._open_transport(self.table)
         self.loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
         return self.transport.name
@@ -96,12 +111,14 @@ class RouterActor:
                         exc_info=True)
             return ObjectStoreTransport(handles)
 
-    async def set_table(self, table: dict[str, Any], handles: dict[str, Any]) -> int:
-        """Switch to a new placement table between batches; returns the version now in use."""
+    async def set_table(self, table: dict[str, Any], handles: dict[str, Any], reopen: bool = False) -> int:
+        """Switch to a new placement table between batches; returns the version now in use.
+
+        The transport is re-formed when the actor set changes or `reopen` (after a failure)."""
         new = PlacementTable.from_dict(table)
         async with self.lane:
             self.handles = {**self.handles, **handles}
-            if new.actors != self.table.actors:
+            if reopen or new.actors != self.table.actors:
                 old = self.transport
                 self.transport = await self._open_transport(new)
                 await old.close()
@@ -149,6 +166,7 @@ class RouterActor:
                 batch.append(queue.popleft())
                 tokens += batch[-1].hidden.shape[0]
             self.queued_tokens -= tokens
+            await self.healthy.wait()
             async with self.lane:
                 await self._process(layer, batch)
 
@@ -162,7 +180,11 @@ class RouterActor:
                             self.selector,
                             route, len(self.table.actors), expert_load=self.stats_.window_load(layer))
             t1 = time.perf_counter()
-            rows_out, tstats = await self.transport.exchange(batch)
+            try:
+                rows_out, tstats = await self.transport.exchange(batch)
+            except (RayActorError, TransportError) as exc:
+                self._retry_after_heal(layer, reqs, exc)
+                return
             t2 = time.perf_counter()
             out = finish(batch, rows_out, hidden, self.layers[layer].shared)
             t3 = time.perf_counter()
@@ -180,8 +202,38 @@ class RouterActor:
             start += n
         self._record(layer, len(reqs), batch, tstats, (t0, t1, t2, t3))
 
+    def _retry_after_heal(self, layer: int, reqs: list[_Pending], exc: Exception) -> None:
+        """An expert actor failed mid-batch: put the requests back (in order) and ask the controller to heal.
+
+        After MAX_ATTEMPTS a request fails with ExpertUnavailableError; it never gets a partial answer."""
+        log.warning("router %s: batch on layer %d failed in transport (%s); healing", self.router_id, layer, exc)
+        self.counters["retries"] += 1
+        for r in reversed(reqs):
+            r.attempts += 1
+            if r.attempts >= MAX_ATTEMPTS:
+                self.counters["errors"] += 1
+                r.future.set_exception(ExpertUnavailableError(
+                    f"layer {layer}: expert actors failed {r.attempts} times while serving this request ({exc})"))
+            else:
+                self.queues[layer].appendleft(r)
+                self.queued_tokens += r.hidden.shape[0]
+        if self.healthy.is_set():
+            self.healthy.clear()
+            asyncio.get_running_loop().create_task(self._heal())
+
+    async def _heal(self) -> None:
+        try:
+            if self.controller is not None:
+                await self.controller.heal.remote(self.router_id)
+        except Exception:  # noqa: BLE001 - the retry will fail cleanly if the cluster is still broken
+            log.exception("router %s: controller heal failed", self.router_id)
+        finally:
+            self.healthy.set()
+            self.arrival.set()
+
     def _record(self, layer: int, num_requests: int, batch: Any, tstats: Any, t: tuple[float, ...]) -> None:
         self.stats_.record(layer, batch.expert_counts, batch.routing.num_dropped)
+        self.expert_tokens[layer] += batch.expert_counts
         c = self.counters
         c["batches"] += 1
         c["requests"] += num_requests
@@ -210,8 +262,11 @@ class RouterActor:
             dev = torch.zeros(len(self.table.actors), dtype=load.dtype).index_add_(0, route.dest_actor, dest_share)
             for a, v in zip(self.table.actors, dev.tolist()):
                 per_actor_tokens[a] = per_actor_tokens.get(a, 0.0) + v
-            layers.append({"layer": layer, "expert_load": load.tolist(), "balancedness": balancedness(dev)})
+            layers.append({"layer": layer, "expert_load": load.tolist(), "balancedness": balancedness(dev),
+                           "expert_tokens_total": self.expert_tokens[layer].tolist(),
+                           "drop_rate": self.stats_.window_drop_rate(layer)})
         return {"router": self.router_id, "table_version": self.table.version,
+                "uptime_s": time.time() - self.started_at,
                 "transport": self.transport.name if self.transport else None, **self.counters,
                 "queued_tokens": self.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),

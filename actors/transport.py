@@ -19,6 +19,7 @@ import ray
 import torch
 
 from expertray.actors.expert import make_group
+from expertray.errors import TransportError
 from expertray.pipeline import PreparedBatch
 from expertray.validation import tensor_view
 
@@ -91,7 +92,12 @@ class CollectiveTransport:
         d = batch.rows.shape[1]
         refs = [self.handles[b.actor].collective_compute.remote(self.group, batch.layer, b.experts, b.counts, d)
                 for b in batch.buckets]
-        out = await asyncio.to_thread(self._alltoall, batch.rows, batch.split_sizes)
+        try:
+            out = await asyncio.to_thread(self._alltoall, batch.rows, batch.split_sizes)
+        except RuntimeError as exc:  # gloo/NCCL raise RuntimeError subclasses when a peer dies or times out
+            for ref in refs:
+                ray.cancel(ref, force=False)
+            raise TransportError(f"all-to-all in group {self.group} failed: {exc}") from exc
         compute_ms = await asyncio.gather(*refs)
         per_row = d * batch.rows.element_size()
         sent = [b.num_rows * per_row for b in batch.buckets]

@@ -34,5 +34,9 @@ class ExpertUnavailableError(ExpertRayError, RuntimeError):
     """No live replica could serve a bucket of tokens; the request fails instead of losing rows."""
 
 
+class TransportError(ExpertRayError, RuntimeError):
+    """Moving a batch to or from the expert actors failed (an actor died, a collective broke)."""
+
+
 class BackpressureError(ExpertRayError, RuntimeError):
     """The router queue is full; retry later."""
