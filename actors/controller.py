@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from expertray.actors.expert import ExpertActor
 from expertray.actors.router import LayerParams, RouterActor
@@ -21,6 +23,7 @@ from expertray.config import ClusterConfig
 from expertray.errors import ConfigError
 from expertray.layer import MoELayer
 from expertray.placement import PlacementTable, Slot
+from expertray.snapshot import load_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,15 @@ def _expert_blob(layers: list[MoELayer], slots: list[Slot]) -> dict[tuple[int, i
 
 @ray.remote
 class Controller:
-    def __init__(self, cfg: ClusterConfig, layers: list[MoELayer]) -> None:
+    def __init__(self, cfg: ClusterConfig, layers: list[MoELayer] | None, detached: bool = False,
+                 weights_path: str = "") -> None:
+        if layers is None:  # persistent clusters keep the weight store on disk so a restart can reload it
+            layers = torch.load(weights_path, weights_only=False)
         if len(layers) != cfg.num_layers:
             raise ConfigError(f"cluster.num_layers={cfg.num_layers} but {len(layers)} layers of weights given")
         self.cfg = cfg
         self.layers = layers  # the weight store: source of truth when no live replica holds an expert
+        self.detached = detached  # detached children outlive a controller restart and keep serving
         self.actors: dict[str, Any] = {}
         self.routers: list[Any] = []
         self.table: PlacementTable | None = None
@@ -44,6 +51,33 @@ class Controller:
         self.lock = asyncio.Lock()
         self.next_actor = 0
         self.history: list[dict[str, Any]] = []
+        self.restored = False
+        if cfg.snapshot_path and ray.get_runtime_context().was_current_actor_reconstructed:
+            self._restore()
+
+    # --- persistence ---------------------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.cfg.snapshot_path:
+            save_snapshot(self.cfg.snapshot_path, self.table,
+                          {"next_actor": self.next_actor, "history": self.history[-200:],
+                           "transport": self.transport, "num_routers": len(self.routers)})
+
+    def _restore(self) -> None:
+        """After a restart: reload the table and state, re-attach to the (detached) actors and routers."""
+        table, state = load_snapshot(self.cfg.snapshot_path)
+        self.actors = {a: ray.get_actor(f"expertray-{a}", namespace="expertray") for a in table.actors}
+        self.routers = [ray.get_actor(f"expertray-router-{i}", namespace="expertray")
+                        for i in range(state["num_routers"])]
+        self.table, self.next_actor = table, state["next_actor"]
+        self.history, self.transport = list(state["history"]), state["transport"]
+        self.restored = True
+        log.info("controller restored placement v%d from %s", table.version, self.cfg.snapshot_path)
+
+    def _child_options(self, name: str, num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "name": name, "namespace": "expertray"}
+        if self.detached:
+            opts["lifetime"] = "detached"
+        return opts
 
     # --- start-up ------------------------------------------------------------------------------------
     def _new_actor(self) -> str:
@@ -51,8 +85,8 @@ class Controller:
         self.next_actor += 1
         c = self.cfg
         self.actors[actor_id] = ExpertActor.options(
-            num_cpus=c.actor_num_cpus, num_gpus=c.actor_num_gpus, name=f"expertray-{actor_id}",
-            namespace="expertray").remote(actor_id, max(1, math.floor(c.actor_num_cpus)))
+            **self._child_options(f"expertray-{actor_id}", c.actor_num_cpus, c.actor_num_gpus)).remote(
+            actor_id, max(1, math.floor(c.actor_num_cpus)))
         return actor_id
 
     async def start(self) -> dict[str, Any]:
@@ -62,19 +96,23 @@ class Controller:
             await asyncio.gather(*[self.actors[a].load.remote(_expert_blob(self.layers, table.slots_of(a)))
                                    for a in ids])
             params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
-            self.routers = [RouterActor.options(num_cpus=self.cfg.router_num_cpus, name=f"expertray-router-{i}",
-                                                namespace="expertray").remote(
+            self.routers = [RouterActor.options(**self._child_options(f"expertray-router-{i}",
+                                                                      self.cfg.router_num_cpus)).remote(
                 f"router-{i}", self.cfg, params, table.to_dict(), self.actors,
                 max(1, math.floor(self.cfg.router_num_cpus))) for i in range(self.cfg.num_routers)]
-            me = ray.get_runtime_context().current_actor
+            me = ray.get_actor("controller", namespace="expertray")
             transports = await asyncio.gather(*[r.start.remote(me) for r in self.routers])
             self.transport = transports[0]
             self.table = table
+            self._save()
             log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
                      self.transport)
             return {"actors": ids, "routers": len(self.routers), "transport": self.transport}
 
     # --- queries -------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"restored": self.restored, "version": self.table.version, "detached": self.detached}
+
     def get_table(self) -> dict[str, Any]:
         return self.table.to_dict()
 
@@ -121,6 +159,7 @@ class Controller:
         event = {"version": new.version, "reason": reason, "added": [[s.actor, s.layer, s.expert] for s in added],
                  "removed": [[s.actor, s.layer, s.expert] for s in removed]}
         self.history.append(event)
+        self._save()
         log.info("placement v%d: +%d slots, -%d slots (%s)", new.version, len(added), len(removed), reason)
         return event
 

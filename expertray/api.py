@@ -103,9 +103,13 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     except ValueError:
         pass
     opts: dict[str, Any] = {"name": CONTROLLER, "namespace": NAMESPACE, "num_cpus": 0}
-    if detached:
-        opts["lifetime"] = "detached"
-    controller = Controller.options(**opts).remote(cfg, layers)
+    if detached:  # survives the driver; restarted by Ray on failure (state restored from the snapshot)
+        opts.update(lifetime="detached", max_restarts=-1)
+    weights_path = ""
+    if cfg.snapshot_path:  # a restarted controller must find its weight store without the driver
+        weights_path = cfg.snapshot_path + ".weights.pt"
+        torch.save(layers, weights_path)
+    controller = Controller.options(**opts).remote(cfg, None if weights_path else layers, detached, weights_path)
     ray.get(controller.start.remote())
     return Cluster(controller)
 

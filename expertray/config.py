@@ -159,6 +159,7 @@ class ClusterConfig:
     seed: int = 0
     collective_timeout_s: float = 30.0
     stats_window_batches: int = 64
+    snapshot_path: str = ""
 
     def __post_init__(self) -> None:
         _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")

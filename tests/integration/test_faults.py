@@ -45,3 +45,33 @@ def test_kill_expert_actor_under_concurrent_stream(ray_session, transport: str) 
         assert sum(r["retries"] for r in status["routers"]) >= 1
     finally:
         cluster.shutdown()
+
+
+def test_controller_restart_restores_table_while_routers_keep_serving(ray_session, tmp_path) -> None:
+    cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 8, 2)), num_layers=2,
+                        num_expert_actors=3, actor_num_cpus=0.25, snapshot_path=str(tmp_path / "snap.msgpack"))
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=True)
+    try:
+        cluster.replicate(0, 3)
+        cluster.migrate(1, 2, "expert-2")
+        before = cluster.table()
+        ray.kill(cluster.controller, no_restart=False)
+        x = torch.randn(20, D)
+        torch.testing.assert_close(cluster.forward(0, x), layers[0](x), atol=1e-5, rtol=0)
+        deadline = time.time() + 60
+        while True:
+            try:
+                info = ray.get(cluster.controller.info.remote(), timeout=10)
+                break
+            except Exception:  # noqa: BLE001 - restarting
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert info["restored"] is True
+        assert cluster.table() == before
+        cluster.replicate(1, 5)  # the restored controller is fully operational
+        assert cluster.table().version == before.version + 1
+        torch.testing.assert_close(cluster.forward(1, x), layers[1](x), atol=1e-5, rtol=0)
+    finally:
+        cluster.shutdown()
