@@ -22,6 +22,7 @@ from expertray.actors.router import LayerParams, RouterActor
 from expertray.config import ClusterConfig
 from expertray.errors import ConfigError
 from expertray.layer import MoELayer
+from expertray.metrics import Metrics, MetricsConfig
 from expertray.placement import PlacementTable, Slot
 from expertray.snapshot import load_snapshot, save_snapshot
 
@@ -52,6 +53,9 @@ class Controller:
         self.next_actor = 0
         self.history: list[dict[str, Any]] = []
         self.restored = False
+        self.metrics = Metrics(MetricsConfig(per_expert_top_n=cfg.metrics_top_n))
+        self.metrics_port: int | None = None
+        self.background: list[asyncio.Task] = []
         if cfg.snapshot_path and ray.get_runtime_context().was_current_actor_reconstructed:
             self._restore()
 
@@ -71,6 +75,7 @@ class Controller:
         self.table, self.next_actor = table, state["next_actor"]
         self.history, self.transport = list(state["history"]), state["transport"]
         self.restored = True
+        self._start_background()
         log.info("controller restored placement v%d from %s", table.version, self.cfg.snapshot_path)
 
     def _child_options(self, name: str, num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
@@ -105,13 +110,50 @@ class Controller:
             self.transport = transports[0]
             self.table = table
             self._save()
+            self._start_background()
             log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
                      self.transport)
             return {"actors": ids, "routers": len(self.routers), "transport": self.transport}
 
+    # --- metrics ---------------------------------------------------------------------------------------
+    def _start_background(self) -> None:
+        if self.cfg.metrics_port >= 0:
+            try:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
+            except OSError as exc:  # serving must not depend on a free metrics port
+                log.warning("metrics endpoint on 127.0.0.1:%d not started: %s", self.cfg.metrics_port, exc)
+        self.background.append(asyncio.get_event_loop().create_task(self._metrics_loop()))
+
+    async def _metrics_loop(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.collect_metrics()
+            except Exception:  # noqa: BLE001 - a failed scrape of a router must not stop the loop
+                log.warning("metrics collection failed", exc_info=True)
+
+    async def collect_metrics(self) -> None:
+        """Drain every router's buffered observations into the Prometheus registry."""
+        drained = await asyncio.gather(*[r.drain_observations.remote() for r in self.routers])
+        m = self.metrics
+        for i, obs in enumerate(drained):
+            for layer, counts, dropped, bal, dispatch_s, combine_s in obs["batches"]:
+                m.observe_batch(layer, counts, dropped, bal, dispatch_s, combine_s)
+            for actor, seconds in obs["actors"]:
+                m.observe_actor(actor, seconds)
+            for layer, seconds, outcome in obs["requests"]:
+                m.observe_request(layer, seconds, outcome)
+            m.set_queue_depth(f"router-{i}", obs["queued_tokens"])
+        for layer in range(self.table.num_layers):
+            m.set_replicas(layer, self.table.replica_counts(layer))
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
     # --- queries -------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"restored": self.restored, "version": self.table.version, "detached": self.detached}
+        return {"restored": self.restored, "version": self.table.version, "detached": self.detached,
+                "metrics_port": self.metrics_port}
 
     def get_table(self) -> dict[str, Any]:
         return self.table.to_dict()
@@ -234,6 +276,9 @@ class Controller:
             return actor_id
 
     async def shutdown(self) -> None:
+        for task in self.background:
+            task.cancel()
+        self.metrics.stop()
         for r in self.routers:
             ray.kill(r)
         for a in self.actors.values():

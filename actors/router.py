@@ -44,6 +44,7 @@ class _Pending:
 
 
 MAX_ATTEMPTS = 3
+OBSERVATION_BUFFER = 4096  # per kind, between two metrics drains by the controller (bounded memory)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class RouterActor:
         self.timing_ms: dict[str, deque[float]] = {k: deque(maxlen=256) for k in
                                                    ("gate", "plan", "transport", "compute", "combine", "batch")}
         self.bytes_out = [0] * len(self.table.actors)
+        self.observations: dict[str, deque] = {k: deque(maxlen=OBSERVATION_BUFFER) for k in
+                                               ("batches", "actors", "requests")}
         self.controller: Any = None
         self.healthy = asyncio.Event()
         self.healthy.set()
@@ -136,10 +139,16 @@ class RouterActor:
             raise BackpressureError(f"router {self.router_id} queue is full ({self.queued_tokens} tokens queued, "
                                     f"limit {self.cfg.max_queue_tokens}); retry later")
         fut = asyncio.get_running_loop().create_future()
-        self.queues[layer].append(_Pending(x, fut, time.perf_counter()))
+        t0 = time.perf_counter()
+        self.queues[layer].append(_Pending(x, fut, t0))
         self.queued_tokens += x.shape[0]
         self.arrival.set()
-        out: torch.Tensor = await fut
+        try:
+            out: torch.Tensor = await fut
+        except Exception as exc:
+            self.observations["requests"].append((layer, time.perf_counter() - t0, type(exc).__name__))
+            raise
+        self.observations["requests"].append((layer, time.perf_counter() - t0, "ok"))
         return out.to(x.dtype).numpy() if out.dtype != x.dtype else out.numpy()
 
     async def _batch_loop(self) -> None:
@@ -242,6 +251,15 @@ class RouterActor:
         c["rerouted"] += batch.routing.num_rerouted
         for i, b in enumerate(tstats.bytes_out):
             self.bytes_out[i] += b
+        dropped = batch.gate.experts[batch.routing.experts < 0]
+        dropped_per_expert = torch.bincount(dropped, minlength=self.cfg.layer.num_experts)
+        per_actor = batch.plan.group_counts(self.table.route(layer).dest_actor, len(self.table.actors))
+        self.observations["batches"].append((layer, (batch.expert_counts + dropped_per_expert).tolist(),
+                                             dropped_per_expert.tolist(), balancedness(per_actor.float()),
+                                             max(0.0, t[2] - t[0] - tstats.max_compute_ms / 1e3),
+                                             t[3] - t[2]))
+        for actor, ms in tstats.compute_ms.items():
+            self.observations["actors"].append((self.table.actors[actor], ms / 1e3))
         tm = self.timing_ms
         tm["gate"].append(batch.timings_ms["gate"])
         tm["plan"].append(batch.timings_ms["plan"])
@@ -271,6 +289,14 @@ class RouterActor:
                 "queued_tokens": self.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),
                 "timing_ms_p50": {k: float(np.median(v)) if v else 0.0 for k, v in self.timing_ms.items()}}
+
+    async def drain_observations(self) -> dict[str, Any]:
+        """Hand the buffered per-batch / per-actor / per-request observations to the controller's metrics."""
+        out = {k: list(v) for k, v in self.observations.items()}
+        for v in self.observations.values():
+            v.clear()
+        out["queued_tokens"] = self.queued_tokens
+        return out
 
     async def reset_stats(self) -> None:
         for v in self.timing_ms.values():

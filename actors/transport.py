@@ -30,7 +30,11 @@ class TransportStats:
 
     bytes_out: list[int] = field(default_factory=list)
     bytes_in: list[int] = field(default_factory=list)
-    max_compute_ms: float = 0.0
+    compute_ms: dict[int, float] = field(default_factory=dict)  # actor index -> compute time of its bucket
+
+    @property
+    def max_compute_ms(self) -> float:
+        return max(self.compute_ms.values(), default=0.0)
 
 
 class ObjectStoreTransport:
@@ -49,7 +53,7 @@ class ObjectStoreTransport:
         out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
         per_row = batch.rows.shape[1] * batch.rows.element_size()
         sent = [b.num_rows * per_row for b in batch.buckets]
-        return out, TransportStats(sent, list(sent), max((ms for _, ms in results), default=0.0))
+        return out, TransportStats(sent, list(sent), {b.actor: ms for b, (_, ms) in zip(busy, results)})
 
     async def close(self) -> None:
         return None
@@ -101,7 +105,8 @@ class CollectiveTransport:
         compute_ms = await asyncio.gather(*refs)
         per_row = d * batch.rows.element_size()
         sent = [b.num_rows * per_row for b in batch.buckets]
-        return out, TransportStats(sent, list(sent), max(compute_ms, default=0.0))
+        return out, TransportStats(sent, list(sent), {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
+                                                      if b.num_rows})
 
     async def close(self) -> None:
         await asyncio.gather(*[h.leave_group.remote(self.group) for h in self.handles], return_exceptions=True)

@@ -160,6 +160,8 @@ class ClusterConfig:
     collective_timeout_s: float = 30.0
     stats_window_batches: int = 64
     snapshot_path: str = ""
+    metrics_port: int = 9464
+    metrics_top_n: int = 16
 
     def __post_init__(self) -> None:
         _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
@@ -181,6 +183,8 @@ class ClusterConfig:
         _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
                  f"must be > 0, got {self.collective_timeout_s}")
         _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
+        _require(-1 <= self.metrics_port <= 65535, "cluster.metrics_port",
+                 f"must be a TCP port, 0 (any free port) or -1 (off), got {self.metrics_port}")
 
 
 _NESTED["ClusterConfig"] = ClusterConfig
