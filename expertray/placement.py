@@ -92,7 +92,8 @@ class PlacementTable:
 
     def check_expert(self, layer: int, expert: int) -> None:
         if not (0 <= layer < self.num_layers):
-            raise UnknownExpertError(f"unknown layer {layer} (table has layers 0..{self.num_layers - 1})")
+            raise UnknownExpertError(f"unknown expert {layer}:{expert}: no layer {layer} "
+                                     f"(table has layers 0..{self.num_layers - 1})")
         if not (0 <= expert < self.num_experts):
             raise UnknownExpertError(f"unknown expert {layer}:{expert} (layer has experts 0..{self.num_experts - 1})")
 

@@ -1,0 +1,75 @@
+"""The typer CLI against a live local cluster, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from expertray.api import launch, random_model
+from expertray.cli import app
+from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+
+pytestmark = pytest.mark.ray
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def live(ray_session):
+    cfg = ClusterConfig(layer=MoELayerConfig(d_model=32, d_ff=48, gate=GateConfig("mixtral", 6, 2)), num_layers=2,
+                        num_expert_actors=3, actor_num_cpus=0.25, metrics_port=-1)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    for i in range(4):
+        cluster.forward(i % 2, torch.randn(12, 32))
+    yield cluster, layers
+    cluster.shutdown()
+
+
+def _json(args: list[str]) -> object:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_status_and_experts(live) -> None:
+    status = _json(["status", "--json"])
+    assert len(status["actors"]) == 3 and status["routers"][0]["requests"] == 4
+    rows = _json(["experts", "--json"])
+    assert len(rows) == 12 and abs(sum(r["share"] for r in rows if r["expert"].startswith("0:")) - 1) < 1e-6
+    # window load is the mean per batch: each batch routes 12 tokens x top-2, in each of the 2 layers
+    assert sum(r["tokens_per_batch"] for r in rows) == 2 * 12 * 2
+    table = runner.invoke(app, ["experts", "--layer", "1"])
+    assert table.exit_code == 0 and "1:5" in table.stdout
+
+
+def test_replicate_migrate_drain_keep_answers_exact(live) -> None:
+    cluster, layers = live
+    event = _json(["replicate", "0:2", "--to", "expert-2"])
+    assert event["added"] == [["expert-2", 0, 2]]
+    event = _json(["migrate", "1:0", "--to", "expert-1"])
+    assert ["expert-1", 1, 0] in event["added"] and ["expert-0", 1, 0] in event["removed"]
+    added = runner.invoke(app, ["add-actor"])
+    assert added.exit_code == 0 and added.stdout.strip() == "expert-3"
+    event = _json(["drain", "expert-0"])
+    assert all(a != "expert-0" for a, _, _ in event["added"])
+    assert "expert-0" not in cluster.table().actors
+    x = torch.randn(20, 32)
+    for layer in (0, 1):
+        torch.testing.assert_close(cluster.forward(layer, x), layers[layer](x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["replicate", "9:0"], "unknown expert 9:0"),
+    (["replicate", "0:99"], "unknown expert 0:99"),
+    (["replicate", "abc"], "LAYER:EXPERT"),
+    (["migrate", "0:1", "--to", "nobody"], "unknown actor 'nobody'"),
+    (["drain", "nobody"], "unknown actor 'nobody'"),
+    (["experts", "--layer", "7"], "unknown layer 7"),
+])
+def test_unknown_names_exit_2_with_clear_message(live, args: list[str], needle: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert needle in result.output
