@@ -1,0 +1,158 @@
+"""Routing policies: topk, capacity, laser (hand-checked swaps, the mass guard, family normalisation)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertray.capacity import apply_capacity, expert_capacity
+from expertray.config import CapacityConfig, GateConfig
+from expertray.errors import ConfigError, InputError
+from expertray.gating import GateOutput
+from expertray.loadstats import gate_mass_retained, imbalance
+from expertray.policies.routing import ROUTING
+from expertray.policies.routing_laser import LaserRouting, next_best
+from expertray.workload import Workload, WorkloadConfig, gate_from_logits
+
+DROP = CapacityConfig(factor=1.0, min_capacity=0, overflow="drop")
+
+
+def _gate(probs: list[list[float]], k: int, normalize: bool) -> GateOutput:
+    p = torch.tensor(probs)
+    top, idx = p.topk(k, dim=1)
+    w = top / top.sum(dim=1, keepdim=True) if normalize else top
+    return GateOutput(p.log(), p, p, idx, w)
+
+
+def test_registry_names_and_errors() -> None:
+    assert {"topk", "capacity", "laser"} <= set(ROUTING.names())
+    with pytest.raises(ConfigError, match="routing policy 'nope' is unknown"):
+        ROUTING.create("nope")
+    with pytest.raises(ConfigError, match="routing.laser.max_mass_loss"):
+        ROUTING.create("laser", max_mass_loss=1.5)
+    with pytest.raises(ConfigError, match="bad parameters"):
+        ROUTING.create("topk", widen=3)
+
+
+def test_topk_ignores_capacity_and_capacity_is_apply_capacity() -> None:
+    g = _gate([[0.7, 0.2, 0.1]] * 6, 1, normalize=True)
+    r = ROUTING.create("topk").route(g, DROP)
+    assert r.experts.squeeze(1).tolist() == [0] * 6 and r.num_dropped == 0 and r.capacity is None
+    c = ROUTING.create("capacity").route(g, DROP)
+    ref = apply_capacity(g, DROP)
+    assert torch.equal(c.experts, ref.experts) and c.capacity == ref.capacity == 2 and c.num_dropped == 4
+
+
+def test_laser_swaps_a_flat_token_off_a_hot_expert_within_the_guard() -> None:
+    # One flat token, k=1, candidates {0, 1}. Prior load puts expert 0 at 4x the mean (100 of 25).
+    # Value (mass in units of the top-1 mass, minus price * overload):
+    #   expert 0: 1 - 0.12 * 3 = 0.64; expert 1: 0.28 / 0.3 + 0.12 = 1.053 → swap, losing 0.02 of 0.3.
+    g = _gate([[0.3, 0.28, 0.22, 0.2]], 1, normalize=False)
+    load = torch.tensor([100.0, 0.0, 0.0, 0.0])
+    r = LaserRouting(widen=1).route(g, CapacityConfig(), load)
+    assert r.experts.tolist() == [[1]]
+    assert r.weights.tolist() == [[pytest.approx(0.28)]]  # unnormalised family: the raw prob
+    # a normalising family gets the same per-token sum (1.0)
+    rn = LaserRouting(widen=1).route(_gate([[0.3, 0.28, 0.22, 0.2]], 1, normalize=True), CapacityConfig(), load)
+    assert rn.experts.tolist() == [[1]] and rn.weights.tolist() == [[pytest.approx(1.0)]]
+    # the guard: giving up 0.02 of 0.3 (6.7%) is more than 5% → keep expert 0
+    assert LaserRouting(widen=1, max_mass_loss=0.05).route(g, CapacityConfig(), load).experts.tolist() == [[0]]
+    # a peaked token keeps its choice whatever the load
+    peaked = _gate([[0.9, 0.05, 0.03, 0.02]], 1, normalize=False)
+    assert LaserRouting(widen=1).route(peaked, CapacityConfig(), load).experts.tolist() == [[0]]
+
+
+def test_laser_per_layer_overrides() -> None:
+    p = ROUTING.create("laser", layer_overrides={"2": {"mass_threshold": 2.0, "widen": 1}})
+    assert p.for_layer(2).mass_threshold == 2.0 and p.for_layer(2).widen == 1
+    assert p.for_layer(0).mass_threshold == LaserRouting().mass_threshold
+    with pytest.raises(ConfigError, match="layer_overrides.1: unknown parameters"):
+        LaserRouting(layer_overrides={1: {"temperature": 1.0}})
+    with pytest.raises(ConfigError, match="routing.laser.widen"):
+        LaserRouting(layer_overrides={1: {"widen": -1}})
+
+
+def test_laser_rejects_a_wrong_load_vector() -> None:
+    g = _gate([[0.3, 0.3, 0.4]], 1, normalize=True)
+    with pytest.raises(InputError, match="expert_load must have 3 entries"):
+        LaserRouting().route(g, CapacityConfig(), torch.zeros(4))
+
+
+def test_laser_balances_flat_skewed_traffic_and_leaves_peaked_traffic_alone() -> None:
+    cfg = GateConfig("qwen_moe", 32, 4, normalize=False)
+    flat = gate_from_logits(Workload(WorkloadConfig(32, 2048, temperature=2.0, seed=3)).batch(0).logits, cfg)
+    top = torch.bincount(flat.experts.reshape(-1), minlength=32)
+    r = LaserRouting().route(flat, CapacityConfig())
+    mine = torch.bincount(r.experts.reshape(-1), minlength=32)
+    assert imbalance(mine) < imbalance(top) / 1.2
+    assert gate_mass_retained(flat.probs, r.experts, flat.experts) > 0.95
+    peaked = gate_from_logits(Workload(WorkloadConfig(32, 2048, temperature=0.3, seed=3)).batch(0).logits, cfg)
+    rp = LaserRouting().route(peaked, CapacityConfig())
+    assert torch.equal(rp.experts, peaked.experts) and torch.equal(rp.weights, peaked.weights)
+
+
+def test_laser_then_capacity_respects_capacity() -> None:
+    cfg = GateConfig("mixtral", 8, 2)
+    g = gate_from_logits(Workload(WorkloadConfig(8, 512, temperature=2.0, seed=1)).batch(0).logits, cfg)
+    r = LaserRouting().route(g, DROP)
+    cap = expert_capacity(512, 8, 2, 1.0, 0)
+    kept = r.experts[r.experts >= 0]
+    assert r.capacity == cap and torch.bincount(kept, minlength=8).max() <= cap
+    assert kept.numel() + r.num_dropped == 512 * 2
+
+
+def test_laser_never_uses_experts_a_group_limited_gate_masked() -> None:
+    cfg = GateConfig("deepseek_v3", 16, 2, num_groups=4, topk_groups=1)
+    g = gate_from_logits(torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 0.1, cfg)
+    r = LaserRouting(mass_threshold=2.0, widen=8).route(g, CapacityConfig(), torch.arange(16.0) * 100)
+    assert bool(torch.isfinite(g.scores.gather(1, r.experts)).all())
+    assert not torch.equal(r.experts, g.experts)  # it did move tokens, within each token's group
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 60), E=st.integers(2, 24), data=st.data(),
+       family=st.sampled_from(["mixtral", "qwen_moe", "gpt_oss"]), guard=st.floats(0.0, 0.5),
+       price=st.floats(0.0, 2.0), widen=st.integers(1, 8), temperature=st.floats(0.2, 5.0))
+def test_laser_invariants(T: int, E: int, data: st.DataObject, family: str, guard: float, price: float,
+                          widen: int, temperature: float) -> None:
+    k = data.draw(st.integers(1, E))
+    seed = data.draw(st.integers(0, 10_000))
+    gen = torch.Generator().manual_seed(seed)
+    cfg = GateConfig(family, E, k, normalize=family != "qwen_moe")
+    g = gate_from_logits(torch.randn(T, E, generator=gen) / temperature, cfg)
+    load = torch.rand(E, generator=gen) * 100
+    policy = LaserRouting(widen=widen, balance_weight=price, max_mass_loss=guard, chunk_tokens=7)
+    r = policy.route(g, CapacityConfig(), load)
+    top_mass = g.probs.gather(1, g.experts).sum(1)
+    kept_mass = g.probs.gather(1, r.experts).sum(1)
+    assert bool((kept_mass >= (1 - guard) * top_mass - 1e-5).all())  # the mass guard, per token
+    allowed = torch.cat([g.experts, next_best(g.scores, g.experts, min(widen, E - k))], dim=1)
+    for row, cand in zip(r.experts.tolist(), allowed.tolist(), strict=True):
+        assert len(set(row)) == k and set(row) <= set(cand)
+    peaked = ~policy.flat_tokens(g.probs, g.experts)
+    assert torch.equal(r.experts[peaked], g.experts[peaked])
+    # weights: the gate's probs of the picked experts, normalised the way the family normalises
+    picked = g.probs.gather(1, r.experts)
+    if cfg.normalize:
+        torch.testing.assert_close(r.weights, picked / picked.sum(1, keepdim=True), rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(r.weights, picked)
+    # best first: scores never increase along a token's choice
+    s = g.scores.gather(1, r.experts)
+    assert bool((s[:, 1:] <= s[:, :-1]).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), E=st.integers(2, 40), data=st.data(), shift=st.floats(-3.0, 3.0))
+def test_next_best_matches_topk_outside_the_excluded(T: int, E: int, data: st.DataObject, shift: float) -> None:
+    k = data.draw(st.integers(1, E - 1))
+    n = data.draw(st.integers(1, E - k))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    scores = torch.randn(T, E, generator=gen) + shift  # negative scores too (gpt_oss ranks by logits)
+    top = scores.topk(k, dim=1).indices
+    want = scores.scatter(1, top, float("-inf")).topk(n, dim=1).values
+    got = next_best(scores, top, n)
+    # scores closer than the packed key's resolution (2^-17 relative here) may swap places: compare values
+    torch.testing.assert_close(scores.gather(1, got), want, rtol=2e-5, atol=1e-6)
+    for row, excluded in zip(got.tolist(), top.tolist(), strict=True):
+        assert len(set(row)) == n and not set(row) & set(excluded)

@@ -1,0 +1,108 @@
+"""Synthetic workload: determinism, popularity → routing, temperature → score shape, hot spots, repetition,
+bursty arrivals, measured popularity."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertray.config import GateConfig
+from expertray.errors import ConfigError
+from expertray.loadstats import imbalance
+from expertray.workload import Workload, WorkloadConfig, gate_from_logits, popularity_from_counts
+
+SHARED_COUNTS = Path("/work/shared/data/expert_counts_c4.json")
+
+
+def test_deterministic_in_the_seed_and_batch_index() -> None:
+    cfg = WorkloadConfig(num_experts=8, tokens_per_batch=64, seed=4, burst_off_s=0.01)
+    a, b = Workload(cfg), Workload(cfg)
+    assert torch.equal(a.batch(3).logits, b.batch(3).logits)
+    assert torch.equal(a.batch(3, start_s=1.0).arrival_s, b.batch(3, start_s=1.0).arrival_s)
+    assert not torch.equal(a.batch(3).logits, a.batch(4).logits)
+    other = Workload(WorkloadConfig(num_experts=8, tokens_per_batch=64, seed=5)).batch(3).logits
+    assert not torch.equal(a.batch(3).logits, other)
+    stream = list(a.batches(3))
+    assert float(stream[1].arrival_s[0]) > float(stream[0].arrival_s[-1])  # continuous clock
+
+
+def test_top1_routing_follows_the_popularity_whatever_the_temperature() -> None:
+    for temperature in (0.3, 3.0):
+        wl = Workload(WorkloadConfig(num_experts=8, tokens_per_batch=20_000, zipf_exponent=1.0,
+                                     temperature=temperature, seed=1))
+        b = wl.batch(0)
+        freq = torch.bincount(b.logits.argmax(dim=1), minlength=8).double() / 20_000
+        assert float((freq - b.popularity).abs().max()) < 0.015
+    pop = Workload(WorkloadConfig(num_experts=8, zipf_exponent=1.0, seed=1)).popularity(0)
+    assert sorted(pop.tolist(), reverse=True) == pytest.approx([1 / (r * sum(1 / i for i in range(1, 9)))
+                                                                for r in range(1, 9)])
+
+
+def test_temperature_shapes_the_scores() -> None:
+    cfg = GateConfig("qwen_moe", 64, 8, normalize=False)
+
+    def topk_share(temperature: float) -> float:
+        g = gate_from_logits(Workload(WorkloadConfig(temperature=temperature, tokens_per_batch=512)).batch(0).logits,
+                             cfg)
+        return float(g.probs.gather(1, g.experts).sum(1).median())
+
+    assert topk_share(0.5) > 0.9 > 0.6 > topk_share(2.0) > 0.3
+
+
+def test_hot_spots_rotate_every_period() -> None:
+    wl = Workload(WorkloadConfig(num_experts=16, hotspot_period=5, hotspot_shift=3, seed=2))
+    p0, p4, p5 = wl.popularity(0), wl.popularity(4), wl.popularity(5)
+    assert torch.equal(p0, p4) and not torch.equal(p0, p5)
+    assert sorted(p0.tolist()) == sorted(p5.tolist())  # same distribution, other experts
+    assert int(p0.argmax()) != int(p5.argmax())
+
+
+def test_repetition_collapses_routing_onto_few_experts() -> None:
+    cfg = GateConfig("mixtral", 16, 2)
+    base = WorkloadConfig(num_experts=16, tokens_per_batch=1000, zipf_exponent=0.0, seed=3)
+    plain = gate_from_logits(Workload(base).batch(0).logits, cfg)
+    rep = gate_from_logits(Workload(dataclasses.replace(base, repetition=0.5)).batch(0).logits, cfg)
+    _, counts = torch.unique(rep.experts.sort(dim=1).values, dim=0, return_counts=True)
+    assert int(counts.max()) >= 500
+    load = lambda g: torch.bincount(g.experts.reshape(-1), minlength=16)  # noqa: E731
+    assert imbalance(load(rep)) > 2 * imbalance(load(plain))
+
+
+def test_arrivals_poisson_rate_and_bursts() -> None:
+    poisson = Workload(WorkloadConfig(num_experts=4, tokens_per_batch=20_000, arrival_rate=1000.0)).batch(0)
+    gaps = poisson.arrival_s.diff()
+    assert bool((gaps > 0).all())
+    assert float(gaps.mean()) == pytest.approx(1e-3, rel=0.05)
+    bursty = Workload(WorkloadConfig(num_experts=4, tokens_per_batch=20_000, arrival_rate=1000.0,
+                                     burst_on_s=0.05, burst_off_s=0.5)).batch(0)
+    bgaps = bursty.arrival_s.diff()
+    # ~1 in 50 tokens ends a burst and waits 0.5 s on average
+    assert float((bgaps > 0.05).float().mean()) == pytest.approx(0.02, abs=0.006)
+    assert float(bgaps.max()) > 10 * float(gaps.max())
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="workload.temperature"):
+        WorkloadConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="workload.popularity: needs 4 entries"):
+        WorkloadConfig(num_experts=4, popularity=(0.5, 0.5))
+    with pytest.raises(ConfigError, match="workload.repetition"):
+        WorkloadConfig(repetition=1.5)
+
+
+def test_popularity_from_counts(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text(json.dumps({"m": {"layers": [0, 5], "counts": [[1, 1], [3, 0]]}}))
+    assert popularity_from_counts(tmp_path / "c.json", "m", 1) == (3 / 3.5, 0.5 / 3.5)
+    with pytest.raises(ConfigError, match="no counts for model 'x'"):
+        popularity_from_counts(tmp_path / "c.json", "x")
+    wl = Workload(WorkloadConfig(num_experts=2, popularity=popularity_from_counts(tmp_path / "c.json", "m", 1)))
+    assert sorted(wl.popularity(0).tolist()) == pytest.approx([0.5 / 3.5, 3 / 3.5])
+
+
+@pytest.mark.skipif(not SHARED_COUNTS.exists(), reason="shared expert counts not present")
+def test_measured_olmoe_popularity_matches_its_published_imbalance() -> None:
+    pop = popularity_from_counts(SHARED_COUNTS, "olmoe_c4", 0)
+    assert len(pop) == 64 and sum(pop) == pytest.approx(1.0)
+    assert imbalance(torch.tensor(pop)) == pytest.approx(3.02, abs=0.01)  # the data README's max/mean
