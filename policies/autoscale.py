@@ -1,0 +1,381 @@
+"""Autoscale policies: turn the controller's live signals into placement and capacity actions.
+
+The controller calls `decide(signals, table, now_s)` on a timer and applies the returned actions in order:
+slot actions through `Action.apply` (PlacementTable.replicate / remove / migrate / drain), `add_actor` by
+starting an actor, `request_resources` by asking the cluster autoscaler for room. Policies keep state
+between decisions (streaks, cooldowns) and never touch Ray. `AUTOSCALE.create(name, **params)` builds one.
+
+`hysteresis` (the default): every condition must hold for `sustain_checks` consecutive decisions before it
+acts, each target then waits `cooldown_s`, and a decision returns at most `max_actions` actions, most urgent
+first: straggler migrations, hot replications, scale up, cold de-replications, scale down. Cost per
+decision: O(L · E + slots · A) for A actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from expertray.errors import ConfigError, UnknownExpertError
+from expertray.placement import PlacementTable
+from expertray.policies.placement import device_loads
+from expertray.policies.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ACTION_KINDS = ("replicate", "dereplicate", "migrate", "add_actor", "remove_actor", "request_resources")
+_NEEDS = {"replicate": ("layer", "expert", "dst"), "dereplicate": ("layer", "expert", "src"),
+          "migrate": ("layer", "expert", "src", "dst"), "add_actor": (), "remove_actor": ("src",),
+          "request_resources": ()}
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the controller measured over its window.
+
+    load: [L, E] tokens routed to each logical expert over the window.
+    tokens_per_s: routed tokens per second, all layers and actors together.
+    free_capacity: expert actors the cluster has room to start now (0: adding one needs new resources).
+    overflow: [L, E] assignments dropped or rerouted away from each expert over the window: demand it could
+        not serve, counted with `load` when judging hot and cold (None: no overflow).
+    latency_p50_ms / latency_p99_ms: per actor; an actor without samples is absent.
+    memory_used_bytes / memory_budget_bytes: per actor; an actor without a budget has no memory limit.
+    expert_bytes: weight bytes of one slot (one replica of one logical expert).
+    """
+
+    load: np.ndarray
+    tokens_per_s: float
+    free_capacity: int
+    overflow: np.ndarray | None = None
+    latency_p50_ms: Mapping[str, float] = field(default_factory=dict)
+    latency_p99_ms: Mapping[str, float] = field(default_factory=dict)
+    memory_used_bytes: Mapping[str, int] = field(default_factory=dict)
+    memory_budget_bytes: Mapping[str, int] = field(default_factory=dict)
+    expert_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        load = np.asarray(self.load, dtype=np.float64)
+        if load.ndim != 2 or not np.isfinite(load).all() or (load < 0).any():
+            raise ConfigError(f"signals.load: expected finite tokens >= 0 of shape [layers, experts], "
+                              f"got shape {list(load.shape)}")
+        overflow = np.zeros_like(load) if self.overflow is None else np.asarray(self.overflow, dtype=np.float64)
+        if overflow.shape != load.shape or not np.isfinite(overflow).all() or (overflow < 0).any():
+            raise ConfigError(f"signals.overflow: expected finite counts >= 0 of shape {list(load.shape)}, "
+                              f"got shape {list(overflow.shape)}")
+        object.__setattr__(self, "load", load)
+        object.__setattr__(self, "overflow", overflow)
+        if not (math.isfinite(self.tokens_per_s) and self.tokens_per_s >= 0):
+            raise ConfigError(f"signals.tokens_per_s: must be a finite number >= 0, got {self.tokens_per_s}")
+        if self.free_capacity < 0:
+            raise ConfigError(f"signals.free_capacity: must be >= 0, got {self.free_capacity}")
+        if self.expert_bytes < 0:
+            raise ConfigError(f"signals.expert_bytes: must be >= 0, got {self.expert_bytes}")
+        for name in ("latency_p50_ms", "latency_p99_ms", "memory_used_bytes", "memory_budget_bytes"):
+            for actor, value in getattr(self, name).items():
+                if not (math.isfinite(value) and value >= 0):
+                    raise ConfigError(f"signals.{name}[{actor!r}]: must be a finite number >= 0, got {value}")
+
+    @property
+    def demand(self) -> np.ndarray:
+        """[L, E] routed plus overflowed assignments per logical expert."""
+        return self.load + self.overflow
+
+    def check(self, table: PlacementTable) -> None:
+        """Fail, naming the field, if these signals do not describe `table`."""
+        if self.load.shape != (table.num_layers, table.num_experts):
+            raise ConfigError(f"signals.load: shape {list(self.load.shape)} does not match the table's "
+                              f"{table.num_layers} layers x {table.num_experts} experts")
+        for name in ("latency_p50_ms", "latency_p99_ms", "memory_used_bytes", "memory_budget_bytes"):
+            for actor in getattr(self, name):
+                if actor not in table.actors:
+                    raise UnknownExpertError(f"signals.{name} names actor {actor!r}, which table "
+                                             f"v{table.version} does not hold (actors: {', '.join(table.actors)})")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change: kind in ACTION_KINDS; layer/expert/src/dst as the kind needs; reason with its numbers."""
+
+    kind: str
+    reason: str
+    layer: int | None = None
+    expert: int | None = None
+    src: str | None = None
+    dst: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTION_KINDS:
+            raise ConfigError(f"action.kind: {self.kind!r} is not one of {ACTION_KINDS}")
+        missing = [f for f in _NEEDS[self.kind] if getattr(self, f) is None]
+        if missing:
+            raise ConfigError(f"action {self.kind}: needs {', '.join(missing)}")
+
+    def apply(self, table: PlacementTable) -> PlacementTable:
+        """The table after this action; add_actor and request_resources leave it as it is (the controller
+        adds a started actor with PlacementTable.with_actor)."""
+        if self.kind == "replicate":
+            return table.replicate(self.layer, self.expert, self.dst)
+        if self.kind == "dereplicate":
+            return table.remove(self.layer, self.expert, self.src)
+        if self.kind == "migrate":
+            return table.migrate(self.layer, self.expert, self.src, self.dst)
+        if self.kind == "remove_actor":
+            return table.drain(self.src)
+        return table
+
+
+class AutoscalePolicy(ABC):
+    """Interface of every autoscale policy."""
+
+    @abstractmethod
+    def decide(self, signals: Signals, table: PlacementTable, now_s: float) -> list[Action]:
+        """Actions to apply to `table`, in order, given the signals measured at time `now_s` (seconds)."""
+
+
+AUTOSCALE: Registry[AutoscalePolicy] = Registry("autoscale")
+
+
+@dataclass(frozen=True)
+class HysteresisParams:
+    """Parameters of the `hysteresis` policy.
+
+    hot_ratio: replicate an expert whose demand per replica exceeds this × its layer's mean per slot.
+    cold_ratio: remove a replica (never the last) of an expert below this × the mean; must be below
+        hot_ratio / 2, so that neither change can flip the expert straight back.
+    sustain_checks: consecutive decisions a condition must hold before it acts.
+    straggler_ratio: an actor whose p50 latency is at least this × the median of the actors' straggles.
+    straggler_slots: a straggler's hottest slots migrated away per decision.
+    scale_up_tokens_per_s / scale_down_tokens_per_s: add an actor above, remove one below, this many tokens/s
+        per actor (inf / 0 turn them off).
+    min_actors / max_actors: bounds for adding and removing actors.
+    cooldown_s: after an action, its expert / actor / the cluster (for scaling) waits this long.
+    max_actions: actions per decision, at most.
+    """
+
+    hot_ratio: float = 2.0
+    cold_ratio: float = 0.25
+    sustain_checks: int = 3
+    straggler_ratio: float = 1.5
+    straggler_slots: int = 1
+    scale_up_tokens_per_s: float = math.inf
+    scale_down_tokens_per_s: float = 0.0
+    min_actors: int = 1
+    max_actors: int = 1024
+    cooldown_s: float = 30.0
+    max_actions: int = 4
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"autoscale.hysteresis.{name}: {msg}")
+
+        need(math.isfinite(self.hot_ratio) and self.hot_ratio > 1, "hot_ratio", f"must be > 1, got {self.hot_ratio}")
+        need(0 <= self.cold_ratio < self.hot_ratio / 2, "cold_ratio",
+             f"must be in [0, hot_ratio / 2 = {self.hot_ratio / 2}), got {self.cold_ratio}")
+        need(self.sustain_checks >= 1, "sustain_checks", f"must be >= 1, got {self.sustain_checks}")
+        need(math.isfinite(self.straggler_ratio) and self.straggler_ratio > 1, "straggler_ratio",
+             f"must be > 1, got {self.straggler_ratio}")
+        need(self.straggler_slots >= 1, "straggler_slots", f"must be >= 1, got {self.straggler_slots}")
+        need(0 <= self.scale_down_tokens_per_s < self.scale_up_tokens_per_s, "scale_down_tokens_per_s",
+             f"must be >= 0 and below scale_up_tokens_per_s={self.scale_up_tokens_per_s}, "
+             f"got {self.scale_down_tokens_per_s}")
+        need(self.min_actors >= 1, "min_actors", f"must be >= 1, got {self.min_actors}")
+        need(self.max_actors >= self.min_actors, "max_actors",
+             f"must be >= min_actors={self.min_actors}, got {self.max_actors}")
+        need(math.isfinite(self.cooldown_s) and self.cooldown_s >= 0, "cooldown_s",
+             f"must be a finite number >= 0, got {self.cooldown_s}")
+        need(self.max_actions >= 1, "max_actions", f"must be >= 1, got {self.max_actions}")
+
+
+class _Working:
+    """The table and memory as this decision's earlier actions leave them, for choosing destinations."""
+
+    def __init__(self, table: PlacementTable, signals: Signals) -> None:
+        self.table = table
+        self.signals = signals
+        self.used = {a: signals.memory_used_bytes.get(a, 0) for a in table.actors}
+
+    def actor_load(self) -> dict[str, float]:
+        """Demand tokens per actor, each expert's demand split evenly over its replicas."""
+        per_actor = device_loads(self.table, self.signals.demand).sum(axis=0)
+        return dict(zip(self.table.actors, per_actor.tolist(), strict=True))
+
+    def has_room(self, actor: str) -> bool:
+        budget = self.signals.memory_budget_bytes.get(actor)
+        return budget is None or self.used[actor] + self.signals.expert_bytes <= budget
+
+    def destination(self, layer: int, expert: int, avoid: set[str]) -> str | None:
+        """The least-loaded actor with memory room that lacks the expert and is not in `avoid`."""
+        holders = {s.actor for s in self.table.replicas(layer, expert)}
+        load = self.actor_load()
+        options = [a for a in self.table.actors if a not in holders and a not in avoid and self.has_room(a)]
+        return min(options, key=lambda a: (load[a], len(self.table.slots_of(a)), a)) if options else None
+
+    def apply(self, action: Action) -> None:
+        self.table = action.apply(self.table)
+        # a source's bytes are free only once it has drained, so this decision does not count on them
+        if action.dst is not None:
+            self.used[action.dst] += self.signals.expert_bytes
+
+
+class Hysteresis(AutoscalePolicy):
+    """Hot/cold replication, straggler migration and actor scaling with sustain checks and cooldowns."""
+
+    def __init__(self, params: HysteresisParams | None = None) -> None:
+        self.params = params or HysteresisParams()
+        self._streaks: dict[tuple[Any, ...], int] = {}  # condition → consecutive decisions it has held
+        self._last_action_s: dict[tuple[Any, ...], float] = {}  # cooldown target → time of its last action
+
+    def decide(self, signals: Signals, table: PlacementTable, now_s: float) -> list[Action]:
+        signals.check(table)
+        p = self.params
+        holding: dict[tuple[Any, ...], tuple[float, str]] = {}  # condition → (severity, why it holds now)
+        stragglers = self._stragglers(signals, table, holding)
+        self._expert_conditions(signals, table, holding)
+        self._scale_conditions(signals, table, holding)
+        self._streaks = {c: self._streaks.get(c, 0) + 1 for c in holding}
+        due = [c for c in holding if self._streaks[c] >= p.sustain_checks]
+        work = _Working(table, signals)
+        actions: list[Action] = []
+        for condition in sorted(due, key=lambda c: (_URGENCY[c[0]], -holding[c][0], c)):
+            if len(actions) >= p.max_actions:
+                log.debug("autoscale: max_actions=%d reached, %s waits", p.max_actions, condition)
+                break
+            streak = self._streaks[condition]
+            reason = f"{holding[condition][1]} for {streak} check{'s' if streak > 1 else ''}"
+            for action, targets in self._actions(condition, reason, work, stragglers):
+                if len(actions) >= p.max_actions:
+                    log.debug("autoscale: max_actions=%d reached, %s waits", p.max_actions, action.reason)
+                    break
+                waiting = [t for t in targets if now_s - self._last_action_s.get(t, -math.inf) < p.cooldown_s]
+                if waiting:
+                    log.debug("autoscale: %s held back, cooling down: %s", action.reason, waiting)
+                    continue
+                work.apply(action)
+                actions.append(action)
+                self._last_action_s.update(dict.fromkeys(targets, now_s))
+                self._streaks[condition] = 0
+                log.info("autoscale %s: %s", action.kind, action.reason)
+        return actions
+
+    # --- conditions: what holds now, keyed by condition, with the numbers that make it hold ------------------
+    def _stragglers(self, signals: Signals, table: PlacementTable, holding: dict) -> set[str]:
+        p50 = signals.latency_p50_ms
+        if len(p50) < 2:
+            return set()
+        median = float(np.median(list(p50.values())))
+        slow = {a for a, ms in p50.items() if median > 0 and ms >= self.params.straggler_ratio * median}
+        for a in slow:
+            p99 = signals.latency_p99_ms.get(a)
+            holding[("straggler", a)] = (p50[a] / median, f"actor {a!r} straggles: p50 {p50[a]:.2f} ms >= "
+                                         f"{self.params.straggler_ratio} x the median {median:.2f} ms"
+                                         + (f" (p99 {p99:.2f} ms)" if p99 is not None else ""))
+        return slow
+
+    def _expert_conditions(self, signals: Signals, table: PlacementTable, holding: dict) -> None:
+        demand = signals.demand
+        for layer in range(table.num_layers):
+            replicas = np.array(table.replica_counts(layer), dtype=np.float64)
+            mean = demand[layer].sum() / replicas.sum()
+            if mean <= 0:
+                continue
+            ratio = demand[layer] / replicas / mean
+            p = self.params
+            for e in np.flatnonzero(ratio > p.hot_ratio):
+                why = (f"expert {layer}:{e} hot: {demand[layer, e]:.0f} tokens over {replicas[e]:.0f} replica(s) = "
+                       f"{ratio[e]:.2f} x the layer mean per slot ({mean:.1f}) > hot_ratio {p.hot_ratio}")
+                holding[("hot", layer, int(e))] = (ratio[e], why)
+            for e in np.flatnonzero((ratio < p.cold_ratio) & (replicas > 1)):
+                why = (f"expert {layer}:{e} cold: {demand[layer, e]:.0f} tokens over {replicas[e]:.0f} replicas = "
+                       f"{ratio[e]:.2f} x the layer mean per slot ({mean:.1f}) < cold_ratio {p.cold_ratio}")
+                holding[("cold", layer, int(e))] = (-ratio[e], why)
+
+    def _scale_conditions(self, signals: Signals, table: PlacementTable, holding: dict) -> None:
+        p, n = self.params, len(table.actors)
+        per_actor = signals.tokens_per_s / n
+        if per_actor > p.scale_up_tokens_per_s and n < p.max_actors:
+            holding[("scale_up",)] = (per_actor, f"{per_actor:.1f} tokens/s per actor ({n} actors) > "
+                                      f"scale_up_tokens_per_s {p.scale_up_tokens_per_s}")
+        # one fewer actor must not be over the scale-up line, or the next decisions would add it back
+        if (per_actor < p.scale_down_tokens_per_s and n > p.min_actors
+                and signals.tokens_per_s / (n - 1) <= p.scale_up_tokens_per_s):
+            holding[("scale_down",)] = (-per_actor, f"{per_actor:.1f} tokens/s per actor ({n} actors) < "
+                                        f"scale_down_tokens_per_s {p.scale_down_tokens_per_s}")
+
+    # --- actions for a due condition, each with its cooldown targets; lazily, so that each destination is
+    # --- chosen after the previous action of this decision has been applied to `work`
+    def _actions(self, condition: tuple[Any, ...], reason: str, work: _Working, stragglers: set[str]
+                 ) -> Iterator[tuple[Action, list[tuple[Any, ...]]]]:
+        kind, signals = condition[0], work.signals
+        if kind == "straggler":
+            yield from self._migrations(condition[1], reason, work, stragglers)
+        elif kind == "hot":
+            layer, expert = condition[1], condition[2]
+            dst = work.destination(layer, expert, stragglers)
+            if dst is None:
+                log.info("autoscale: %s, but no healthy actor has room for another replica", reason)
+                return
+            yield (Action("replicate", f"{reason}; to least-loaded {dst!r}", layer, expert, dst=dst),
+                   [("expert", layer, expert)])
+        elif kind == "cold":
+            layer, expert = condition[1], condition[2]
+            load = work.actor_load()
+            holders = [s.actor for s in work.table.replicas(layer, expert)]
+            src = max(holders, key=lambda a: (load[a], a))
+            yield (Action("dereplicate", f"{reason}; from its busiest holder {src!r}", layer, expert, src=src),
+                   [("expert", layer, expert)])
+        elif kind == "scale_up":
+            if signals.free_capacity < 1:
+                yield (Action("request_resources", f"{reason}; free_capacity 0: the cluster has no room for "
+                                                   f"another expert actor"), [("cluster",)])
+            else:
+                yield Action("add_actor", f"{reason}; free_capacity {signals.free_capacity}"), [("cluster",)]
+        else:
+            yield from self._removal(reason, work)
+
+    def _migrations(self, actor: str, reason: str, work: _Working, stragglers: set[str]
+                    ) -> Iterator[tuple[Action, list[tuple[Any, ...]]]]:
+        """Move the straggler's hottest slots, each to the least-loaded healthy actor with room."""
+        demand = work.signals.demand
+
+        def share(layer: int, expert: int) -> float:
+            return float(demand[layer, expert]) / len(work.table.replicas(layer, expert))
+
+        hottest = sorted(work.table.slots_of(actor), key=lambda s: (-share(s.layer, s.expert), s))
+        for s in hottest[: self.params.straggler_slots]:
+            dst = work.destination(s.layer, s.expert, stragglers | {actor})
+            if dst is None:
+                log.info("autoscale: %s, but no healthy actor has room for expert %d:%d", reason, s.layer, s.expert)
+                continue
+            yield (Action("migrate", f"{reason}; its hottest slot {s.layer}:{s.expert} "
+                                     f"({share(s.layer, s.expert):.0f} tokens) to least-loaded healthy {dst!r}",
+                          s.layer, s.expert, actor, dst),
+                   [("actor", actor), ("expert", s.layer, s.expert)])
+
+    def _removal(self, reason: str, work: _Working) -> Iterator[tuple[Action, list[tuple[Any, ...]]]]:
+        """Drain the least-loaded actor, if the others have memory for its slots."""
+        load = work.actor_load()
+        src = min(work.table.actors, key=lambda a: (load[a], a))
+        others = [a for a in work.table.actors if a != src]
+        budgets = work.signals.memory_budget_bytes
+        need = len(work.table.slots_of(src)) * work.signals.expert_bytes
+        room = sum(max(budgets[a] - work.used[a], 0) for a in others) if all(a in budgets for a in others) else None
+        if room is not None and room < need:
+            log.info("autoscale: %s, but the other actors have %d bytes free for the %d of %r", reason, room, need, src)
+            return
+        yield (Action("remove_actor", f"{reason}; drain least-loaded {src!r} ({load[src]:.0f} tokens)", src=src),
+               [("cluster",), ("actor", src)])
+
+
+_URGENCY = {"straggler": 0, "hot": 1, "scale_up": 2, "cold": 3, "scale_down": 4}
+
+
+@AUTOSCALE.register("hysteresis")
+def _hysteresis(**params: Any) -> Hysteresis:
+    return Hysteresis(HysteresisParams(**params))
