@@ -87,7 +87,8 @@ def _reroute(experts: torch.Tensor, scores: torch.Tensor, pending_flat: torch.Te
     ranked = torch.argsort(scores, dim=-1, descending=True, stable=True)
     ranked_scores = scores.gather(1, ranked)
     held = torch.zeros(T, num_experts, dtype=torch.bool)
-    held.scatter_(1, experts.clamp(min=0), experts >= 0)
+    tok, col = (experts >= 0).nonzero(as_tuple=True)
+    held[tok, experts[tok, col]] = True
     # An overflowed assignment's own expert is full (room 0), so it is never proposed again.
     pend_tok, pend_k = pending_flat % T, pending_flat // T
     pointer = torch.zeros(pending_flat.numel(), dtype=torch.long)
