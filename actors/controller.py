@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from pathlib import Path
+import time
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,9 @@ class Controller:
         self.metrics = Metrics(MetricsConfig(per_expert_top_n=cfg.metrics_top_n))
         self.metrics_port: int | None = None
         self.background: list[asyncio.Task] = []
+        self.autoscaler: Any = None
+        self.autoscale_task: asyncio.Task | None = None
+        self.autoscale_log: list[dict[str, Any]] = []
         if cfg.snapshot_path and ray.get_runtime_context().was_current_actor_reconstructed:
             self._restore()
 
@@ -123,6 +126,8 @@ class Controller:
             except OSError as exc:  # serving must not depend on a free metrics port
                 log.warning("metrics endpoint on 127.0.0.1:%d not started: %s", self.cfg.metrics_port, exc)
         self.background.append(asyncio.get_event_loop().create_task(self._metrics_loop()))
+        if self.cfg.autoscale:
+            self._set_autoscale(True)
 
     async def _metrics_loop(self, interval_s: float = 1.0) -> None:
         while True:
@@ -149,6 +154,90 @@ class Controller:
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
+
+    # --- autoscaling -----------------------------------------------------------------------------------
+    def _set_autoscale(self, on: bool) -> None:
+        from expertray.policies.autoscale import AUTOSCALE
+
+        if on and self.autoscale_task is None:
+            self.autoscaler = AUTOSCALE.create(self.cfg.autoscale_policy, **self.cfg.autoscale_params)
+            self.autoscale_task = asyncio.get_event_loop().create_task(self._autoscale_loop())
+        elif not on and self.autoscale_task is not None:
+            self.autoscale_task.cancel()
+            self.autoscale_task = None
+
+    async def autoscale(self, on: bool | None = None) -> dict[str, Any]:
+        """Turn the autoscaler on/off (None: leave as is); returns its state and recent decisions."""
+        if on is not None:
+            self._set_autoscale(on)
+        return {"on": self.autoscale_task is not None, "policy": self.cfg.autoscale_policy,
+                "interval_s": self.cfg.autoscale_interval_s, "recent_actions": self.autoscale_log[-20:]}
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.autoscale_interval_s)
+            try:
+                await self.autoscale_step()
+            except Exception:  # noqa: BLE001 - one bad step must not end autoscaling
+                log.warning("autoscale step failed", exc_info=True)
+
+    async def signals(self) -> Any:
+        """What the autoscale policy sees: window load per logical expert, per-actor speed and memory."""
+        from expertray.policies.autoscale import Signals
+
+        routers = await asyncio.gather(*[r.stats.remote() for r in self.routers])
+        ids = list(self.table.actors)
+        actors = dict(zip(ids, await asyncio.gather(*[self.actors[a].stats.remote() for a in ids])))
+        load = np.zeros((self.table.num_layers, self.table.num_experts))
+        tokens_per_s = 0.0
+        for r in routers:
+            for layer in r["layers"]:
+                load[layer["layer"]] += np.asarray(layer["expert_load"])
+            tokens_per_s += r["tokens"] / max(r["uptime_s"], 1e-9)
+        budget = self.cfg.actor_memory_budget_bytes
+        # speed per 1k rows, not per call: an actor holding hot experts is busy, not slow
+        speed = {a: s["ms_per_krow_p50"] for a, s in actors.items() if s["ms_per_krow_p50"] > 0}
+        return Signals(load=load, tokens_per_s=tokens_per_s,
+                       free_capacity=max(0, self.cfg.max_expert_actors - len(ids)),
+                       latency_p50_ms=speed, latency_p99_ms={a: s["compute_ms_p99"] for a, s in actors.items()},
+                       memory_used_bytes={a: s["memory_bytes"] for a, s in actors.items()},
+                       memory_budget_bytes={a: budget for a in ids} if budget else {},
+                       expert_bytes=self.layers[0].experts.nbytes // self.table.num_experts)
+
+    async def autoscale_step(self) -> list[dict[str, Any]]:
+        """One decision round: observe, decide (pure policy), apply each action as a table change."""
+        actions = self.autoscaler.decide(await self.signals(), self.table, time.monotonic())
+        done = []
+        for a in actions:
+            entry = {"kind": a.kind, "layer": a.layer, "expert": a.expert, "src": a.src, "dst": a.dst,
+                     "reason": a.reason, "t": time.time()}
+            try:
+                await self._execute(a)
+                entry["ok"] = True
+            except Exception as exc:  # noqa: BLE001 - logged with the decision; the next round re-decides
+                entry["ok"] = False
+                entry["error"] = str(exc)
+            self.metrics.count_action(a.kind)
+            self.autoscale_log.append(entry)
+            done.append(entry)
+            log.info("autoscale %s: %s", a.kind, a.reason)
+        return done
+
+    async def _execute(self, a: Any) -> None:
+        async with self.lock:
+            if a.kind == "add_actor":
+                actor_id = self._new_actor()
+                await self.actors[actor_id].ping.remote()
+                await self._apply(self.table.with_actor(actor_id), f"autoscale: {a.reason}")
+            elif a.kind == "request_resources":
+                from ray.autoscaler.sdk import request_resources
+
+                bundle = {"CPU": self.cfg.actor_num_cpus}
+                if self.cfg.actor_num_gpus:
+                    bundle["GPU"] = self.cfg.actor_num_gpus
+                request_resources(bundles=[bundle] * (len(self.table.actors) + 1))
+            else:
+                await self._apply(a.apply(self.table), f"autoscale: {a.reason}")
 
     # --- queries -------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -267,6 +356,11 @@ class Controller:
         async with self.lock:
             return await self._apply(self.table.drain(actor), f"drain {actor}")
 
+    async def set_actor_slowdown(self, actor: str, factor: float) -> None:
+        """Fault injection (tests, benchmarks): make one expert actor a `factor`x straggler."""
+        self.table.check_actor(actor)
+        await self.actors[actor].set_slowdown.remote(factor)
+
     async def add_actor(self) -> str:
         """Start a new (empty) expert actor and add it to the table; policies then move slots onto it."""
         async with self.lock:
@@ -276,6 +370,7 @@ class Controller:
             return actor_id
 
     async def shutdown(self) -> None:
+        self._set_autoscale(False)
         for task in self.background:
             task.cancel()
         self.metrics.stop()

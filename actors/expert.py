@@ -56,6 +56,7 @@ class ExpertActor:
         self._slowdown = 1.0
         self._tokens: dict[ExpertKey, int] = {}
         self._compute_ms: deque[float] = deque(maxlen=512)
+        self._ms_per_krow: deque[float] = deque(maxlen=64)  # cost per 1k rows: load-independent speed
         self._calls = 0
 
     # --- weights -------------------------------------------------------------------------------------
@@ -107,6 +108,8 @@ class ExpertActor:
         with self._lock:
             self._calls += 1
             self._compute_ms.append(ms)
+            if rows.shape[0]:
+                self._ms_per_krow.append(ms * 1e3 / rows.shape[0])
             for e, n in zip(experts, counts):
                 self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + n
         return out, ms
@@ -157,10 +160,12 @@ class ExpertActor:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             ms = sorted(self._compute_ms)
+            per_krow = sorted(self._ms_per_krow)
             return {"actor": self.actor_id, "pid": os.getpid(), "calls": self._calls,
                     "tokens": {f"{k[0]}:{k[1]}": v for k, v in self._tokens.items()},
                     "compute_ms_p50": ms[len(ms) // 2] if ms else 0.0,
                     "compute_ms_p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else 0.0,
+                    "ms_per_krow_p50": per_krow[len(per_krow) // 2] if per_krow else 0.0,
                     "memory_bytes": self.memory_bytes(), "slots": len(self._slots),
                     "slowdown": self._slowdown}
 

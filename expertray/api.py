@@ -9,7 +9,7 @@ import numpy as np
 import ray
 import torch
 
-from expertray.config import ClusterConfig
+from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, UnknownExpertError
 from expertray.layer import MoELayer
 from expertray.placement import PlacementTable
@@ -33,6 +33,12 @@ def random_model(cfg: ClusterConfig) -> list[MoELayer]:
     return [MoELayer.random(cfg.layer, seed=cfg.seed + 1000 * layer) for layer in range(cfg.num_layers)]
 
 
+def _wire(x: torch.Tensor) -> np.ndarray:
+    """A validated [T, D] tensor as the numpy array sent to a router (bf16 has no numpy dtype: fp32)."""
+    x = x.detach()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+
+
 class Cluster:
     """A handle on a running expertray cluster (its Controller and routers)."""
 
@@ -53,14 +59,13 @@ class Cluster:
 
     def forward_ref(self, layer: int, hidden: torch.Tensor | np.ndarray) -> ray.ObjectRef:
         """Submit [T, D] hidden states for `layer`; returns a Ray ref to the [T, D] numpy output."""
-        x = self._check(layer, hidden)
-        return self._router().forward.remote(layer, x.numpy())
+        return self._router().forward.remote(layer, _wire(self._check(layer, hidden)))
 
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Run one MoE layer on the cluster: [..., D] in, same shape out."""
-        shape = hidden.shape
-        out = ray.get(self.forward_ref(layer, hidden))
-        return torch.from_numpy(np.array(out)).reshape(shape)
+        """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out."""
+        x = self._check(layer, hidden)
+        out = torch.from_numpy(np.array(ray.get(self._router().forward.remote(layer, _wire(x)))))
+        return out.to(x.dtype).reshape(hidden.shape)
 
     def status(self) -> dict[str, Any]:
         return ray.get(self.controller.status.remote())
@@ -80,6 +85,10 @@ class Cluster:
     def add_actor(self) -> str:
         return ray.get(self.controller.add_actor.remote())
 
+    def autoscale(self, on: bool | None = None) -> dict[str, Any]:
+        """Turn the controller's autoscaler on (True) or off (False); None only reports its state."""
+        return ray.get(self.controller.autoscale.remote(on))
+
     def apply_table(self, table: PlacementTable, reason: str = "manual") -> dict[str, Any]:
         return ray.get(self.controller.apply_table.remote(table, reason))
 
@@ -94,6 +103,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     """Start a cluster for `cfg` (random weights unless `layers` are given) and return its handle."""
     from expertray.actors.controller import Controller
 
+    check_policy_names(cfg)
     init_ray(address, num_cpus)
     layers = layers if layers is not None else random_model(cfg)
     try:

@@ -34,9 +34,10 @@ JSON = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def _clean(exc: BaseException) -> str:
-    """The message of the original error, without Ray's remote traceback wrapper."""
-    cause = getattr(exc, "cause", None)
-    return str(cause if cause is not None else exc).strip().splitlines()[-1] if str(exc) else type(exc).__name__
+    """The message of the original error (not Ray's remote-traceback wrapper), on one line."""
+    cause = getattr(exc, "cause", None) or exc
+    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    return text or type(cause).__name__
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,7 +70,7 @@ def _print(doc: Any, as_json: bool, table: Table | None = None) -> None:
 
 def load_config(path: Path | None):  # noqa: ANN201 - ClusterConfig
     """A ClusterConfig from a YAML/JSON file (unknown or bad fields are named), or the embedded default."""
-    from expertray.config import ClusterConfig, from_dict
+    from expertray.config import ClusterConfig, check_policy_names, from_dict
 
     if path is None:
         return ClusterConfig()
@@ -79,7 +80,9 @@ def load_config(path: Path | None):  # noqa: ANN201 - ClusterConfig
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"config {path}: cannot read ({exc})") from exc
-    return from_dict(ClusterConfig, data or {}, "cluster")
+    cfg = from_dict(ClusterConfig, data or {}, "cluster")
+    check_policy_names(cfg)
+    return cfg
 
 
 # --- cluster lifecycle ----------------------------------------------------------------------------------

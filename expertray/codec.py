@@ -37,7 +37,9 @@ def decode_tensor(obj: Any, field: str = "hidden") -> np.ndarray:
         raise InputError(f"{field}.shape: must be a list of non-negative integers, got {shape!r}")
     if not isinstance(data, bytes | bytearray):
         raise InputError(f"{field}.data: must be raw bytes, got {type(data).__name__}")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(WIRE_DTYPES[dtype]).itemsize
+    expected = np.dtype(WIRE_DTYPES[dtype]).itemsize
+    for dim in shape:  # python ints: no int64 wrap-around on absurd shapes
+        expected *= dim
     if len(data) != expected:
         raise InputError(f"{field}.data: {len(data)} bytes do not match shape {list(shape)} of {dtype} "
                          f"({expected} bytes)")

@@ -115,12 +115,43 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         ftype = fields[name].type
+        path = f"{prefix + '.' if prefix else ''}{name}"
         sub = _NESTED.get(ftype) if isinstance(ftype, str) else None
-        kwargs[name] = from_dict(sub, value, f"{prefix + '.' if prefix else ''}{name}") if sub else value
+        kwargs[name] = from_dict(sub, value, path) if sub else _check_type(path, ftype, value)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(path: str, ftype: Any, value: Any) -> Any:
+    """Reject a value of the wrong plain type (e.g. num_layers: "two"), naming the field."""
+    name = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", "")
+    if name.startswith("dict"):
+        ok = isinstance(value, dict)
+    elif name in _SCALARS:
+        ok = isinstance(value, _SCALARS[name]) and (name == "bool" or not isinstance(value, bool))
+    else:
+        return value
+    if not ok:
+        raise ConfigError(f"{path}: expected {name.split('[')[0]}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_policy_names(cfg: ClusterConfig) -> None:
+    """Fail at the edge, before anything starts, if a policy name is not registered."""
+    from expertray.policies.autoscale import AUTOSCALE
+    from expertray.policies.replica import REPLICA
+    from expertray.policies.routing import ROUTING
+
+    for field_name, registry, name in (("routing_policy", ROUTING, cfg.routing_policy),
+                                       ("replica_policy", REPLICA, cfg.replica_policy),
+                                       ("autoscale_policy", AUTOSCALE, cfg.autoscale_policy)):
+        if name not in registry.names():
+            raise ConfigError(f"cluster.{field_name}: {name!r} is unknown (known: {', '.join(registry.names())})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -162,6 +193,12 @@ class ClusterConfig:
     snapshot_path: str = ""
     metrics_port: int = 9464
     metrics_top_n: int = 16
+    autoscale: bool = False
+    autoscale_policy: str = "hysteresis"
+    autoscale_params: dict[str, Any] = field(default_factory=dict)
+    autoscale_interval_s: float = 1.0
+    actor_memory_budget_bytes: int = 0
+    max_expert_actors: int = 16
 
     def __post_init__(self) -> None:
         _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
@@ -183,6 +220,13 @@ class ClusterConfig:
         _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
                  f"must be > 0, got {self.collective_timeout_s}")
         _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
+        _require(math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0,
+                 "cluster.autoscale_interval_s", f"must be > 0, got {self.autoscale_interval_s}")
+        _require(self.actor_memory_budget_bytes >= 0, "cluster.actor_memory_budget_bytes",
+                 f"must be >= 0 (0 = unlimited), got {self.actor_memory_budget_bytes}")
+        _require(self.max_expert_actors >= self.num_expert_actors, "cluster.max_expert_actors",
+                 f"must be >= num_expert_actors={self.num_expert_actors}, got {self.max_expert_actors}")
+        _require(isinstance(self.autoscale_params, dict), "cluster.autoscale_params", "must be a mapping")
         _require(-1 <= self.metrics_port <= 65535, "cluster.metrics_port",
                  f"must be a TCP port, 0 (any free port) or -1 (off), got {self.metrics_port}")
 
