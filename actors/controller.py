@@ -356,6 +356,23 @@ class Controller:
         async with self.lock:
             return await self._apply(self.table.drain(actor), f"drain {actor}")
 
+    async def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
+        """Re-plan the whole placement from the window load with a placement policy (replica counts and
+        packing, keeping slots in place where it costs no balance) and apply it between batches."""
+        from expertray.policies.placement import PLACEMENT
+        from expertray.topology import Topology
+
+        signals = await self.signals()
+        async with self.lock:
+            actors = list(self.table.actors)
+            per_layer = math.ceil(self.table.num_experts / len(actors))
+            topo = Topology.single_node(actors, slots_per_actor or per_layer + 1)
+            plan = PLACEMENT.create(policy).plan(signals.load, topo, self.table, signals.expert_bytes)
+            event = await self._apply(plan.table, f"rebalance ({policy}): balancedness "
+                                      f"{plan.balancedness_before.mean:.3f} -> {plan.balancedness_after.mean:.3f}")
+            return {**event, "balancedness_before": plan.balancedness_before.mean,
+                    "balancedness_after": plan.balancedness_after.mean, "bytes_moved": plan.bytes_moved}
+
     async def set_actor_slowdown(self, actor: str, factor: float) -> None:
         """Fault injection (tests, benchmarks): make one expert actor a `factor`x straggler."""
         self.table.check_actor(actor)

@@ -85,6 +85,10 @@ class Cluster:
     def add_actor(self) -> str:
         return ray.get(self.controller.add_actor.remote())
 
+    def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
+        """Re-plan every layer's placement from the observed load (see policies/placement.py)."""
+        return ray.get(self.controller.rebalance.remote(policy, slots_per_actor))
+
     def autoscale(self, on: bool | None = None) -> dict[str, Any]:
         """Turn the controller's autoscaler on (True) or off (False); None only reports its state."""
         return ray.get(self.controller.autoscale.remote(on))

@@ -209,6 +209,17 @@ def drain(actor: str, address: str = ADDRESS) -> None:
     _print(connect(address).drain(actor), True)
 
 
+@app.command()
+@friendly
+def rebalance(policy: str = typer.Option("balanced", help="Placement policy (round_robin, balanced, ...)."),
+              slots: int = typer.Option(0, help="Slots per actor per layer (0: experts/actors + 1)."),
+              address: str = ADDRESS) -> None:
+    """Re-plan replica counts and packing from the observed load; weights move before the switch."""
+    from expertray.api import connect
+
+    _print(connect(address).rebalance(policy, slots), True)
+
+
 @app.command("add-actor")
 @friendly
 def add_actor(address: str = ADDRESS) -> None:

@@ -61,12 +61,27 @@ def test_replicate_migrate_drain_keep_answers_exact(live) -> None:
         torch.testing.assert_close(cluster.forward(layer, x), layers[layer](x), atol=1e-5, rtol=0)
 
 
+def test_rebalance_from_observed_skew(live) -> None:
+    cluster, layers = live
+    hot = torch.zeros(64, 32)
+    gate = layers[0].gate_weights.weight
+    hot += 4.0 * gate[0] / gate[0].norm()  # every token prefers expert 0:0
+    for _ in range(4):
+        cluster.forward(0, hot + 0.1 * torch.randn(64, 32))
+    event = _json(["rebalance"])
+    assert event["balancedness_after"] > event["balancedness_before"]
+    assert len(cluster.table().replicas(0, 0)) > 1
+    x = torch.randn(20, 32)
+    torch.testing.assert_close(cluster.forward(0, x), layers[0](x), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["replicate", "9:0"], "unknown expert 9:0"),
     (["replicate", "0:99"], "unknown expert 0:99"),
     (["replicate", "abc"], "LAYER:EXPERT"),
     (["migrate", "0:1", "--to", "nobody"], "unknown actor 'nobody'"),
     (["drain", "nobody"], "unknown actor 'nobody'"),
+    (["rebalance", "--policy", "nope"], "placement policy 'nope' is unknown"),
     (["experts", "--layer", "7"], "unknown layer 7"),
 ])
 def test_unknown_names_exit_2_with_clear_message(live, args: list[str], needle: str) -> None:
