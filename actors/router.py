@@ -80,6 +80,7 @@ class RouterActor:
         self.bytes_out = [0] * len(self.table.actors)
         self.observations: dict[str, deque] = {k: deque(maxlen=OBSERVATION_BUFFER) for k in
                                                ("batches", "actors", "requests")}
+        self.trace: Any = None  # a TraceWriter while recording live routing
         self.controller: Any = None
         self.healthy = asyncio.Event()
         self.healthy.set()
@@ -242,6 +243,8 @@ class RouterActor:
 
     def _record(self, layer: int, num_requests: int, batch: Any, tstats: Any, t: tuple[float, ...]) -> None:
         self.stats_.record(layer, batch.expert_counts, batch.routing.num_dropped)
+        if self.trace is not None:
+            self.trace.write(layer, batch.routing.experts, batch.routing.weights, batch.gate.probs)
         self.expert_tokens[layer] += batch.expert_counts
         c = self.counters
         c["batches"] += 1
@@ -289,6 +292,28 @@ class RouterActor:
                 "queued_tokens": self.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),
                 "timing_ms_p50": {k: float(np.median(v)) if v else 0.0 for k, v in self.timing_ms.items()}}
+
+    async def start_trace(self, path: str) -> str:
+        """Record every routed batch (experts, weights, gate probs) to a msgpack trace at `path`."""
+        from expertray.trace import TraceWriter
+
+        async with self.lane:
+            if self.trace is not None:
+                self.trace.close()
+            self.trace = TraceWriter(path, self.cfg.num_layers, self.cfg.layer.num_experts, self.cfg.layer.top_k,
+                                     {"source": "live", "router": self.router_id, "policy": self.cfg.routing_policy,
+                                      "family": self.cfg.layer.gate.family})
+        return path
+
+    async def stop_trace(self) -> int:
+        """Stop recording; returns the trace file's size in bytes (0 if none was recording)."""
+        async with self.lane:
+            if self.trace is None:
+                return 0
+            self.trace.close()
+            size = self.trace.path.stat().st_size
+            self.trace = None
+            return size
 
     async def drain_observations(self) -> dict[str, Any]:
         """Hand the buffered per-batch / per-actor / per-request observations to the controller's metrics."""

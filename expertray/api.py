@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,17 @@ class Cluster:
     def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
         """Re-plan every layer's placement from the observed load (see policies/placement.py)."""
         return ray.get(self.controller.rebalance.remote(policy, slots_per_actor))
+
+    def start_trace(self, path: str) -> list[str]:
+        """Record live routing of every router to msgpack traces (one file per router; the router's node)."""
+        base = Path(path)
+        paths = [str(base) if len(self.routers) == 1 else str(base.with_name(f"{base.stem}-router{i}{base.suffix}"))
+                 for i in range(len(self.routers))]
+        return ray.get([r.start_trace.remote(p) for r, p in zip(self.routers, paths)])
+
+    def stop_trace(self) -> list[int]:
+        """Stop recording; returns each trace file's size in bytes."""
+        return ray.get([r.stop_trace.remote() for r in self.routers])
 
     def autoscale(self, on: bool | None = None) -> dict[str, Any]:
         """Turn the controller's autoscaler on (True) or off (False); None only reports its state."""

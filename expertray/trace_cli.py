@@ -94,6 +94,28 @@ def record(
         typer.echo(f"wrote {batches} batches x {layers} layers x {tokens} tokens to {out}")
 
 
+@trace_app.command("live")
+def live(
+    out: Annotated[Path, typer.Argument(help="trace file to write (one per router if several)")],
+    seconds: Annotated[float, typer.Option(min=0.0, help="how long to record")] = 10.0,
+    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+) -> None:
+    """Record the live routing of a running cluster for a while."""
+    import time
+
+    from expertray.api import connect
+
+    with _clean_errors():
+        cluster = connect(address)
+        paths = cluster.start_trace(str(out))
+        try:
+            time.sleep(seconds)
+        finally:
+            sizes = cluster.stop_trace()
+        for p, size in zip(paths, sizes, strict=True):
+            typer.echo(f"wrote {p} ({size} bytes)")
+
+
 @trace_app.command("replay")
 def replay_cmd(
     trace: Annotated[Path, typer.Argument(help="trace file (recorded with gate probs)")],

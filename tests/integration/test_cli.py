@@ -88,3 +88,21 @@ def test_unknown_names_exit_2_with_clear_message(live, args: list[str], needle: 
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert needle in result.output
+
+
+def test_live_trace_round_trips_through_replay_and_analyze(live, tmp_path) -> None:
+    cluster, _ = live
+    path = tmp_path / "live.msgpack"
+    cluster.start_trace(str(path))
+    for i in range(5):
+        cluster.forward(i % 2, torch.randn(16, 32))
+    assert cluster.stop_trace()[0] > 0
+    from expertray.trace import read_trace
+
+    records = list(read_trace(path))
+    assert len(records) == 5 and {r.layer for r in records} == {0, 1}
+    assert sum(r.tokens for r in records) == 80
+    analyzed = runner.invoke(app, ["trace", "analyze", str(path), "--json", "--heatmap", str(tmp_path / "h.png")])
+    assert analyzed.exit_code == 0, analyzed.output
+    replayed = runner.invoke(app, ["trace", "replay", str(path), "--policy", "laser", "--json"])
+    assert replayed.exit_code == 0, replayed.output
