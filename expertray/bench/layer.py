@@ -44,9 +44,9 @@ def run(tokens: int = 4096, d_model: int = 1024, d_ff: int = 2816, experts: int 
         cfg = ClusterConfig(**{**base_cfg.__dict__, "transport": transport})
         cluster = launch(cfg, layers, detached=False)
         try:
-            t_dist = time_ms(lambda: cluster.forward(0, x_big), repeats)
+            t_dist = time_ms(lambda c=cluster: c.forward(0, x_big), repeats)
             ray.get(cluster.routers[0].reset_stats.remote())
-            s_dist = time_ms(lambda: cluster.forward(0, x_small), small_repeats, warmup=10)
+            s_dist = time_ms(lambda c=cluster: c.forward(0, x_small), small_repeats, warmup=10)
             breakdown = cluster.status()["routers"][0]["timing_ms_p50"]
             err = float((cluster.forward(0, x_big) - layers[0](x_big)).abs().max())
         finally:
