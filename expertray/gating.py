@@ -83,4 +83,10 @@ _FAMILIES = {"mixtral": _mixtral, "qwen_moe": _mixtral, "deepseek_v3": _deepseek
 
 def gate(hidden: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
     """Score T tokens and choose their top-k experts with the family's own rule."""
-    return _FAMILIES[cfg.family](router_logits(hidden, gw), cfg, gw)
+    return gate_from_logits(router_logits(hidden, gw), cfg, gw)
+
+
+def gate_from_logits(logits: torch.Tensor, cfg: GateConfig, gw: GateWeights | None = None) -> GateOutput:
+    """The family's rule on router logits [T, E] already computed (e.g. replayed or synthetic);
+    `gw` supplies DeepSeek-V3's correction bias when there is one."""
+    return _FAMILIES[cfg.family](logits.float(), cfg, gw or GateWeights(torch.empty(0)))

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-from expertray.config import GateConfig
 from expertray.errors import ConfigError
-from expertray.gating import GateOutput, GateWeights, gate
 
 
 @dataclass(frozen=True)
@@ -138,12 +136,6 @@ class Workload:
             b = self.batch(i, clock)
             clock = float(b.arrival_s[-1])
             yield b
-
-
-def gate_from_logits(logits: torch.Tensor, cfg: GateConfig) -> GateOutput:
-    """The family's gate on given router logits [T, E] (an identity router, so logits pass unchanged)."""
-    eye = torch.eye(cfg.num_experts, dtype=torch.float32)
-    return gate(logits.float(), cfg, GateWeights(eye))
 
 
 def popularity_from_counts(path: str | Path, model: str = "olmoe_c4", layer: int = 0) -> tuple[float, ...]:

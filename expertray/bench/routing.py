@@ -21,7 +21,8 @@ from expertray.config import CapacityConfig, GateConfig
 from expertray.loadstats import balancedness, drop_rate, gate_mass_retained, imbalance, topk_agreement
 from expertray.placement import PlacementTable
 from expertray.policies.routing import ROUTING
-from expertray.workload import Workload, WorkloadConfig, gate_from_logits, popularity_from_counts
+from expertray.gating import gate_from_logits
+from expertray.workload import Workload, WorkloadConfig, popularity_from_counts
 
 COUNTS_FILE = Path("/work/shared/data/expert_counts_c4.json")
 MODELS = {"olmoe": (GateConfig("qwen_moe", 64, 8, normalize=False), "olmoe_c4"),

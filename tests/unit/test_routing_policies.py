@@ -12,7 +12,8 @@ from expertray.gating import GateOutput
 from expertray.loadstats import gate_mass_retained, imbalance
 from expertray.policies.routing import ROUTING
 from expertray.policies.routing_laser import LaserRouting, next_best
-from expertray.workload import Workload, WorkloadConfig, gate_from_logits
+from expertray.gating import gate_from_logits
+from expertray.workload import Workload, WorkloadConfig
 
 DROP = CapacityConfig(factor=1.0, min_capacity=0, overflow="drop")
 

@@ -16,7 +16,8 @@ from expertray.placement import PlacementTable
 from expertray.policies.routing import ROUTING
 from expertray.trace import TraceWriter, _TimeBins, analyze, read_trace, replay, write_heatmap
 from expertray.trace_cli import trace_app
-from expertray.workload import Workload, WorkloadConfig, gate_from_logits
+from expertray.gating import gate_from_logits
+from expertray.workload import Workload, WorkloadConfig
 
 
 def _write(path: Path, batches: int = 3, T: int = 64, E: int = 16, k: int = 2, layers: int = 2,

@@ -11,7 +11,8 @@ import torch
 from expertray.config import GateConfig
 from expertray.errors import ConfigError
 from expertray.loadstats import imbalance
-from expertray.workload import Workload, WorkloadConfig, gate_from_logits, popularity_from_counts
+from expertray.gating import gate_from_logits
+from expertray.workload import Workload, WorkloadConfig, popularity_from_counts
 
 SHARED_COUNTS = Path("/work/shared/data/expert_counts_c4.json")
 
