@@ -126,6 +126,7 @@ class Controller:
             except OSError as exc:  # serving must not depend on a free metrics port
                 log.warning("metrics endpoint on 127.0.0.1:%d not started: %s", self.cfg.metrics_port, exc)
         self.background.append(asyncio.get_event_loop().create_task(self._metrics_loop()))
+        self.background.append(asyncio.get_event_loop().create_task(self._liveness_loop()))
         if self.cfg.autoscale:
             self._set_autoscale(True)
 
@@ -136,6 +137,16 @@ class Controller:
                 await self.collect_metrics()
             except Exception:  # noqa: BLE001 - a failed scrape of a router must not stop the loop
                 log.warning("metrics collection failed", exc_info=True)
+
+    async def _liveness_loop(self, interval_s: float = 2.0) -> None:
+        """Heal dead expert actors even when no request notices (an idle cluster stays whole)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if not self.lock.locked() and await self._dead_actors():
+                    await self.heal("liveness check")
+            except Exception:  # noqa: BLE001 - retried next round
+                log.warning("liveness check failed", exc_info=True)
 
     async def collect_metrics(self) -> None:
         """Drain every router's buffered observations into the Prometheus registry."""
@@ -254,8 +265,11 @@ class Controller:
         return self.cfg
 
     async def status(self) -> dict[str, Any]:
+        """Table, per-actor and per-router stats; a dead actor shows as {"alive": False} (it is being healed)."""
         actor_ids = list(self.table.actors)
-        actor_stats = await asyncio.gather(*[self.actors[a].stats.remote() for a in actor_ids])
+        replies = await asyncio.gather(*[self.actors[a].stats.remote() for a in actor_ids], return_exceptions=True)
+        actor_stats = [{"alive": False, "error": str(r).splitlines()[0]} if isinstance(r, BaseException)
+                       else {"alive": True, **r} for r in replies]
         router_stats = await asyncio.gather(*[r.stats.remote() for r in self.routers])
         return {"table": self.table.to_dict(), "transport": self.transport,
                 "actors": dict(zip(actor_ids, actor_stats)), "routers": router_stats,

@@ -130,6 +130,9 @@ def status(address: str = ADDRESS, as_json: bool = JSON) -> None:
     for col in ("actor", "slots", "memory MiB", "calls", "compute p50 ms", "compute p99 ms", "slowdown"):
         t.add_column(col)
     for a, s in st["actors"].items():
+        if not s["alive"]:
+            t.add_row(a, "dead (healing)", "", "", "", "", "")
+            continue
         t.add_row(a, str(s["slots"]), f"{s['memory_bytes'] / 2**20:.1f}", str(s["calls"]),
                   f"{s['compute_ms_p50']:.2f}", f"{s['compute_ms_p99']:.2f}", f"{s['slowdown']:g}")
     _print(st, as_json, t)

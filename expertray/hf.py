@@ -16,7 +16,7 @@ from expertray.experts import ExpertWeights, SharedExpert
 from expertray.gating import GateWeights
 from expertray.layer import MoELayer
 
-_FAMILY_BY_CLASS = {
+SUPPORTED_BLOCKS: dict[str, str] = {  # transformers block class name -> gating family
     "MixtralSparseMoeBlock": "mixtral",
     "Qwen2MoeSparseMoeBlock": "qwen_moe",
     "Qwen3MoeSparseMoeBlock": "qwen_moe",
@@ -34,9 +34,9 @@ def _mlp_to_shared(mlp: nn.Module, gate: nn.Linear | None) -> SharedExpert:
 def from_hf_block(block: nn.Module, capacity: CapacityConfig | None = None) -> MoELayer:
     """Build a MoELayer with the same weights and gating as a transformers sparse-MoE block."""
     name = type(block).__name__
-    if name not in _FAMILY_BY_CLASS:
-        raise ConfigError(f"unsupported transformers MoE block {name} (supported: {', '.join(_FAMILY_BY_CLASS)})")
-    family = _FAMILY_BY_CLASS[name]
+    if name not in SUPPORTED_BLOCKS:
+        raise ConfigError(f"unsupported transformers MoE block {name} (supported: {', '.join(SUPPORTED_BLOCKS)})")
+    family = SUPPORTED_BLOCKS[name]
     router, experts = block.gate, block.experts
     E, D = router.weight.shape
     gate_cfg = GateConfig(

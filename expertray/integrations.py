@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from expertray.errors import ConfigError
-from expertray.hf import _FAMILY_BY_CLASS
+from expertray.hf import SUPPORTED_BLOCKS
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, block) of every sparse-MoE block expertray can serve, in module order."""
-    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in _FAMILY_BY_CLASS]
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS]
 
 
 class ClusterMoEProxy(nn.Module):

@@ -49,7 +49,8 @@ def load_snapshot(path: str | Path) -> tuple[PlacementTable, dict[str, Any]]:
         raise SnapshotError(f"snapshot {path}: cannot read ({exc.strerror})") from exc
     try:
         doc = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        # TypeError: a corrupted byte can turn a map key into an (unhashable) array
         raise SnapshotError(f"snapshot {path}: corrupted msgpack ({type(exc).__name__}: {exc}), "
                             f"{len(raw)} bytes") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -59,7 +60,7 @@ def load_snapshot(path: str | Path) -> tuple[PlacementTable, dict[str, Any]]:
         raise SnapshotError(f"snapshot {path}: version {doc.get('version')!r} unsupported (expected {VERSION})")
     try:
         table = PlacementTable.from_dict(doc["table"])
-    except (KeyError, ExpertRayError) as exc:
+    except (KeyError, TypeError, ExpertRayError) as exc:
         raise SnapshotError(f"snapshot {path}: bad placement table ({exc})") from exc
     state = doc.get("state")
     if not isinstance(state, dict):

@@ -383,8 +383,6 @@ def test_corrupted_snapshot_is_named(tmp_path, payload: bytes, needle: str) -> N
     assert needle in str(info.value) and str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: snapshot.load_snapshot does not catch msgpack's TypeError "
-                                       "(a map key decoded as an array is unhashable): 17 of 160 flips escape")
 def test_snapshot_single_byte_corruptions_raise_only_snapshot_error(tmp_path) -> None:
     """Flip each byte of a real snapshot: loading either fails with SnapshotError or yields a table that
     passed PlacementTable's own validation (a flipped digit can be another valid value); no other
