@@ -83,6 +83,7 @@ def to_hf_block(layer: MoELayer) -> nn.Module:
     """A transformers block of the layer's family carrying the layer's weights (for reference numerics)."""
     cfg = layer.cfg
     hf_cfg = _hf_config(cfg)
+    hf_cfg._experts_implementation = "eager"  # the reference loop; a standalone block has no dispatch set
     if cfg.gate.family == "mixtral":
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
     elif cfg.gate.family == "qwen_moe":
