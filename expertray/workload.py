@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,15 @@ class Workload:
             b = self.batch(i, clock)
             clock = float(b.arrival_s[-1])
             yield b
+
+
+def default_counts_file() -> Path:
+    """Where the measured C4 expert counts live: $EXPERTRAY_COUNTS_FILE, else the project's shared/ folder
+    beside the checkout (<repo>/../shared/data/expert_counts_c4.json)."""
+    env = os.environ.get("EXPERTRAY_COUNTS_FILE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "expert_counts_c4.json"
 
 
 def popularity_from_counts(path: str | Path, model: str = "olmoe_c4", layer: int = 0) -> tuple[float, ...]:

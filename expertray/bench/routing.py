@@ -18,13 +18,13 @@ import typer
 
 from expertray.bench.report import emit, median, time_ms
 from expertray.config import CapacityConfig, GateConfig
+from expertray.gating import gate_from_logits
 from expertray.loadstats import balancedness, drop_rate, gate_mass_retained, imbalance, topk_agreement
 from expertray.placement import PlacementTable
 from expertray.policies.routing import ROUTING
-from expertray.gating import gate_from_logits
-from expertray.workload import Workload, WorkloadConfig, popularity_from_counts
+from expertray.workload import Workload, WorkloadConfig, default_counts_file, popularity_from_counts
 
-COUNTS_FILE = Path("/work/shared/data/expert_counts_c4.json")
+COUNTS_FILE = default_counts_file()
 MODELS = {"olmoe": (GateConfig("qwen_moe", 64, 8, normalize=False), "olmoe_c4"),
           "mixtral": (GateConfig("mixtral", 8, 2, normalize=True), "mixtral_c4")}
 FLAT, PEAKED = 2.0, 0.5  # logit temperatures: OLMoE top-8 share of gate mass ~0.42 vs ~0.98

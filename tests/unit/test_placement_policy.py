@@ -2,7 +2,6 @@
 invariants as properties, movement when re-planning and when devices join or leave, input errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ from expertray.errors import ConfigError
 from expertray.placement import PlacementTable
 from expertray.policies.placement import PLACEMENT, device_loads
 from expertray.topology import Topology
+from expertray.workload import default_counts_file
 
-COUNTS = Path("/work/shared/data/expert_counts_c4.json")
+COUNTS = default_counts_file()
 
 
 def _devices(n: int) -> list[str]:

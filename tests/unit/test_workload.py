@@ -10,11 +10,11 @@ import torch
 
 from expertray.config import GateConfig
 from expertray.errors import ConfigError
-from expertray.loadstats import imbalance
 from expertray.gating import gate_from_logits
-from expertray.workload import Workload, WorkloadConfig, popularity_from_counts
+from expertray.loadstats import imbalance
+from expertray.workload import Workload, WorkloadConfig, default_counts_file, popularity_from_counts
 
-SHARED_COUNTS = Path("/work/shared/data/expert_counts_c4.json")
+SHARED_COUNTS = default_counts_file()
 
 
 def test_deterministic_in_the_seed_and_batch_index() -> None:
