@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from expertray import sim_cli
 from expertray.bench.cli import bench_app
 from expertray.trace_cli import trace_app
 from expertray.errors import ConfigError, ExpertRayError
@@ -25,6 +26,7 @@ from expertray.errors import ConfigError, ExpertRayError
 app = typer.Typer(help="expertray: elastic expert-parallel MoE inference on Ray.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(trace_app, name="trace")
+app.command("sim")(sim_cli.sim)
 autoscale_app = typer.Typer(help="Turn the controller's autoscaler on or off, or show its state.",
                             no_args_is_help=True)
 app.add_typer(autoscale_app, name="autoscale")
