@@ -20,6 +20,7 @@ from expertray.gating import GateOutput, GateWeights, gate
 from expertray.placement import LayerRoute
 
 
+# Structural types for the policies (policies/ depends on this core package, not the other way round).
 class RoutingPolicy(Protocol):
     def route(self, gate: GateOutput, capacity: CapacityConfig, expert_load: torch.Tensor | None
               ) -> CapacityResult: ...
