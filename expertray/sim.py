@@ -234,8 +234,8 @@ def write_plot(result: SimResult, path: str | Path) -> None:
         bottom.plot(layers, p.balancedness, marker=".", label=p.policy)
     top.set_ylabel("inter-node MiB per step\n(dispatch + combine)")
     top.set_title(f"{result.devices} devices on {result.nodes} nodes, {result.experts} experts top-{result.top_k}, "
-                  f"{result.tokens_per_step:.0f} tokens/step, {result.config.dispatch} dispatch, "
-                  f"{result.config.selector} replicas")
+                  f"{result.tokens_per_step:.0f} tokens/step\n{result.config.dispatch} dispatch, "
+                  f"{result.config.selector} replicas, {result.config.origin} origin", fontsize=10)
     bottom.set_ylabel("balancedness (mean / max\ntokens per device)")
     bottom.set_xlabel("layer")
     top.set_ylim(bottom=0)
