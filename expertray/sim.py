@@ -161,7 +161,7 @@ def plan_tables(policies: Sequence[str], coactivation: Coactivation, topology: T
     return out
 
 
-def replay_step(step: Step, arrays: PlacementArrays, topo: TopologyArrays, topology: Topology,
+def _replay_step(step: Step, arrays: PlacementArrays, topo: TopologyArrays, topology: Topology,
                 config: SimConfig, totals: _Totals) -> None:
     """Add one step's per-layer measures to `totals`."""
     D = topo.num_devices
@@ -189,8 +189,8 @@ def simulate(source: RoutingSource, topology: Topology, policies: Sequence[str] 
              config: SimConfig | None = None, policy_params: dict[str, dict[str, Any]] | None = None) -> SimResult:
     """Plan with every policy from source.calibration(), replay source.evaluation() through each table."""
     config = config or SimConfig()
-    if not policies:
-        raise ConfigError("sim.policies: name at least one placement policy")
+    if not policies or len(set(policies)) != len(policies):
+        raise ConfigError(f"sim.policies: name at least one placement policy, each once (got {list(policies)})")
     start = time.perf_counter()
     L, E = source.num_layers, source.num_experts
     coactivation = Coactivation.from_steps(source.calibration(), L, E)
@@ -207,7 +207,7 @@ def simulate(source: RoutingSource, topology: Topology, policies: Sequence[str] 
         tokens += step[0].shape[0]
         for name in policies:
             t0 = time.perf_counter()
-            replay_step(step, arrays[name], topo, topology, config, totals[name])
+            _replay_step(step, arrays[name], topo, topology, config, totals[name])
             totals[name].replay_s += time.perf_counter() - t0
     if steps == 0:
         raise ConfigError("sim: the routing source's evaluation stream holds no steps")

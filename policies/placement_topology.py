@@ -188,14 +188,12 @@ class _Packing:
         if self.prefer:
             score = self.dev_score[e, fitting] + self.node_score[e, self.node_of[fitting]]
             fitting = fitting[np.lexsort((fitting, -self.device_load[fitting], -score))]
-            # taking devices in this order, one node at a time from the fewest copies of e up
+            # coverage first: the best fitting device of every node, then the second best of every node, ...
             nodes = self.node_of[fitting]
             by_node = np.argsort(nodes, kind="stable")
-            first = np.searchsorted(nodes[by_node], nodes[by_node])
             rank_in_node = np.empty_like(by_node)
-            rank_in_node[by_node] = np.arange(by_node.size) - first
-            coverage = self.node_counts[e, nodes] + rank_in_node
-            chosen = fitting[np.lexsort((np.arange(fitting.size), coverage))[:copies]]
+            rank_in_node[by_node] = np.arange(by_node.size) - np.searchsorted(nodes[by_node], nodes[by_node])
+            chosen = fitting[np.lexsort((np.arange(fitting.size), rank_in_node))[:copies]]
         else:
             chosen = fitting[np.lexsort((fitting, -self.device_load[fitting]))[:copies]]
         self.counts[e, chosen] = 1
