@@ -149,4 +149,4 @@ class RoundRobinPlacement(PlacementPolicy):
 
 
 # Importing the policy modules registers them, so importing this module is enough to use PLACEMENT.
-from expertray.policies import placement_balanced  # noqa: E402,F401
+from expertray.policies import placement_balanced, placement_topology  # noqa: E402,F401
