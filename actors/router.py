@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from expertray.actors.transport import CollectiveTransport, ObjectStoreTransport
 from expertray.config import ClusterConfig
-from ray.exceptions import RayActorError
-
 from expertray.errors import BackpressureError, ExpertUnavailableError, TransportError, UnknownExpertError
 from expertray.experts import SharedExpert
 from expertray.gating import GateWeights

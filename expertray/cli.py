@@ -20,8 +20,8 @@ from rich.table import Table
 
 from expertray import sim_cli
 from expertray.bench.cli import bench_app
-from expertray.trace_cli import trace_app
 from expertray.errors import ConfigError, ExpertRayError
+from expertray.trace_cli import trace_app
 
 app = typer.Typer(help="expertray: elastic expert-parallel MoE inference on Ray.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")

@@ -255,3 +255,19 @@ def topk_agreement(chosen: torch.Tensor, baseline: torch.Tensor) -> float:
     hit = (chosen.unsqueeze(2) == baseline.unsqueeze(1)).any(dim=1) & valid
     n = int(valid.sum())
     return float(hit.sum()) / n if n else 1.0
+
+
+BATCH_MEASURES = ("imbalance_device", "imbalance_expert", "balancedness_device", "balancedness_expert",
+                  "drop_rate", "gate_mass_retained", "topk_agreement")
+
+
+def batch_measures(per_device: torch.Tensor, per_expert: torch.Tensor, gate_probs: torch.Tensor,
+                   chosen: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+    """Every balance and fidelity measure of one routed batch, keyed by BATCH_MEASURES.
+
+    per_device [A] / per_expert [E]: routed tokens; gate_probs [T, E]; chosen / baseline [T, k] (-1 dropped).
+    """
+    return {"imbalance_device": imbalance(per_device), "imbalance_expert": imbalance(per_expert),
+            "balancedness_device": balancedness(per_device), "balancedness_expert": balancedness(per_expert),
+            "drop_rate": drop_rate(chosen), "gate_mass_retained": gate_mass_retained(gate_probs, chosen, baseline),
+            "topk_agreement": topk_agreement(chosen, baseline)}

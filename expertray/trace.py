@@ -25,14 +25,7 @@ from expertray.capacity import CapacityResult
 from expertray.config import CapacityConfig
 from expertray.errors import ConfigError, InputError, TraceFormatError
 from expertray.gating import GateOutput
-from expertray.loadstats import (
-    LoadStats,
-    balancedness,
-    drop_rate,
-    gate_mass_retained,
-    imbalance,
-    topk_agreement,
-)
+from expertray.loadstats import BATCH_MEASURES, LoadStats, balancedness, batch_measures, imbalance
 from expertray.placement import PlacementTable
 from expertray.policies.replica import REPLICA, ReplicaSelector
 from expertray.policies.routing import RoutingPolicy
@@ -236,10 +229,6 @@ def gate_from_probs(probs: torch.Tensor, top_k: int, normalize: bool) -> GateOut
     return GateOutput(probs.clamp_min(1e-30).log(), probs, probs, idx, top)
 
 
-_MEASURES = ("balancedness_device", "balancedness_expert", "imbalance_device", "imbalance_expert",
-             "drop_rate", "gate_mass_retained", "topk_agreement")
-
-
 def replay(trace: Trace, policy: RoutingPolicy, placement: PlacementTable,
            selector: ReplicaSelector | None = None, capacity: CapacityConfig | None = None,
            use_load: bool = True) -> dict[str, Any]:
@@ -261,7 +250,7 @@ def replay(trace: Trace, policy: RoutingPolicy, placement: PlacementTable,
     A = len(placement.actors)
     expert_tokens = torch.zeros(h.num_layers, h.num_experts, dtype=torch.float64)
     actor_tokens = torch.zeros(h.num_layers, A, dtype=torch.float64)
-    sums = {layer: dict.fromkeys(_MEASURES, 0.0) for layer in range(h.num_layers)}
+    sums = {layer: dict.fromkeys(BATCH_MEASURES, 0.0) for layer in range(h.num_layers)}
     batches = [0] * h.num_layers
     for rec in trace:
         if rec.gate_probs is None:
@@ -279,14 +268,8 @@ def replay(trace: Trace, policy: RoutingPolicy, placement: PlacementTable,
         stats.record(rec.layer, per_expert, r.num_dropped)
         expert_tokens[rec.layer] += per_expert
         actor_tokens[rec.layer] += per_actor
-        s = sums[rec.layer]
-        s["balancedness_device"] += balancedness(per_actor)
-        s["balancedness_expert"] += balancedness(per_expert)
-        s["imbalance_device"] += imbalance(per_actor)
-        s["imbalance_expert"] += imbalance(per_expert)
-        s["drop_rate"] += drop_rate(r.experts)
-        s["gate_mass_retained"] += gate_mass_retained(g.probs, r.experts, g.experts)
-        s["topk_agreement"] += topk_agreement(r.experts, g.experts)
+        for name, value in batch_measures(per_actor, per_expert, g.probs, r.experts, g.experts).items():
+            sums[rec.layer][name] += value
         batches[rec.layer] += 1
     return {"layers": {str(layer): {
         "batches": batches[layer],

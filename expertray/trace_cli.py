@@ -16,11 +16,11 @@ from rich.table import Table
 
 from expertray.config import GATING_FAMILIES, CapacityConfig, GateConfig
 from expertray.errors import ExpertRayError
+from expertray.gating import gate_from_logits
 from expertray.placement import PlacementTable
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.trace import TraceWriter, analyze, read_trace, replay, write_heatmap
-from expertray.gating import gate_from_logits
 from expertray.workload import Workload, WorkloadConfig, popularity_from_counts
 
 trace_app = typer.Typer(help="Routing traces: record, replay through a policy, analyze.", no_args_is_help=True)

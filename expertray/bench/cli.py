@@ -6,8 +6,7 @@ import typer
 
 bench_app = typer.Typer(help="Benchmarks: results as JSON (--json) or a table.", no_args_is_help=True)
 
-from expertray.bench import core, layer  # noqa: E402
-from expertray.bench import elastic, routing  # noqa: E402
+from expertray.bench import core, elastic, layer, routing  # noqa: E402  # noqa: E402
 
 bench_app.command("core")(core.cli)
 bench_app.command("layer")(layer.cli)

@@ -25,7 +25,6 @@ from expertray.gating import gate
 def run(tokens: int = 4096, d_model: int = 1024, d_ff: int = 2816, experts: int = 8, top_k: int = 2,
         repeats: int = 5, threads: int | None = None) -> dict:
     from expertray.hf import to_hf_block  # transformers is a dev/reference dependency
-
     from expertray.layer import MoELayer
 
     if threads:

@@ -156,7 +156,9 @@ def run(shift_at_s: float = 6.0, straggle_at_s: float = 16.0, end_s: float = 28.
     init_ray(num_cpus=16)
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=d_model, d_ff=d_ff, gate=GateConfig("mixtral", experts, 2)),
                         num_layers=1, num_expert_actors=actors, max_wait_ms=1.0, actor_num_cpus=0.5,
-                        stats_window_batches=16, metrics_port=-1, max_expert_actors=actors)
+                        stats_window_batches=16, metrics_port=-1, max_expert_actors=actors,
+                        # react within seconds (the policy's production defaults wait 30 s between actions)
+                        autoscale_params={"cooldown_s": 2.0, "sustain_checks": 2, "straggler_slots": 2})
     common = {"shift_at_s": shift_at_s, "straggle_at_s": straggle_at_s, "end_s": end_s,
               "straggler_factor": straggler_factor, "tokens": tokens, "concurrency": concurrency}
     results = {}

@@ -19,7 +19,7 @@ import typer
 from expertray.bench.report import emit, median, time_ms
 from expertray.config import CapacityConfig, GateConfig
 from expertray.gating import gate_from_logits
-from expertray.loadstats import balancedness, drop_rate, gate_mass_retained, imbalance, topk_agreement
+from expertray.loadstats import BATCH_MEASURES, batch_measures
 from expertray.placement import PlacementTable
 from expertray.policies.routing import ROUTING
 from expertray.workload import Workload, WorkloadConfig, default_counts_file, popularity_from_counts
@@ -48,19 +48,13 @@ def _measure(name: str, params: dict[str, Any], gates: list[Any], cfg: GateConfi
              actors: int, repeats: int) -> dict[str, float]:
     policy_name, capacity = POLICIES[name]
     policy = ROUTING.create(policy_name, **params.get(policy_name, {}))
-    sums = dict.fromkeys(("imbalance_device", "imbalance_expert", "balancedness_device", "balancedness_expert",
-                          "drop_rate", "gate_mass_retained", "topk_agreement"), 0.0)
+    sums = dict.fromkeys(BATCH_MEASURES, 0.0)
     for g in gates:
         r = policy.route(g, capacity)
         per_expert = torch.bincount(r.experts[r.experts >= 0], minlength=cfg.num_experts).to(torch.float64)
         per_device = torch.zeros(actors, dtype=torch.float64).index_add_(0, dest_actor, per_expert)
-        sums["imbalance_device"] += imbalance(per_device)
-        sums["imbalance_expert"] += imbalance(per_expert)
-        sums["balancedness_device"] += balancedness(per_device)
-        sums["balancedness_expert"] += balancedness(per_expert)
-        sums["drop_rate"] += drop_rate(r.experts)
-        sums["gate_mass_retained"] += gate_mass_retained(g.probs, r.experts, g.experts)
-        sums["topk_agreement"] += topk_agreement(r.experts, g.experts)
+        for name, value in batch_measures(per_device, per_expert, g.probs, r.experts, g.experts).items():
+            sums[name] += value
     out = {k: v / len(gates) for k, v in sums.items()}
     ms = median(time_ms(lambda: policy.route(gates[0], capacity), repeats))
     out["us_per_token"] = ms * 1e3 / gates[0].experts.shape[0]

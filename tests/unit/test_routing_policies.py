@@ -8,11 +8,10 @@ from hypothesis import strategies as st
 from expertray.capacity import apply_capacity, expert_capacity
 from expertray.config import CapacityConfig, GateConfig
 from expertray.errors import ConfigError, InputError
-from expertray.gating import GateOutput
+from expertray.gating import GateOutput, gate_from_logits
 from expertray.loadstats import gate_mass_retained, imbalance
 from expertray.policies.routing import ROUTING
 from expertray.policies.routing_laser import LaserRouting, next_best
-from expertray.gating import gate_from_logits
 from expertray.workload import Workload, WorkloadConfig
 
 DROP = CapacityConfig(factor=1.0, min_capacity=0, overflow="drop")

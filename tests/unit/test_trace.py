@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from expertray.config import GateConfig
 from expertray.errors import InputError, TraceFormatError
+from expertray.gating import gate_from_logits
 from expertray.placement import PlacementTable
 from expertray.policies.routing import ROUTING
 from expertray.trace import TraceWriter, _TimeBins, analyze, read_trace, replay, write_heatmap
 from expertray.trace_cli import trace_app
-from expertray.gating import gate_from_logits
 from expertray.workload import Workload, WorkloadConfig
 
 
