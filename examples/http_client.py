@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import time
 import urllib.error
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from expertray.api import connect, init_ray, launch, random_model
+from expertray.client import free_port, post
 from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
@@ -45,22 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> tuple[int, bytes]:
-    """POST and return (status, body), 4xx/5xx included."""
-    req = urllib.request.Request(url, data=body, headers={"content-type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def _cluster(args: argparse.Namespace) -> tuple[Any, list, bool]:
     """(cluster, in-process reference layers, launched here?)."""
     init_ray(args.address, args.num_cpus if args.address is None else None)
@@ -79,17 +63,13 @@ def _cluster(args: argparse.Namespace) -> tuple[Any, list, bool]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ray import serve
 
-    from expertray.serve import ExpertRayIngress
+    from expertray.serve import run_app
 
     args = parse_args(argv)
     cluster, layers, launched = _cluster(args)
     d_model = cluster.cfg.layer.d_model
-    port = free_port()
     try:
-        quiet = {"log_level": "WARNING", "enable_access_log": False}
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-        serve.run(ExpertRayIngress.bind(), name=APP, route_prefix="/", logging_config=quiet)
-        base = f"http://127.0.0.1:{port}"
+        base = run_app(free_port(), name=APP, quiet=True)
         with urllib.request.urlopen(f"{base}/healthz", timeout=30) as r:
             print(f"{base}/healthz -> {json.load(r)}")
         summary = _exercise(base, layers, d_model, args)
@@ -111,7 +91,7 @@ def _exercise(base: str, layers: list, d_model: int, args: argparse.Namespace) -
     latencies_ms, msgpack_diff = [], 0.0
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        status, payload = post(url, body, "application/msgpack")
+        status, payload, _ = post(url, body, "application/msgpack")
         latencies_ms.append((time.perf_counter() - t0) * 1e3)
         if status != 200:
             raise RuntimeError(f"msgpack request failed: {status} {payload[:200]!r}")
@@ -124,7 +104,7 @@ def _exercise(base: str, layers: list, d_model: int, args: argparse.Namespace) -
     # JSON: convenient for small inputs (the server caps JSON requests; use msgpack beyond that)
     xj = rng.standard_normal((args.json_tokens, d_model)).astype(np.float32)
     t0 = time.perf_counter()
-    status, payload = post(f"{base}/v1/layers/1/forward", json.dumps({"hidden": xj.tolist()}).encode(),
+    status, payload, _ = post(f"{base}/v1/layers/1/forward", json.dumps({"hidden": xj.tolist()}).encode(),
                            "application/json")
     json_ms = (time.perf_counter() - t0) * 1e3
     if status != 200:
@@ -135,7 +115,7 @@ def _exercise(base: str, layers: list, d_model: int, args: argparse.Namespace) -
 
     # a client error: the wrong hidden size is refused with a 4xx naming the problem
     bad = pack({"hidden": encode_tensor(np.zeros((4, d_model + 1), np.float32))})
-    error_status, error_payload = post(url, bad, "application/msgpack")
+    error_status, error_payload, _ = post(url, bad, "application/msgpack")
     error_message = json.loads(error_payload)["error"]
     print(f"wrong d_model -> HTTP {error_status}: {error_message}")
 

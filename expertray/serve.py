@@ -150,3 +150,12 @@ class ExpertRayIngress:
 
 
 app = ExpertRayIngress.bind()
+
+
+def run_app(port: int = 8000, host: str = "127.0.0.1", name: str = "expertray", quiet: bool = False,
+            **ingress_kwargs: Any) -> str:
+    """Start Serve's HTTP proxy on host:port (loopback by default), deploy the ingress, return its base URL."""
+    logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(ExpertRayIngress.bind(**ingress_kwargs), name=name, route_prefix="/", logging_config=logging_config)
+    return f"http://{host}:{port}"

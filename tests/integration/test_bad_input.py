@@ -9,7 +9,6 @@ good request exactly and its placement table must be unchanged. Cases marked xfa
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from expertray.api import launch, random_model
+from expertray.client import free_port
 from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig, from_dict
 from expertray.errors import ConfigError, InputError, OversizeError, UnknownExpertError
@@ -39,12 +39,6 @@ def _cfg(**kw) -> ClusterConfig:
     return ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 6, 2)), num_layers=2,
                          num_expert_actors=3, actor_num_cpus=0.25, router_num_cpus=0.25,
                          max_request_tokens=MAX_TOKENS, metrics_port=-1, **kw)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- snapshots: a restarted controller given a corrupted snapshot (runs before the module's cluster) ----
@@ -75,16 +69,13 @@ def test_controller_restart_on_corrupted_snapshot_fails_loudly_and_routers_keep_
 def live(ray_session):
     from ray import serve
 
-    from expertray.serve import ExpertRayIngress
+    from expertray.serve import run_app
 
     cfg = _cfg()
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
-    port = _free_port()
-    quiet = {"log_level": "WARNING", "enable_access_log": False}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-    serve.run(ExpertRayIngress.bind(), name="expertray-bad-input", route_prefix="/", logging_config=quiet)
-    yield cluster, layers, f"http://127.0.0.1:{port}"
+    base = run_app(free_port(), name="expertray-bad-input", quiet=True)
+    yield cluster, layers, base
     serve.shutdown()
     cluster.shutdown()
 

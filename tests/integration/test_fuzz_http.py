@@ -11,9 +11,6 @@ Every request has a 10 s timeout; a timeout fails the test (a hang), as does any
 from __future__ import annotations
 
 import json
-import socket
-import urllib.error
-import urllib.request
 
 import msgpack
 import pytest
@@ -21,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertray.api import launch, random_model
+from expertray.client import free_port, post
 from expertray.codec import WIRE_DTYPES
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 
@@ -33,27 +31,17 @@ FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(ray_session):
     from ray import serve
 
-    from expertray.serve import ExpertRayIngress
+    from expertray.serve import run_app
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=32, gate=GateConfig("mixtral", 4, 2)), num_layers=2,
                         num_expert_actors=2, actor_num_cpus=0.25, router_num_cpus=0.25, max_request_tokens=128,
                         metrics_port=-1)
     cluster = launch(cfg, random_model(cfg), detached=False)
-    port = _free_port()
-    quiet = {"log_level": "WARNING", "enable_access_log": False}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-    serve.run(ExpertRayIngress.bind(), name="expertray-fuzz", route_prefix="/", logging_config=quiet)
-    yield f"http://127.0.0.1:{port}"
+    yield run_app(free_port(), name="expertray-fuzz", quiet=True)
     serve.shutdown()
     cluster.shutdown()
 
@@ -106,21 +94,12 @@ _msgpack_bodies = st.one_of(
     st.binary(max_size=64))
 
 
-def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers={"content-type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 @FUZZ
 @given(layer=st.integers(-1, 2), content=st.one_of(_json_bodies.map(lambda b: ("application/json", b)),
                                                    _msgpack_bodies.map(lambda b: ("application/msgpack", b))))
 def test_forward_bodies_never_5xx(base_url, layer: int, content: tuple[str, bytes]) -> None:
     content_type, body = content
-    status, payload = _post(f"{base_url}/v1/layers/{layer}/forward", body, content_type)
+    status, payload, _ = post(f"{base_url}/v1/layers/{layer}/forward", body, content_type, TIMEOUT_S)
     assert status < 500, f"{status} {payload[:300]!r} for {content_type} body {body[:200]!r}"
     if status >= 400:
         assert json.loads(payload)["error"], payload

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from expertray.api import launch, random_model
+from expertray.client import forward, free_port, post
 from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 
@@ -20,51 +20,34 @@ pytestmark = pytest.mark.ray
 D = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(ray_session):
     from ray import serve
 
-    from expertray.serve import ExpertRayIngress
+    from expertray.serve import run_app
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 6, 2)),
                         num_layers=2, num_expert_actors=2, actor_num_cpus=0.25, max_request_tokens=256)
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(ExpertRayIngress.bind(max_inflight_tokens=96), name="expertray", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", layers
+    yield run_app(free_port(), max_inflight_tokens=96), layers
     serve.shutdown()
     cluster.shutdown()
-
-
-def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes, dict]:
-    req = urllib.request.Request(url, data=body, headers={"content-type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
 
 
 def test_json_and_msgpack_forward_match_in_process(served) -> None:
     base, layers = served
     x = np.random.default_rng(0).standard_normal((7, D)).astype(np.float32)
     ref = layers[1](torch.from_numpy(x)).numpy()
-    status, body, _ = _post(f"{base}/v1/layers/1/forward", json.dumps({"hidden": x.tolist()}).encode(),
+    status, body, _ = post(f"{base}/v1/layers/1/forward", json.dumps({"hidden": x.tolist()}).encode(),
                             "application/json")
     assert status == 200
     np.testing.assert_allclose(np.array(json.loads(body)["output"], dtype=np.float32), ref, atol=1e-5, rtol=0)
-    status, body, headers = _post(f"{base}/v1/layers/1/forward", pack({"hidden": encode_tensor(x)}),
+    status, body, headers = post(f"{base}/v1/layers/1/forward", pack({"hidden": encode_tensor(x)}),
                                   "application/msgpack")
     assert status == 200 and headers["content-type"] == "application/msgpack"
     np.testing.assert_allclose(decode_tensor(unpack(body)["output"]), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(forward(base, 1, x), ref, atol=1e-5, rtol=0)  # the client helper
 
 
 @pytest.mark.parametrize("path,body,ctype,code,needle", [
@@ -87,7 +70,7 @@ def test_json_and_msgpack_forward_match_in_process(served) -> None:
 ])
 def test_bad_requests_get_clear_4xx(served, path: str, body: bytes, ctype: str, code: int, needle: str) -> None:
     base, _ = served
-    status, payload, _ = _post(base + path, body, ctype)
+    status, payload, _ = post(base + path, body, ctype)
     assert status == code, payload
     assert needle in json.loads(payload)["error"]
 
@@ -98,7 +81,7 @@ def test_backpressure_answers_503_with_retry_after_and_nothing_else_fails(served
     ref = layers[0](torch.from_numpy(x)).numpy()
     body = pack({"hidden": encode_tensor(x)})
     with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda _: _post(f"{base}/v1/layers/0/forward", body, "application/msgpack"),
+        results = list(pool.map(lambda _: post(f"{base}/v1/layers/0/forward", body, "application/msgpack"),
                                 range(24)))
     codes = [r[0] for r in results]
     assert set(codes) <= {200, 503}, codes

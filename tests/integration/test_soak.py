@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -28,6 +27,7 @@ import torch
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address, global_gc
 
 from expertray.api import launch, random_model
+from expertray.client import free_port
 from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 
@@ -60,12 +60,6 @@ class Tally:
                 "wrong": self.wrong, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _store_bytes() -> tuple[int, int]:
     """(bytes used, objects) in the node's plasma store, from the raylet (what `ray memory --stats-only` shows)."""
     stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
@@ -84,18 +78,14 @@ def _rss_mib(pid: int) -> float:
 def served(ray_session):
     from ray import serve
 
-    from expertray.serve import ExpertRayIngress
+    from expertray.serve import run_app
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=128, gate=GateConfig("mixtral", 8, 2)), num_layers=2,
                         num_expert_actors=3, actor_num_cpus=0.25, router_num_cpus=0.25, max_wait_ms=2.0,
                         metrics_port=-1)
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
-    port = _free_port()
-    quiet = {"log_level": "WARNING", "enable_access_log": False}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-    serve.run(ExpertRayIngress.bind(), name="expertray-soak", route_prefix="/", logging_config=quiet)
-    yield cluster, layers, f"http://127.0.0.1:{port}"
+    yield cluster, layers, run_app(free_port(), name="expertray-soak", quiet=True)
     serve.shutdown()
     cluster.shutdown()
 
