@@ -23,17 +23,13 @@ from expertray.sim import (
 from expertray.sim_routing import GeneratorRouting, RoutingSource, SyntheticRouting, TraceRouting
 from expertray.topology import Topology
 from expertray.trace import read_trace
+from expertray.trace_cli import json_object
 from expertray.workload import WorkloadConfig
 
 
 def _params(text: str | None) -> dict[str, dict[str, Any]]:
-    if not text:
-        return {}
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not JSON: {exc}") from None
-    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+    params = json_object(text)
+    if not all(isinstance(v, dict) for v in params.values()):
         raise typer.BadParameter('must map policy names to parameter objects, e.g. {"balanced": {"search_steps": 8}}')
     return params
 

@@ -36,7 +36,8 @@ def _clean_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _params(text: str | None) -> dict[str, Any]:
+def json_object(text: str | None) -> dict[str, Any]:
+    """A JSON-object command-line option (e.g. policy parameters); empty means {}."""
     if not text:
         return {}
     try:
@@ -134,7 +135,7 @@ def replay_cmd(
         h = tr.header
         placement = PlacementTable.balanced(h.num_layers, h.num_experts,
                                             [f"actor{i}" for i in range(placement_actors)])
-        result = replay(tr, ROUTING.create(policy, **_params(policy_params)), placement,
+        result = replay(tr, ROUTING.create(policy, **json_object(policy_params)), placement,
                         REPLICA.create(selector), CapacityConfig(factor=cf, overflow=overflow))
     result = {"trace": str(trace), "policy": policy, "selector": selector, "actors": placement_actors, **result}
     if as_json:
