@@ -185,7 +185,10 @@ class RouterActor:
             hidden = reqs[0].hidden if len(reqs) == 1 else torch.cat([r.hidden for r in reqs])
             hidden = hidden.float()
             route = self.table.route(layer)
-            batch = prepare(hidden, layer, self.cfg.layer, self.layers[layer].gate, self.policy.for_layer(layer),
+            policy = self.policy.for_layer(layer)
+            if getattr(policy, "device_aware", False):  # price load per actor holding each expert (first replica)
+                policy = policy.with_expert_groups(tuple(int(route.dest_actor[r[0]]) for r in route.replicas))
+            batch = prepare(hidden, layer, self.cfg.layer, self.layers[layer].gate, policy,
                             self.selector,
                             route, len(self.table.actors), expert_load=self.stats_.window_load(layer))
             t1 = time.perf_counter()

@@ -41,6 +41,9 @@ class LaserRouting(RoutingPolicy):
     chunk_tokens: flat tokens are placed greedily in chunks of this size; the load is refreshed between
         chunks, so smaller chunks balance better and cost more.
     layer_overrides: {layer: {parameter: value}} for layers that need other thresholds (see `for_layer`).
+    expert_groups: optional [E] device (or any group) of each logical expert: load is then priced per group,
+        so flat tokens move toward experts on lightly loaded devices, not just lightly loaded experts.
+    device_aware: in the runtime, the router fills `expert_groups` from the live placement table.
     """
 
     mass_threshold: float = 0.6
@@ -50,6 +53,8 @@ class LaserRouting(RoutingPolicy):
     max_mass_loss: float = 0.1
     chunk_tokens: int = 1024
     layer_overrides: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    expert_groups: tuple[int, ...] | None = None
+    device_aware: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -75,10 +80,18 @@ class LaserRouting(RoutingPolicy):
             overrides[layer] = dict(params)
             dataclasses.replace(self, **params, layer_overrides={})  # validates the overridden values
         object.__setattr__(self, "layer_overrides", overrides)
+        if self.expert_groups is not None:
+            groups = tuple(int(g) for g in self.expert_groups)
+            need(bool(groups) and min(groups) >= 0, "expert_groups", "must be non-negative group ids, one per expert")
+            object.__setattr__(self, "expert_groups", groups)
 
     def for_layer(self, layer: int) -> LaserRouting:
         params = self.layer_overrides.get(layer)
         return dataclasses.replace(self, **params, layer_overrides={}) if params else self
+
+    def with_expert_groups(self, groups: tuple[int, ...]) -> LaserRouting:
+        """This policy pricing load per group (e.g. the device holding each expert)."""
+        return dataclasses.replace(self, expert_groups=groups, layer_overrides={})
 
     def flat_tokens(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[T] bool: tokens whose gate distribution (probs [T, E], top-k experts [T, k]) is not peaked."""
@@ -97,6 +110,8 @@ class LaserRouting(RoutingPolicy):
         load = torch.zeros(E) if expert_load is None else expert_load.reshape(-1).to(torch.float32).clone()
         if load.numel() != E:
             raise InputError(f"expert_load must have {E} entries (one per logical expert), got {load.numel()}")
+        if self.expert_groups is not None and len(self.expert_groups) != E:
+            raise InputError(f"routing.laser.expert_groups has {len(self.expert_groups)} entries for {E} experts")
         flat = self.flat_tokens(gate.probs, gate.experts) if widen > 0 and T > 0 else torch.zeros(T, dtype=torch.bool)
         idx = flat.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -136,10 +151,12 @@ class LaserRouting(RoutingPolicy):
         share = mass * (k / top_mass.clamp_min(1e-30))  # 1.0 = the token's average top-k expert
         chosen = torch.zeros(cand.shape, dtype=torch.bool)
         chosen[:, :k] = True
+        groups = None if self.expert_groups is None else torch.tensor(self.expert_groups, dtype=torch.long)
         for s in range(0, cand.shape[0], self.chunk_tokens):
             c = slice(s, s + self.chunk_tokens)
-            mean = load.mean().clamp_min(1e-9)
-            cand_load = load.index_select(0, cand[c].reshape(-1)).view(-1, cand.shape[1])
+            priced = load if groups is None else torch.zeros(int(groups.max()) + 1).index_add_(0, groups, load)[groups]
+            mean = priced.mean().clamp_min(1e-9)
+            cand_load = priced.index_select(0, cand[c].reshape(-1)).view(-1, cand.shape[1])
             value = share[c] - self.balance_weight * (cand_load / mean - 1.0)
             in_value, in_pos = value[:, :k].sort(dim=1)
             out_value, out_pos = value[:, k:].masked_fill(~out_usable[c], float("-inf")).sort(dim=1, descending=True)

@@ -32,7 +32,12 @@ POLICIES = {"topk": ("topk", CapacityConfig(overflow="dropless")),
             "capacity cf=1.0": ("capacity", CapacityConfig(factor=1.0, min_capacity=0, overflow="drop")),
             "capacity cf=1.25": ("capacity", CapacityConfig(factor=1.25, min_capacity=0, overflow="drop")),
             "laser": ("laser", CapacityConfig(overflow="dropless")),
-            "laser cf=1.25": ("laser", CapacityConfig(factor=1.25, min_capacity=0, overflow="drop"))}
+            "laser cf=1.25": ("laser", CapacityConfig(factor=1.25, min_capacity=0, overflow="drop")),
+            "laser device-aware": ("laser", CapacityConfig(overflow="dropless"))}
+# Device-aware laser prices load per actor (as the router does with `device_aware=True`); its per-model
+# parameters: a per-device price needs a stronger weight and a larger per-token guard to move whole devices.
+DEVICE_AWARE = {"olmoe": {"balance_weight": 0.7, "max_mass_loss": 0.25},
+                "mixtral": {"balance_weight": 0.35, "max_mass_loss": 0.25}}
 GOAL_IMPROVEMENT, GOAL_MASS, GOAL_US_PER_TOKEN = 1.4, 0.97, 1.0
 
 
@@ -47,7 +52,7 @@ def _traffic(model: str, counts_file: Path | None) -> dict[str, dict[str, Any]]:
 def _measure(name: str, params: dict[str, Any], gates: list[Any], cfg: GateConfig, dest_actor: torch.Tensor,
              actors: int, repeats: int) -> dict[str, float]:
     policy_name, capacity = POLICIES[name]
-    policy = ROUTING.create(policy_name, **params.get(policy_name, {}))
+    policy = ROUTING.create(policy_name, **params.get(name, params.get(policy_name, {})))
     sums = dict.fromkeys(BATCH_MEASURES, 0.0)
     for g in gates:
         r = policy.route(g, capacity)
@@ -70,6 +75,7 @@ def run(tokens: int = 4096, batches: int = 4, actors: int = 8, repeats: int = 7,
     goals: dict[str, Any] = {}
     for model, (cfg, _) in MODELS.items():
         dest_actor = PlacementTable.balanced(1, cfg.num_experts, [f"a{i}" for i in range(actors)]).route(0).dest_actor
+        params["laser device-aware"] = {**DEVICE_AWARE[model], "expert_groups": tuple(dest_actor.tolist())}
         results[model] = {}
         for traffic, knobs in _traffic(model, counts_file).items():
             gates = [gate_from_logits(Workload(WorkloadConfig(num_experts=cfg.num_experts, tokens_per_batch=tokens,
@@ -78,21 +84,28 @@ def run(tokens: int = 4096, batches: int = 4, actors: int = 8, repeats: int = 7,
             results[model][traffic] = {name: _measure(name, params, gates, cfg, dest_actor, actors, repeats)
                                        for name in POLICIES}
         flat = results[model]["flat_skewed"]
-        top, laser = flat["topk"], flat["laser"]
+        top, laser, dev = flat["topk"], flat["laser"], flat["laser device-aware"]
         goals[model] = {
             "imbalance_improvement_device": top["imbalance_device"] / laser["imbalance_device"],
             "imbalance_improvement_expert": top["imbalance_expert"] / laser["imbalance_expert"],
             "gate_mass_retained": laser["gate_mass_retained"],
             "laser_us_per_token": laser["us_per_token"],
+            "device_aware_improvement_device": top["imbalance_device"] / dev["imbalance_device"],
+            "device_aware_gate_mass_retained": dev["gate_mass_retained"],
+            "device_aware_us_per_token": dev["us_per_token"],
         }
         g = goals[model]
         g["met_device"] = g["imbalance_improvement_device"] >= GOAL_IMPROVEMENT and g["gate_mass_retained"] >= GOAL_MASS
         g["met_expert"] = g["imbalance_improvement_expert"] >= GOAL_IMPROVEMENT and g["gate_mass_retained"] >= GOAL_MASS
         g["met_cost"] = g["laser_us_per_token"] <= GOAL_US_PER_TOKEN
+        g["met_device_aware"] = (g["device_aware_improvement_device"] >= GOAL_IMPROVEMENT
+                                 and g["device_aware_gate_mass_retained"] >= GOAL_MASS
+                                 and g["device_aware_us_per_token"] <= GOAL_US_PER_TOKEN)
     return {
         "config": {"tokens": tokens, "batches": batches, "actors": actors, "repeats": repeats,
                    "threads": torch.get_num_threads(), "flat_temperature": FLAT, "peaked_temperature": PEAKED,
                    "laser": dataclasses.asdict(ROUTING.create("laser", **params["laser"])),
+                   "laser_device_aware": DEVICE_AWARE,
                    "counts_file": str(counts_file) if counts_file and counts_file.exists() else None},
         "goals": {"laser_over_topk_imbalance_at_least": GOAL_IMPROVEMENT, "gate_mass_at_least": GOAL_MASS,
                   "us_per_token_at_most": GOAL_US_PER_TOKEN, **goals},

@@ -96,3 +96,30 @@ def test_several_routers_and_threads_of_clients(ray_session) -> None:
         assert all(r["requests"] > 0 for r in c.status()["routers"])
     finally:
         c.shutdown()
+
+
+def test_routing_policy_by_config_name_changes_live_routing(ray_session) -> None:
+    """The device-aware laser, chosen by name in the cluster config, moves flat tokens off the hot actor."""
+    from expertray.traffic import LogitInverter
+
+    results = {}
+    for policy, params in (("topk", {}), ("laser", {"device_aware": True, "balance_weight": 0.7,
+                                                   "max_mass_loss": 0.25})):
+        cfg = _cfg("object_store", 4, layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 8, 2)),
+                   routing_policy=policy, routing_params=params, max_wait_ms=0.0)
+        layers = random_model(cfg)
+        c = launch(cfg, layers, detached=False)
+        try:
+            inv = LogitInverter(layers[0].gate_weights.weight)
+            gen = torch.Generator().manual_seed(3)
+            for _ in range(4):
+                logits = 0.5 * torch.randn(256, 8, generator=gen)  # flat scores ...
+                logits[:, :2] += 0.6  # ... leaning to experts 0 and 1, both on expert-0
+                out = c.forward(0, inv.hidden(logits, noise=0.0))
+                assert torch.isfinite(out).all()
+            router = c.status()["routers"][0]
+            assert router["errors"] == 0
+            results[policy] = router["layers"][0]["balancedness"]
+        finally:
+            c.shutdown()
+    assert results["laser"] > results["topk"] + 0.05, results
