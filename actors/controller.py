@@ -237,9 +237,7 @@ class Controller:
     async def _execute(self, a: Any) -> None:
         async with self.lock:
             if a.kind == "add_actor":
-                actor_id = self._new_actor()
-                await self.actors[actor_id].ping.remote()
-                await self._apply(self.table.with_actor(actor_id), f"autoscale: {a.reason}")
+                await self._add_actor(f"autoscale: {a.reason}")
             elif a.kind == "request_resources":
                 from ray.autoscaler.sdk import request_resources
 
@@ -395,10 +393,14 @@ class Controller:
     async def add_actor(self) -> str:
         """Start a new (empty) expert actor and add it to the table; policies then move slots onto it."""
         async with self.lock:
-            actor_id = self._new_actor()
-            await self.actors[actor_id].ping.remote()
-            await self._apply(self.table.with_actor(actor_id), f"add {actor_id}")
-            return actor_id
+            return await self._add_actor("add actor")
+
+    async def _add_actor(self, reason: str) -> str:
+        """Start an empty expert actor, wait until it answers, and put it in the table (lock held)."""
+        actor_id = self._new_actor()
+        await self.actors[actor_id].ping.remote()
+        await self._apply(self.table.with_actor(actor_id), f"{reason}: {actor_id}")
+        return actor_id
 
     async def shutdown(self) -> None:
         self._set_autoscale(False)

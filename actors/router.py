@@ -169,7 +169,7 @@ class RouterActor:
                     await asyncio.wait_for(self.arrival.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch, tokens = [queue.popleft()], 0
+            batch = [queue.popleft()]
             tokens = batch[0].hidden.shape[0]
             while queue and tokens + queue[0].hidden.shape[0] <= self.cfg.max_batch_tokens:
                 batch.append(queue.popleft())
@@ -187,7 +187,7 @@ class RouterActor:
             route = self.table.route(layer)
             policy = self.policy.for_layer(layer)
             if getattr(policy, "device_aware", False):  # price load per actor holding each expert (first replica)
-                policy = policy.with_expert_groups(tuple(int(route.dest_actor[r[0]]) for r in route.replicas))
+                policy = policy.with_expert_groups(route.home_actor)
             batch = prepare(hidden, layer, self.cfg.layer, self.layers[layer].gate, policy,
                             self.selector,
                             route, len(self.table.actors), expert_load=self.stats_.window_load(layer))

@@ -26,10 +26,9 @@ from expertray.validation import tensor_view
 
 @dataclass
 class TransportStats:
-    """Bytes moved per actor (router → actor and back), for metrics and the simulator comparison."""
+    """Bytes sent to each actor (the same number comes back), for metrics and the simulator comparison."""
 
     bytes_out: list[int] = field(default_factory=list)
-    bytes_in: list[int] = field(default_factory=list)
     compute_ms: dict[int, float] = field(default_factory=dict)  # actor index -> compute time of its bucket
 
     @property
@@ -53,7 +52,7 @@ class ObjectStoreTransport:
         out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
         per_row = batch.rows.shape[1] * batch.rows.element_size()
         sent = [b.num_rows * per_row for b in batch.buckets]
-        return out, TransportStats(sent, list(sent), {b.actor: ms for b, (_, ms) in zip(busy, results)})
+        return out, TransportStats(sent, {b.actor: ms for b, (_, ms) in zip(busy, results)})
 
     async def close(self) -> None:
         return None
@@ -105,7 +104,7 @@ class CollectiveTransport:
         compute_ms = await asyncio.gather(*refs)
         per_row = d * batch.rows.element_size()
         sent = [b.num_rows * per_row for b in batch.buckets]
-        return out, TransportStats(sent, list(sent), {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
+        return out, TransportStats(sent, {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
                                                       if b.num_rows})
 
     async def close(self) -> None:

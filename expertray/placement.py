@@ -43,6 +43,11 @@ class LayerRoute:
     def num_dests(self) -> int:
         return int(self.dest_actor.numel())
 
+    @cached_property
+    def home_actor(self) -> tuple[int, ...]:
+        """[E] actor index of each logical expert's first replica (compiled once per table version)."""
+        return tuple(int(self.dest_actor[r[0]]) for r in self.replicas)
+
 
 @dataclass(frozen=True)
 class PlacementTable:
