@@ -40,3 +40,12 @@ class TransportError(ExpertRayError, RuntimeError):
 
 class BackpressureError(ExpertRayError, RuntimeError):
     """The router queue is full; retry later."""
+
+
+def require(ok: bool, name: str, msg: str, *, prefix: str = "") -> None:
+    """Raise ConfigError("<prefix>.<name>: <msg>") unless `ok`: the one field check every config uses.
+
+    A config class binds its prefix once: `need = functools.partial(require, prefix="workload")`.
+    """
+    if not ok:
+        raise ConfigError(f"{prefix}.{name}: {msg}" if prefix else f"{name}: {msg}")
