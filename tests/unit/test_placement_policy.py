@@ -27,12 +27,8 @@ def _peak(table: PlacementTable, load: np.ndarray) -> np.ndarray:
 
 def test_registry() -> None:
     assert {"balanced", "round_robin"} <= set(PLACEMENT.names())  # other modules may register more
-    with pytest.raises(ConfigError, match="placement policy 'x' is unknown"):
-        PLACEMENT.create("x")
     with pytest.raises(ConfigError, match="balance_slack"):
         PLACEMENT.create("balanced", balance_slack=1.5)
-    with pytest.raises(ConfigError, match="bad parameters"):
-        PLACEMENT.create("balanced", nope=1)
 
 
 def test_round_robin_deals_experts_in_order() -> None:
