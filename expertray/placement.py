@@ -211,12 +211,12 @@ class PlacementTable:
         return self.with_slots(self.slots, self.actors + (actor,))
 
     def bump(self, version: int) -> PlacementTable:
-        """The same slots under `version` (the controller numbers each table it applies after the one it holds)."""
+        """The same slots under `version` (the controller numbers each table it applies after its own)."""
         return PlacementTable(version, self.num_layers, self.num_experts, self.actors, self.slots)
 
     # --- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/msgpack form: slots as [actor, layer, expert] lists (what actors and snapshots carry)."""
+        """Plain JSON/msgpack form (slots as [actor, layer, expert]), as actors and snapshots carry it."""
         return {"version": self.version, "num_layers": self.num_layers, "num_experts": self.num_experts,
                 "actors": list(self.actors), "slots": [[s.actor, s.layer, s.expert] for s in self.slots]}
 

@@ -47,9 +47,11 @@ def scratch(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
 
 
-@pytest.mark.parametrize("registry,declared", [(ROUTING, ROUTING_POLICIES), (REPLICA, REPLICA_POLICIES),
-                                               (AUTOSCALE, AUTOSCALE_POLICIES)], ids=lambda x: getattr(x, "kind", ""))
-def test_each_registry_holds_exactly_the_names_its_config_field_accepts(registry: Registry, declared: tuple) -> None:
+DECLARED = [(ROUTING, ROUTING_POLICIES), (REPLICA, REPLICA_POLICIES), (AUTOSCALE, AUTOSCALE_POLICIES)]
+
+
+@pytest.mark.parametrize("registry,declared", DECLARED, ids=[r.kind for r, _ in DECLARED])
+def test_each_registry_holds_exactly_the_names_config_accepts(registry: Registry, declared: tuple) -> None:
     assert registry.names() == sorted(declared)
 
 
@@ -92,8 +94,9 @@ def test_a_new_routing_policy_and_replica_selector_run_in_the_pipeline_by_name(s
     cfg = MoELayerConfig(d_model=8, d_ff=16)
     layer = MoELayer.random(cfg)
     table = PlacementTable.balanced(1, cfg.num_experts, ["a", "b"]).replicate(0, 2, "b")
-    batch = prepare(torch.randn(5, 8), 0, cfg, layer.gate_weights, ROUTING.create("everyone_to_expert", expert=2),
-                    REPLICA.create("last_replica"), table.route(0), num_actors=2)
+    policy = ROUTING.create("everyone_to_expert", expert=2)
+    batch = prepare(torch.randn(5, 8), 0, cfg, layer.gate_weights, policy, REPLICA.create("last_replica"),
+                    table.route(0), num_actors=2)
     assert batch.routing.experts.flatten().tolist() == [2] * 5
     assert [(b.actor, b.num_rows, b.experts) for b in batch.buckets] == [(0, 0, []), (1, 5, [2])]
 
@@ -105,7 +108,7 @@ def test_a_new_placement_policy_plans_by_name(scratch: None) -> None:
         def plan(self, load: np.ndarray, topology: Topology, current: PlacementTable | None = None,
                  expert_bytes: int = 0) -> PlacementPlan:
             arr = check_inputs(load, topology, current, expert_bytes)
-            slots = [Slot(topology.devices[0], layer, e) for layer in range(arr.shape[0]) for e in range(arr.shape[1])]
+            slots = [Slot(topology.devices[0], layer, e) for layer, e in np.ndindex(*arr.shape)]
             return finish_plan("all_on_first", slots, arr, topology, current, expert_bytes)
 
     from expertray.coactivation import Coactivation
@@ -136,7 +139,8 @@ def test_a_new_autoscale_policy_decides_actions_the_table_takes(scratch: None) -
 
 def test_importing_expertray_imports_neither_ray_nor_torch() -> None:
     code = "import sys, expertray; print(sorted({'ray', 'torch'} & set(sys.modules)))"
-    assert run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    out = run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_public_surface() -> None:
