@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from expertray.errors import ConfigError, require
+from expertray.errors import ConfigError
+from expertray.errors import require as _require
 
 GATING_FAMILIES = ("mixtral", "qwen_moe", "deepseek_v3", "gpt_oss")
 OVERFLOW_MODES = ("drop", "reroute", "dropless")
@@ -38,22 +39,22 @@ class GateConfig:
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        require(self.family in GATING_FAMILIES, "gate.family", f"{self.family!r} is not one of {GATING_FAMILIES}")
-        require(self.num_experts >= 1, "gate.num_experts", f"must be >= 1, got {self.num_experts}")
-        require(1 <= self.top_k <= self.num_experts, "gate.top_k",
-                f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        require(self.num_groups >= 1 and self.num_experts % self.num_groups == 0, "gate.num_groups",
-                f"must divide num_experts={self.num_experts}, got {self.num_groups}")
-        require(1 <= self.topk_groups <= self.num_groups, "gate.topk_groups",
-                f"must be in [1, num_groups={self.num_groups}], got {self.topk_groups}")
+        _require(self.family in GATING_FAMILIES, "gate.family", f"{self.family!r} is not one of {GATING_FAMILIES}")
+        _require(self.num_experts >= 1, "gate.num_experts", f"must be >= 1, got {self.num_experts}")
+        _require(1 <= self.top_k <= self.num_experts, "gate.top_k",
+                 f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _require(self.num_groups >= 1 and self.num_experts % self.num_groups == 0, "gate.num_groups",
+                 f"must divide num_experts={self.num_experts}, got {self.num_groups}")
+        _require(1 <= self.topk_groups <= self.num_groups, "gate.topk_groups",
+                 f"must be in [1, num_groups={self.num_groups}], got {self.topk_groups}")
         if self.family == "deepseek_v3":
             per_group = self.num_experts // self.num_groups
-            require(per_group >= 2 or self.num_groups == 1, "gate.num_groups",
-                    "deepseek_v3 group scores sum the top-2 experts per group: need >= 2 experts per group")
-            require(self.topk_groups * per_group >= self.top_k, "gate.topk_groups",
-                    f"topk_groups*experts_per_group={self.topk_groups * per_group} < top_k={self.top_k}")
-        require(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
-                "gate.routed_scaling_factor", f"must be a positive finite number, got {self.routed_scaling_factor}")
+            _require(per_group >= 2 or self.num_groups == 1, "gate.num_groups",
+                     "deepseek_v3 group scores sum the top-2 experts per group: need >= 2 experts per group")
+            _require(self.topk_groups * per_group >= self.top_k, "gate.topk_groups",
+                     f"topk_groups*experts_per_group={self.topk_groups * per_group} < top_k={self.top_k}")
+        _require(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+                 "gate.routed_scaling_factor", f"must be a positive finite number, got {self.routed_scaling_factor}")
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,13 @@ class CapacityConfig:
     drop_priority: str = "first_come"
 
     def __post_init__(self) -> None:
-        require(math.isfinite(self.factor) and self.factor > 0, "capacity.factor",
-                f"must be a positive finite number, got {self.factor}")
-        require(self.min_capacity >= 0, "capacity.min_capacity", f"must be >= 0, got {self.min_capacity}")
-        require(self.overflow in OVERFLOW_MODES, "capacity.overflow",
-                f"{self.overflow!r} is not one of {OVERFLOW_MODES}")
-        require(self.drop_priority in DROP_PRIORITIES, "capacity.drop_priority",
-                f"{self.drop_priority!r} is not one of {DROP_PRIORITIES}")
+        _require(math.isfinite(self.factor) and self.factor > 0, "capacity.factor",
+                 f"must be a positive finite number, got {self.factor}")
+        _require(self.min_capacity >= 0, "capacity.min_capacity", f"must be >= 0, got {self.min_capacity}")
+        _require(self.overflow in OVERFLOW_MODES, "capacity.overflow",
+                 f"{self.overflow!r} is not one of {OVERFLOW_MODES}")
+        _require(self.drop_priority in DROP_PRIORITIES, "capacity.drop_priority",
+                 f"{self.drop_priority!r} is not one of {DROP_PRIORITIES}")
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ class MoELayerConfig:
     shared_gated: bool = False
 
     def __post_init__(self) -> None:
-        require(self.d_model >= 1, "layer.d_model", f"must be >= 1, got {self.d_model}")
-        require(self.d_ff >= 1, "layer.d_ff", f"must be >= 1, got {self.d_ff}")
-        require(self.shared_d_ff >= 0, "layer.shared_d_ff", f"must be >= 0, got {self.shared_d_ff}")
+        _require(self.d_model >= 1, "layer.d_model", f"must be >= 1, got {self.d_model}")
+        _require(self.d_ff >= 1, "layer.d_ff", f"must be >= 1, got {self.d_ff}")
+        _require(self.shared_d_ff >= 0, "layer.shared_d_ff", f"must be >= 0, got {self.shared_d_ff}")
 
     @property
     def num_experts(self) -> int:
@@ -146,7 +147,7 @@ def check_policy_names(cfg: ClusterConfig) -> None:
     for field_name, known in (("routing_policy", ROUTING_POLICIES), ("replica_policy", REPLICA_POLICIES),
                               ("autoscale_policy", AUTOSCALE_POLICIES)):
         name = getattr(cfg, field_name)
-        require(name in known, f"cluster.{field_name}", f"{name!r} is unknown (known: {', '.join(known)})")
+        _require(name in known, f"cluster.{field_name}", f"{name!r} is unknown (known: {', '.join(known)})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -196,34 +197,34 @@ class ClusterConfig:
     max_expert_actors: int = 16
 
     def __post_init__(self) -> None:
-        require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
-        require(self.num_expert_actors >= 1, "cluster.num_expert_actors",
-                f"must be >= 1, got {self.num_expert_actors}")
-        require(self.num_routers >= 1, "cluster.num_routers", f"must be >= 1, got {self.num_routers}")
-        require(self.transport in TRANSPORTS, "cluster.transport", f"{self.transport!r} is not one of {TRANSPORTS}")
-        require(self.max_batch_tokens >= 1, "cluster.max_batch_tokens", f"must be >= 1, got {self.max_batch_tokens}")
-        require(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "cluster.max_wait_ms",
-                f"must be a finite number >= 0, got {self.max_wait_ms}")
-        require(self.max_request_tokens >= 1, "cluster.max_request_tokens",
-                f"must be >= 1, got {self.max_request_tokens}")
-        require(self.max_queue_tokens >= self.max_request_tokens, "cluster.max_queue_tokens",
-                f"must be >= max_request_tokens={self.max_request_tokens}, got {self.max_queue_tokens}")
-        require(self.actor_num_cpus > 0 or self.actor_num_gpus > 0, "cluster.actor_num_cpus",
-                "an expert actor needs a CPU or GPU share > 0")
-        require(self.actor_num_gpus >= 0, "cluster.actor_num_gpus", f"must be >= 0, got {self.actor_num_gpus}")
-        require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
-        require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
-                f"must be > 0, got {self.collective_timeout_s}")
-        require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
-        require(math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0,
-                "cluster.autoscale_interval_s", f"must be > 0, got {self.autoscale_interval_s}")
-        require(self.actor_memory_budget_bytes >= 0, "cluster.actor_memory_budget_bytes",
-                f"must be >= 0 (0 = unlimited), got {self.actor_memory_budget_bytes}")
-        require(self.max_expert_actors >= self.num_expert_actors, "cluster.max_expert_actors",
-                f"must be >= num_expert_actors={self.num_expert_actors}, got {self.max_expert_actors}")
-        require(isinstance(self.autoscale_params, dict), "cluster.autoscale_params", "must be a mapping")
-        require(-1 <= self.metrics_port <= 65535, "cluster.metrics_port",
-                f"must be a TCP port, 0 (any free port) or -1 (off), got {self.metrics_port}")
+        _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
+        _require(self.num_expert_actors >= 1, "cluster.num_expert_actors",
+                 f"must be >= 1, got {self.num_expert_actors}")
+        _require(self.num_routers >= 1, "cluster.num_routers", f"must be >= 1, got {self.num_routers}")
+        _require(self.transport in TRANSPORTS, "cluster.transport", f"{self.transport!r} is not one of {TRANSPORTS}")
+        _require(self.max_batch_tokens >= 1, "cluster.max_batch_tokens", f"must be >= 1, got {self.max_batch_tokens}")
+        _require(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "cluster.max_wait_ms",
+                 f"must be a finite number >= 0, got {self.max_wait_ms}")
+        _require(self.max_request_tokens >= 1, "cluster.max_request_tokens",
+                 f"must be >= 1, got {self.max_request_tokens}")
+        _require(self.max_queue_tokens >= self.max_request_tokens, "cluster.max_queue_tokens",
+                 f"must be >= max_request_tokens={self.max_request_tokens}, got {self.max_queue_tokens}")
+        _require(self.actor_num_cpus > 0 or self.actor_num_gpus > 0, "cluster.actor_num_cpus",
+                 "an expert actor needs a CPU or GPU share > 0")
+        _require(self.actor_num_gpus >= 0, "cluster.actor_num_gpus", f"must be >= 0, got {self.actor_num_gpus}")
+        _require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
+        _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
+                 f"must be > 0, got {self.collective_timeout_s}")
+        _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
+        _require(math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0,
+                 "cluster.autoscale_interval_s", f"must be > 0, got {self.autoscale_interval_s}")
+        _require(self.actor_memory_budget_bytes >= 0, "cluster.actor_memory_budget_bytes",
+                 f"must be >= 0 (0 = unlimited), got {self.actor_memory_budget_bytes}")
+        _require(self.max_expert_actors >= self.num_expert_actors, "cluster.max_expert_actors",
+                 f"must be >= num_expert_actors={self.num_expert_actors}, got {self.max_expert_actors}")
+        _require(isinstance(self.autoscale_params, dict), "cluster.autoscale_params", "must be a mapping")
+        _require(-1 <= self.metrics_port <= 65535, "cluster.metrics_port",
+                 f"must be a TCP port, 0 (any free port) or -1 (off), got {self.metrics_port}")
 
 
 _NESTED["ClusterConfig"] = ClusterConfig
