@@ -103,13 +103,15 @@ def test_a_new_routing_policy_and_replica_selector_run_in_the_pipeline_by_name(s
 
 def test_a_new_placement_policy_plans_by_name(scratch: None) -> None:
     @PLACEMENT.register("all_on_first")
-    @dataclass(frozen=True)
     class AllOnFirst(PlacementPolicy):
+        """Every expert of every layer on the first device (a single-device layout)."""
+
         def plan(self, load: np.ndarray, topology: Topology, current: PlacementTable | None = None,
                  expert_bytes: int = 0) -> PlacementPlan:
             arr = check_inputs(load, topology, current, expert_bytes)
-            slots = [Slot(topology.devices[0], layer, e) for layer, e in np.ndindex(*arr.shape)]
-            return finish_plan("all_on_first", slots, arr, topology, current, expert_bytes)
+            first = topology.devices[0]
+            return finish_plan("all_on_first", [Slot(first, *le) for le in np.ndindex(*arr.shape)], arr,
+                               topology, current, expert_bytes)
 
     from expertray.coactivation import Coactivation
     from expertray.sim import SimConfig, plan_tables
