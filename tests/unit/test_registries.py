@@ -146,9 +146,15 @@ def test_importing_expertray_imports_neither_ray_nor_torch() -> None:
 
 
 def test_public_surface() -> None:
-    from expertray import api
+    import inspect
+
+    from expertray import api, config, errors
 
     assert len(set(expertray.__all__)) == len(expertray.__all__)
+    # every error class and every config class is part of the surface
+    errors_ = {n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.ExpertRayError)}
+    configs = {n for n, c in vars(config).items() if inspect.isclass(c) and n.endswith("Config")}
+    assert not (errors_ | configs) - set(expertray.__all__)
     assert all(getattr(expertray, name) is not None for name in expertray.__all__)
     assert (expertray.launch, expertray.connect, expertray.Cluster) == (api.launch, api.connect, api.Cluster)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
