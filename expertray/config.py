@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expertray.errors import ConfigError
+from expertray.errors import require as _require
 
 GATING_FAMILIES = ("mixtral", "qwen_moe", "deepseek_v3", "gpt_oss")
 OVERFLOW_MODES = ("drop", "reroute", "dropless")
 DROP_PRIORITIES = ("first_come", "score")
 TRANSPORTS = ("auto", "collective", "object_store")
-
-
-def _require(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
+# The names each policy registry holds (policies/). Declared here so that the config is checked without
+# importing policies; tests/unit/test_registries.py asserts each registry holds exactly these names.
+ROUTING_POLICIES = ("capacity", "laser", "topk")
+REPLICA_POLICIES = ("least_loaded", "locality", "round_robin")
+AUTOSCALE_POLICIES = ("hysteresis",)
 
 
 @dataclass(frozen=True)
@@ -142,16 +143,11 @@ def _check_type(path: str, ftype: Any, value: Any) -> Any:
 
 
 def check_policy_names(cfg: ClusterConfig) -> None:
-    """Fail at the edge, before anything starts, if a policy name is not registered."""
-    from expertray.policies.autoscale import AUTOSCALE
-    from expertray.policies.replica import REPLICA
-    from expertray.policies.routing import ROUTING
-
-    for field_name, registry, name in (("routing_policy", ROUTING, cfg.routing_policy),
-                                       ("replica_policy", REPLICA, cfg.replica_policy),
-                                       ("autoscale_policy", AUTOSCALE, cfg.autoscale_policy)):
-        if name not in registry.names():
-            raise ConfigError(f"cluster.{field_name}: {name!r} is unknown (known: {', '.join(registry.names())})")
+    """Fail at the edge, before anything starts, if a policy name is not one the registries hold."""
+    for field_name, known in (("routing_policy", ROUTING_POLICIES), ("replica_policy", REPLICA_POLICIES),
+                              ("autoscale_policy", AUTOSCALE_POLICIES)):
+        name = getattr(cfg, field_name)
+        _require(name in known, f"cluster.{field_name}", f"{name!r} is unknown (known: {', '.join(known)})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -11,6 +11,15 @@ class ConfigError(ExpertRayError, ValueError):
     """A configuration value is out of range or inconsistent; the message names the field."""
 
 
+def require(ok: bool, name: str, msg: str, *, prefix: str = "") -> None:
+    """Raise ConfigError("<prefix>.<name>: <msg>") unless `ok`: the one field check every config uses.
+
+    A config class binds its prefix once: `need = functools.partial(require, prefix="workload")`.
+    """
+    if not ok:
+        raise ConfigError(f"{prefix}.{name}: {msg}" if prefix else f"{name}: {msg}")
+
+
 class InputError(ExpertRayError, ValueError):
     """A request's tensor is malformed: shape, dtype, non-finite values, empty or oversize."""
 

@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from expertray.capacity import CapacityResult
-from expertray.config import CapacityConfig, MoELayerConfig
+from expertray.config import MoELayerConfig
 from expertray.dispatch import DispatchPlan, build_plan, combine, permute
 from expertray.experts import SharedExpert
 from expertray.gating import GateOutput, GateWeights, gate
+from expertray.interfaces import ReplicaSelector, RoutingPolicy
 from expertray.placement import LayerRoute
-
-
-# Structural types for the policies (policies/ depends on this core package, not the other way round).
-class RoutingPolicy(Protocol):
-    def route(self, gate: GateOutput, capacity: CapacityConfig, expert_load: torch.Tensor | None
-              ) -> CapacityResult: ...
-
-
-class ReplicaSelector(Protocol):
-    def select(self, experts: torch.Tensor, route: LayerRoute, dest_load: torch.Tensor | None,
-               local_actors: set[int] | None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from expertray.errors import ConfigError, UnknownExpertError
 
 @dataclass(frozen=True, order=True)
 class Slot:
+    """One physical replica: actor `actor` holds logical expert `expert` of layer `layer`."""
+
     actor: str
     layer: int
     expert: int
@@ -41,6 +43,7 @@ class LayerRoute:
 
     @property
     def num_dests(self) -> int:
+        """S_l: the layer's destinations (its slots over all actors)."""
         return int(self.dest_actor.numel())
 
     @cached_property
@@ -51,6 +54,15 @@ class LayerRoute:
 
 @dataclass(frozen=True)
 class PlacementTable:
+    """Every slot of every layer: which actor holds which replica of each logical expert.
+
+    version: bumped by every change, so routers and the controller can tell which table they hold.
+    actors: the expert actor ids, in the order actor indices (LayerRoute.dest_actor) refer to.
+    slots: sorted by (actor index, layer, expert) on construction. Construction rejects duplicate actors,
+    slots on unknown actors or outside num_layers × num_experts, a slot held twice, and a logical expert
+    without any replica.
+    """
+
     version: int
     num_layers: int
     num_experts: int
@@ -90,12 +102,14 @@ class PlacementTable:
     # --- queries ------------------------------------------------------------------------------------
     @cached_property
     def _replica_map(self) -> dict[tuple[int, int], list[int]]:
+        """(layer, expert) → indices into `slots` of its replicas."""
         out: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(self.slots):
             out.setdefault((s.layer, s.expert), []).append(i)
         return out
 
     def check_expert(self, layer: int, expert: int) -> None:
+        """Raise UnknownExpertError unless (layer, expert) is inside the table's layers × experts."""
         if not (0 <= layer < self.num_layers):
             raise UnknownExpertError(f"unknown expert {layer}:{expert}: no layer {layer} "
                                      f"(table has layers 0..{self.num_layers - 1})")
@@ -103,18 +117,22 @@ class PlacementTable:
             raise UnknownExpertError(f"unknown expert {layer}:{expert} (layer has experts 0..{self.num_experts - 1})")
 
     def check_actor(self, actor: str) -> None:
+        """Raise UnknownExpertError unless `actor` is one of the table's actors."""
         if actor not in self.actors:
             raise UnknownExpertError(f"unknown actor {actor!r} (actors: {', '.join(self.actors)})")
 
     def replicas(self, layer: int, expert: int) -> list[Slot]:
+        """The slots holding logical expert (layer, expert), in actor order (at least one)."""
         self.check_expert(layer, expert)
         return [self.slots[i] for i in self._replica_map[(layer, expert)]]
 
     def slots_of(self, actor: str) -> list[Slot]:
+        """The slots `actor` holds, all layers, sorted by (layer, expert); empty for an actor with none."""
         self.check_actor(actor)
         return [s for s in self.slots if s.actor == actor]
 
     def replica_counts(self, layer: int) -> list[int]:
+        """[E] replicas of each logical expert of `layer` (each >= 1)."""
         return [len(self._replica_map[(layer, e)]) for e in range(self.num_experts)]
 
     @cached_property
@@ -132,16 +150,19 @@ class PlacementTable:
         return routes
 
     def route(self, layer: int) -> LayerRoute:
+        """Layer `layer` compiled for the router (built once per table, for every layer, on first use)."""
         if not (0 <= layer < self.num_layers):
             raise UnknownExpertError(f"unknown layer {layer} (table has layers 0..{self.num_layers - 1})")
         return self._routes[layer]
 
     # --- changes (each returns a new version) -------------------------------------------------------
     def with_slots(self, slots: Iterable[Slot], actors: Sequence[str] | None = None) -> PlacementTable:
+        """A table of version + 1 holding exactly `slots` (over `actors`, default the same actors)."""
         return PlacementTable(self.version + 1, self.num_layers, self.num_experts,
                               tuple(actors) if actors is not None else self.actors, tuple(slots))
 
     def replicate(self, layer: int, expert: int, actor: str) -> PlacementTable:
+        """Version + 1 with one more replica of (layer, expert), on `actor`, which must not hold it yet."""
         self.check_expert(layer, expert)
         self.check_actor(actor)
         new = Slot(actor, layer, expert)
@@ -150,6 +171,7 @@ class PlacementTable:
         return self.with_slots(self.slots + (new,))
 
     def remove(self, layer: int, expert: int, actor: str) -> PlacementTable:
+        """Version + 1 without `actor`'s replica of (layer, expert); removing the last replica is an error."""
         self.check_expert(layer, expert)
         slot = Slot(actor, layer, expert)
         if slot not in self.slots:
@@ -157,6 +179,7 @@ class PlacementTable:
         return self.with_slots(s for s in self.slots if s != slot)
 
     def migrate(self, layer: int, expert: int, src: str, dst: str) -> PlacementTable:
+        """Version + 1 (one change, not two) with `src`'s replica of (layer, expert) moved to `dst`."""
         return self.replicate(layer, expert, dst).remove(layer, expert, src).bump(self.version + 1)
 
     def drain(self, actor: str) -> PlacementTable:
@@ -182,20 +205,24 @@ class PlacementTable:
         return self.with_slots(kept + moved, others)
 
     def with_actor(self, actor: str) -> PlacementTable:
+        """Version + 1 with a new, empty actor appended (its index is the old number of actors)."""
         if actor in self.actors:
             raise ConfigError(f"actor {actor!r} already in the table")
         return self.with_slots(self.slots, self.actors + (actor,))
 
     def bump(self, version: int) -> PlacementTable:
+        """The same slots under `version` (the controller numbers each table it applies after its own)."""
         return PlacementTable(version, self.num_layers, self.num_experts, self.actors, self.slots)
 
     # --- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/msgpack form (slots as [actor, layer, expert]), as actors and snapshots carry it."""
         return {"version": self.version, "num_layers": self.num_layers, "num_experts": self.num_experts,
                 "actors": list(self.actors), "slots": [[s.actor, s.layer, s.expert] for s in self.slots]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlacementTable:
+        """The table `to_dict` wrote, validated as on construction; malformed input is a ConfigError."""
         try:
             return cls(int(d["version"]), int(d["num_layers"]), int(d["num_experts"]), tuple(d["actors"]),
                        tuple(Slot(str(a), int(layer), int(e)) for a, layer, e in d["slots"]))

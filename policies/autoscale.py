@@ -18,11 +18,12 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from expertray.errors import ConfigError, UnknownExpertError
+from expertray.errors import ConfigError, UnknownExpertError, require
 from expertray.placement import PlacementTable
 from expertray.policies.placement import device_loads
 from expertray.policies.registry import Registry
@@ -171,10 +172,7 @@ class HysteresisParams:
     max_actions: int = 4
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"autoscale.hysteresis.{name}: {msg}")
-
+        need = partial(require, prefix="autoscale.hysteresis")
         need(math.isfinite(self.hot_ratio) and self.hot_ratio > 1, "hot_ratio", f"must be > 1, got {self.hot_ratio}")
         need(0 <= self.cold_ratio < self.hot_ratio / 2, "cold_ratio",
              f"must be in [0, hot_ratio / 2 = {self.hot_ratio / 2}), got {self.cold_ratio}")

@@ -71,7 +71,9 @@ class PlacementPolicy(ABC):
              expert_bytes: int = 0) -> PlacementPlan:
         """A table over topology.devices for load [L, E] (tokens per logical expert over the window).
 
-        The table's version is current.version + 1, or 0 without a current table.
+        The table's version is current.version + 1, or 0 without a current table. `current` is the table
+        the cluster runs now (a policy may keep its slots to move fewer weights); expert_bytes is one
+        slot's weight bytes, used only to report bytes_moved. Bad inputs raise ConfigError (check_inputs).
         """
 
 
@@ -80,7 +82,11 @@ PLACEMENT: Registry[PlacementPolicy] = Registry("placement")
 
 def check_inputs(load: np.ndarray, topology: Topology, current: PlacementTable | None,
                  expert_bytes: int) -> np.ndarray:
-    """Validate a plan request; returns load as float64 [L, E]."""
+    """Validate a plan request; returns load as float64 [L, E].
+
+    Rejects (ConfigError naming the input): load not 2-D, empty, non-finite or negative; expert_bytes < 0;
+    fewer slots (devices × slots_per_device) than one layer's experts; a current table of another shape.
+    """
     arr = np.asarray(load, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ConfigError(f"placement load: expected shape [layers, experts], got {list(arr.shape)}")
@@ -110,13 +116,17 @@ def device_loads(table: PlacementTable, load: np.ndarray) -> np.ndarray:
 
 
 def table_balancedness(table: PlacementTable, load: np.ndarray) -> Balancedness:
+    """Balancedness of `table` under load [L, E] (tokens per logical expert), as `device_loads` splits it."""
     per_device = device_loads(table, load)
     return Balancedness(np.array([balancedness(torch.from_numpy(row)) for row in per_device]))
 
 
 def finish_plan(name: str, slots: list[Slot], load: np.ndarray, topology: Topology,
                 current: PlacementTable | None, expert_bytes: int) -> PlacementPlan:
-    """Build the table (next version), measure it against `current` and log the outcome."""
+    """Build the table (next version) from a policy's `slots`, measure it against `current` and log it.
+
+    load: [L, E] float64 as check_inputs returns it; `name` is the policy's, for the log line.
+    """
     num_layers, num_experts = load.shape
     version = current.version + 1 if current is not None else 0
     table = PlacementTable(version, num_layers, num_experts, tuple(topology.devices), tuple(slots))

@@ -7,12 +7,12 @@ Input experts [T, k] (logical ids, -1 = dropped); output [T, k] indices into the
 from __future__ import annotations
 
 import weakref
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
 from expertray.errors import ConfigError, InputError
+from expertray.interfaces import ReplicaSelector
 from expertray.placement import LayerRoute
 from expertray.policies.registry import Registry
 
@@ -71,19 +71,6 @@ def _by_position(experts: torch.Tensor, table: ReplicaTable) -> torch.Tensor:
     tok = torch.arange(experts.shape[0]).unsqueeze(1)
     dest = table.padded[e, tok % table.count[e]]
     return torch.where(experts >= 0, dest, -1)
-
-
-class ReplicaSelector(ABC):
-    """Interface of every replica selector."""
-
-    @abstractmethod
-    def select(self, experts: torch.Tensor, route: LayerRoute, dest_load: torch.Tensor | None = None,
-               local_actors: set[int] | None = None) -> torch.Tensor:
-        """Destinations [T, k] for logical experts [T, k] (-1 = dropped stays -1).
-
-        dest_load: [S_l] load each destination already carries; local_actors: actor indices (into the
-        table's actors) the caller would rather use, e.g. those on its own node.
-        """
 
 
 REPLICA: Registry[ReplicaSelector] = Registry("replica")

@@ -2,36 +2,13 @@
 
 A policy turns a GateOutput into a CapacityResult (experts [T, k], -1 for drops; weights [T, k]). Policies
 are small frozen dataclasses whose fields are their parameters; `ROUTING.create(name, **params)` builds one.
+The interface, RoutingPolicy, is defined in the core (expertray.interfaces) and re-exported here.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
-import torch
-
-from expertray.capacity import CapacityResult
-from expertray.config import CapacityConfig
-from expertray.gating import GateOutput
+from expertray.interfaces import RoutingPolicy
 from expertray.policies.registry import Registry
-
-
-class RoutingPolicy(ABC):
-    """Interface of every routing policy."""
-
-    @abstractmethod
-    def route(self, gate: GateOutput, capacity: CapacityConfig,
-              expert_load: torch.Tensor | None = None) -> CapacityResult:
-        """Choose experts for gate.experts.shape[0] tokens.
-
-        expert_load: [E] load each logical expert already carries (e.g. LoadStats.window_load); load-aware
-        policies add this batch's own assignments to it as they go. None means no prior load.
-        """
-
-    def for_layer(self, layer: int) -> RoutingPolicy:
-        """The policy to use at `layer` (policies with per-layer parameters override this)."""
-        return self
-
 
 ROUTING: Registry[RoutingPolicy] = Registry("routing")
 

@@ -8,13 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from expertray.data import counts_file
 from expertray.errors import ConfigError
 from expertray.placement import PlacementTable
 from expertray.policies.placement import PLACEMENT, device_loads
 from expertray.topology import Topology
-from expertray.workload import default_counts_file
-
-COUNTS = default_counts_file()
 
 
 def _devices(n: int) -> list[str]:
@@ -27,12 +25,8 @@ def _peak(table: PlacementTable, load: np.ndarray) -> np.ndarray:
 
 def test_registry() -> None:
     assert {"balanced", "round_robin"} <= set(PLACEMENT.names())  # other modules may register more
-    with pytest.raises(ConfigError, match="placement policy 'x' is unknown"):
-        PLACEMENT.create("x")
     with pytest.raises(ConfigError, match="balance_slack"):
         PLACEMENT.create("balanced", balance_slack=1.5)
-    with pytest.raises(ConfigError, match="bad parameters"):
-        PLACEMENT.create("balanced", nope=1)
 
 
 def test_round_robin_deals_experts_in_order() -> None:
@@ -84,9 +78,8 @@ def test_hot_experts_replicate_within_their_home_node() -> None:
         assert len({topo.node_of(s.actor) for s in plan.table.replicas(0, e)}) == 1
 
 
-@pytest.mark.skipif(not COUNTS.exists(), reason=f"{COUNTS} is absent")
 def test_olmoe_c4_loads_on_eight_devices() -> None:
-    load = np.array(json.loads(COUNTS.read_text())["olmoe_c4"]["counts"], dtype=float)  # [3, 64]
+    load = np.array(json.loads(counts_file().read_text())["olmoe_c4"]["counts"], dtype=float)  # [3, 64]
     topo = Topology.single_node(_devices(8), 10)
     plan = PLACEMENT.create("balanced").plan(load, topo)
     before, after = plan.balancedness_before.per_layer, plan.balancedness_after.per_layer

@@ -26,12 +26,8 @@ def _gate(probs: list[list[float]], k: int, normalize: bool) -> GateOutput:
 
 def test_registry_names_and_errors() -> None:
     assert {"topk", "capacity", "laser"} <= set(ROUTING.names())
-    with pytest.raises(ConfigError, match="routing policy 'nope' is unknown"):
-        ROUTING.create("nope")
     with pytest.raises(ConfigError, match="routing.laser.max_mass_loss"):
         ROUTING.create("laser", max_mass_loss=1.5)
-    with pytest.raises(ConfigError, match="bad parameters"):
-        ROUTING.create("topk", widen=3)
 
 
 def test_topk_ignores_capacity_and_capacity_is_apply_capacity() -> None:

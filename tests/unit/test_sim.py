@@ -32,26 +32,21 @@ EXPERTS = np.array([[0, 1],    # dev 0 -> itself and dev 1 (same node)
 ORIGIN = np.arange(4)
 
 
-def test_flat_dispatch_by_hand() -> None:
-    got = simulate_layer_bytes(EXPERTS, ONE_EACH, TOPO, 4, 2, ORIGIN, dispatch="flat")
+@pytest.mark.parametrize("dispatch,rows,intra,inter", [
+    ("flat", [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 2), (3, 1)], 1, 4),
+    # hierarchical crosses the network once per node: dev 1 reaches node 1 through dev 3 (same in-node
+    # index 1), which forwards to dev 2 over NVLink; dev 2 reaches node 0 through dev 0 (index 0), dev 3
+    # through dev 1 (index 1): both are the targets
+    ("hierarchical", [(0, 0), (0, 1), (1, 3), (3, 2), (2, 0), (2, 2), (3, 1)], 2, 3),
+])
+def test_dispatch_by_hand(dispatch: str, rows: list[tuple[int, int]], intra: int, inter: int) -> None:
+    got = simulate_layer_bytes(EXPERTS, ONE_EACH, TOPO, 4, 2, ORIGIN, dispatch=dispatch)
     want = np.zeros((4, 4), dtype=np.int64)
-    for src, dst in [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 2), (3, 1)]:
+    for src, dst in rows:
         want[src, dst] = ROW
     np.testing.assert_array_equal(got, want)
     load = link_load(got, TopologyArrays.of(TOPO), TOPO)
-    assert (load.intra_node_bytes, load.inter_node_bytes) == (1 * ROW, 4 * ROW)
-
-
-def test_hierarchical_dispatch_crosses_the_network_once_per_node() -> None:
-    got = simulate_layer_bytes(EXPERTS, ONE_EACH, TOPO, 4, 2, ORIGIN, dispatch="hierarchical")
-    want = np.zeros((4, 4), dtype=np.int64)
-    # dev 1 reaches node 1 through dev 3 (same in-node index 1), which forwards to dev 2 over NVLink;
-    # dev 2 reaches node 0 through dev 0 (index 0), dev 3 through dev 1 (index 1): both are the targets
-    for src, dst in [(0, 0), (0, 1), (1, 3), (3, 2), (2, 0), (2, 2), (3, 1)]:
-        want[src, dst] = ROW
-    np.testing.assert_array_equal(got, want)
-    load = link_load(got, TopologyArrays.of(TOPO), TOPO)
-    assert (load.intra_node_bytes, load.inter_node_bytes) == (2 * ROW, 3 * ROW)
+    assert (load.intra_node_bytes, load.inter_node_bytes) == (intra * ROW, inter * ROW)
 
 
 def test_link_time_is_the_slowest_device() -> None:
