@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -117,6 +118,16 @@ def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) ->
         _exact(cluster, layers)  # the loop still runs
         router = cluster.status()["routers"][0]
         assert router["loop_errors"] == 0 and router["errors"] == 1 and router["retries"] >= 3
+        # hole 8 (runtime part): a refused request is counted in status and in requests_total{outcome}
+        from expertray.errors import InputError
+
+        with pytest.raises(InputError):
+            ray.get(cluster.routers[0].forward.remote(0, np.full((2, D), np.nan, dtype=np.float32)))
+        assert cluster.status()["requests"]["rejected"] == 1
+        ray.get(cluster.controller.collect_metrics.remote())
+        text = ray.get(cluster.controller.metrics_text.remote()).decode()
+        assert 'expertray_requests_total{outcome="InputError"} 1.0' in text
+        assert 'expertray_requests_total{outcome="ExpertUnavailableError"} 1.0' in text
     finally:
         cluster.shutdown()
 
