@@ -166,7 +166,7 @@ class HysteresisParams:
     cold_ratio: float = 0.25
     sustain_checks: int = 2
     straggler_ratio: float = 1.5
-    straggler_slots: int = 2
+    straggler_slots: int = 1
     scale_up_tokens_per_s: float = math.inf
     scale_down_tokens_per_s: float = 0.0
     min_actors: int = 1
@@ -247,6 +247,7 @@ class Hysteresis(AutoscalePolicy):
         due = [c for c in holding if self._streaks[c] >= p.sustain_checks]
         work = _Working(table, signals)
         actions: list[Action] = []
+        last_action_s = dict(self._last_action_s)  # cooldowns run between decisions, not within one
         for condition in sorted(due, key=lambda c: (_URGENCY[c[0]], -holding[c][0], c)):
             if len(actions) >= p.max_actions:
                 log.debug("autoscale: max_actions=%d reached, %s waits", p.max_actions, condition)
@@ -257,7 +258,7 @@ class Hysteresis(AutoscalePolicy):
                 if len(actions) >= p.max_actions:
                     log.debug("autoscale: max_actions=%d reached, %s waits", p.max_actions, action.reason)
                     break
-                waiting = [t for t in targets if now_s - self._last_action_s.get(t, -math.inf) < p.cooldown_s]
+                waiting = [t for t in targets if now_s - last_action_s.get(t, -math.inf) < p.cooldown_s]
                 if waiting:
                     log.debug("autoscale: %s held back, cooling down: %s", action.reason, waiting)
                     continue
