@@ -20,6 +20,7 @@ import math
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,10 @@ class Controller:
         self.autoscaler: Any = None
         self.autoscale_task: asyncio.Task | None = None
         self.autoscale_log: list[dict[str, Any]] = []
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own internal use of a deprecated property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             self._restore()
 
     @property
