@@ -1,8 +1,15 @@
-"""Controller: owns the versioned placement table, creates expert actors and routers, applies changes.
+"""Controller: a thin Ray shell over the placement state machine (expertray/runtime/control.py).
 
-A placement change is applied in three steps so no token is lost: (1) new slots get their weights
-(copied from an actor that holds them, else from the weight store), (2) every router switches to the new
-table between two batches, (3) only then are slots that left the table unloaded and removed actors killed.
+It creates expert actors and routers, implements the control logic's ActorPool / RouterPool with actor
+handles (every call bounded: `ping_timeout_s` for pings and stats, `control_timeout_s` for loads and table
+switches), persists its snapshot (table + typed state) and weight store (safetensors) in a per-cluster
+state directory, and runs the metrics, liveness and autoscale loops.
+
+Restart: the constructor takes only the config, so Ray can re-run it; `start(layers)` hands over the
+weights once. A restarted controller reloads the snapshot and weight store from the state directory and
+re-attaches to its detached routers and actors. A bad snapshot is reported loudly (log + `status()`'s
+`controller.snapshot_error`) and the state is rebuilt from what is running: routers found by name tell the
+table they serve, actors are found by name, so serving and healing go on.
 """
 
 from __future__ import annotations
@@ -10,79 +17,240 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
+import tempfile
 import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from expertray.actors.expert import ExpertActor
 from expertray.actors.router import LayerParams, RouterActor
 from expertray.config import ClusterConfig
-from expertray.errors import ConfigError
+from expertray.errors import ConfigError, ExpertRayError
 from expertray.layer import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
-from expertray.placement import PlacementTable, Slot
-from expertray.snapshot import load_snapshot, save_snapshot
+from expertray.placement import PlacementTable
+from expertray.runtime.control import ExpertKey, PlacementControl
+from expertray.runtime.weights import load_weights, save_weights
+from expertray.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
 
+NAMESPACE = "expertray"
+CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
+LIVENESS_INTERVAL_S = 2.0
+LIVENESS_BACKOFF_MAX_S = 30.0
 
-def _expert_blob(layers: list[MoELayer], slots: list[Slot]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    return {(s.layer, s.expert): (layers[s.layer].experts.gate_up[s.expert].numpy(),
-                                  layers[s.layer].experts.down[s.expert].numpy()) for s in slots}
+
+def _expert_blob(layers: list[MoELayer], keys: list[ExpertKey]) -> dict[ExpertKey, tuple[np.ndarray, np.ndarray]]:
+    return {(layer, e): (layers[layer].experts.gate_up[e].numpy(), layers[layer].experts.down[e].numpy())
+            for layer, e in keys}
+
+
+def default_state_dir() -> Path:
+    """A per-cluster directory: <Ray session dir>/expertray (the session dir is one per running Ray cluster)."""
+    import ray._private.worker as worker  # the session dir has no public accessor in Ray 2.x
+
+    node = worker._global_node
+    base = Path(node.get_session_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    return base / "expertray"
+
+
+async def _bounded(ref: Any, timeout_s: float, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(ref, timeout_s)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
+
+
+class _Actors:
+    """ActorPool over Ray expert actors (see expertray/runtime/control.py)."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+
+    def has(self, actor: str) -> bool:
+        return actor in self.ctl.handles
+
+    def create(self) -> str:
+        return self.ctl._new_actor()
+
+    async def ping(self, actor: str) -> bool:
+        handle = self.ctl.handles.get(actor)
+        if handle is None:
+            return False
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
+            return False
+
+    async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
+        if source is not None:
+            blob = self.ctl.handles[source].export.remote(keys)
+        elif self.ctl.layers is not None:
+            blob = ray.put(_expert_blob(self.ctl.layers, keys))
+        else:
+            raise ExpertRayError(f"experts {keys} have no live replica and the weight store is unavailable "
+                                 f"({self.ctl.weights_error}); relaunch the cluster with its weights")
+        await _bounded(self.ctl.handles[actor].load.remote(blob), self.ctl.cfg.control_timeout_s,
+                       f"loading {len(keys)} expert(s) into {actor}")
+
+    async def unload(self, actor: str, keys: list[ExpertKey]) -> None:
+        await _bounded(self.ctl.handles[actor].unload.remote(keys), self.ctl.cfg.control_timeout_s,
+                       f"unloading from {actor}")
+
+    def kill(self, actor: str) -> None:
+        handle = self.ctl.handles.pop(actor, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+
+class _Routers:
+    """RouterPool over Ray router actors (see expertray/runtime/control.py)."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+
+    def ids(self) -> list[str]:
+        return list(self.ctl.routers)
+
+    async def ping(self, router: str) -> bool:
+        handle = self.ctl.routers.get(router)
+        if handle is None:
+            return False
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - dead, hung or unreachable
+            return False
+
+    async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
+        handle = self.ctl.routers.get(router)
+        if handle is None:
+            raise ExpertRayError(f"router {router} is not running")
+        return await _bounded(handle.set_table.remote(table.to_dict(), self.ctl.handles, reopen),
+                              self.ctl.cfg.control_timeout_s, f"router {router} switching to v{table.version}")
+
+    async def replace(self, router: str, table: PlacementTable) -> str:
+        old = self.ctl.routers.get(router)
+        if old is not None:
+            ray.kill(old, no_restart=True)
+        new_id, handle = await self.ctl._start_router(table)
+        self.ctl.routers = {(new_id if r == router else r): (handle if r == router else h)
+                            for r, h in self.ctl.routers.items()}
+        self.ctl._save()
+        return new_id
 
 
 @ray.remote
 class Controller:
-    def __init__(self, cfg: ClusterConfig, layers: list[MoELayer] | None, detached: bool = False,
-                 weights_path: str = "") -> None:
-        if layers is None:  # persistent clusters keep the weight store on disk so a restart can reload it
-            layers = torch.load(weights_path, weights_only=False)
-        if len(layers) != cfg.num_layers:
-            raise ConfigError(f"cluster.num_layers={cfg.num_layers} but {len(layers)} layers of weights given")
+    def __init__(self, cfg: ClusterConfig, detached: bool = False) -> None:
         self.cfg = cfg
-        self.layers = layers  # the weight store: source of truth when no live replica holds an expert
         self.detached = detached  # detached children outlive a controller restart and keep serving
-        self.actors: dict[str, Any] = {}
-        self.routers: list[Any] = []
-        self.table: PlacementTable | None = None
-        self.transport: str | None = None
-        self.lock = asyncio.Lock()
+        self.state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir()
+        self.snapshot_path = Path(cfg.snapshot_path) if cfg.snapshot_path else self.state_dir / "snapshot.msgpack"
+        self.weights_path = self.state_dir / "weights.safetensors"
+        self.layers: list[MoELayer] | None = None  # the weight store, when no live replica holds an expert
+        self.handles: dict[str, Any] = {}  # expert actor id -> handle
+        self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
-        self.history: list[dict[str, Any]] = []
+        self.next_router = 0
+        self.control: PlacementControl | None = None
+        self.transport: str | None = None
         self.restored = False
+        self.snapshot_error: str | None = None
+        self.weights_error: str | None = None
         self.metrics = Metrics(MetricsConfig(per_expert_top_n=cfg.metrics_top_n))
         self.metrics_port: int | None = None
         self.background: list[asyncio.Task] = []
         self.autoscaler: Any = None
         self.autoscale_task: asyncio.Task | None = None
         self.autoscale_log: list[dict[str, Any]] = []
-        if cfg.snapshot_path and ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own internal use of a deprecated property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             self._restore()
 
+    @property
+    def table(self) -> PlacementTable:
+        if self.control is None:
+            raise ExpertRayError("the controller has not started a cluster yet")
+        return self.control.table
+
     # --- persistence ---------------------------------------------------------------------------------
-    def _save(self) -> None:
-        if self.cfg.snapshot_path:
-            save_snapshot(self.cfg.snapshot_path, self.table,
-                          {"next_actor": self.next_actor, "history": self.history[-200:],
-                           "transport": self.transport, "num_routers": len(self.routers)})
+    def _save(self, event: dict[str, Any] | None = None) -> None:
+        if self.control is None:
+            return
+        state = ControllerState(self.next_actor, tuple(self.routers), self.next_router, self.transport,
+                                tuple(self.control.history[-200:]))
+        try:
+            save_snapshot(self.snapshot_path, self.control.table, state)
+        except OSError as exc:  # serving goes on; a restart would then find an older snapshot
+            self.snapshot_error = f"saving {self.snapshot_path} failed: {exc}"
+            log.error("controller: %s", self.snapshot_error)
 
     def _restore(self) -> None:
-        """After a restart: reload the table and state, re-attach to the (detached) actors and routers."""
-        table, state = load_snapshot(self.cfg.snapshot_path)
-        self.actors = {a: ray.get_actor(f"expertray-{a}", namespace="expertray") for a in table.actors}
-        self.routers = [ray.get_actor(f"expertray-router-{i}", namespace="expertray")
-                        for i in range(state["num_routers"])]
-        self.table, self.next_actor = table, state["next_actor"]
-        self.history, self.transport = list(state["history"]), state["transport"]
+        """After a restart: weight store, snapshot (or, if it is bad, what is running), re-attach, resume."""
         self.restored = True
+        try:
+            self.layers = load_weights(self.weights_path, self.cfg.layer, self.cfg.num_layers)
+        except SnapshotError as exc:
+            self.weights_error = str(exc)
+            log.error("controller restart: weight store unusable: %s (experts with no live replica cannot be "
+                      "restored)", exc)
+        try:
+            table, state = load_controller_snapshot(self.snapshot_path)
+            self.routers = {r: self._lookup(f"expertray-{r}") for r in state.routers}
+            history = list(state.history)
+            self.next_actor, self.next_router, self.transport = state.next_actor, state.next_router, state.transport
+        except SnapshotError as exc:
+            self.snapshot_error = str(exc)
+            log.error("controller restart: SNAPSHOT UNUSABLE (%s); rebuilding state from the running routers "
+                      "and actors", exc)
+            table, history = self._discover(), []
+        self.handles = {a: h for a in table.actors if (h := self._lookup(f"expertray-{a}")) is not None}
+        self.control = PlacementControl(table, _Actors(self), _Routers(self), self._save)
+        self.control.history = history
         self._start_background()
-        log.info("controller restored placement v%d from %s", table.version, self.cfg.snapshot_path)
+        log.info("controller restored placement v%d (%d routers)", table.version, len(self.routers))
+
+    @staticmethod
+    def _lookup(name: str) -> Any:
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    def _discover(self) -> PlacementTable:
+        """Rebuild the table and id counters from the running routers and actors (named in the namespace)."""
+        names = ray.util.list_named_actors()
+        numbers = {kind: [int(m.group(1)) for n in names if (m := re.fullmatch(rf"expertray-{kind}-(\d+)", n))]
+                   for kind in ("router", "expert")}
+        self.routers = {f"router-{i}": self._lookup(f"expertray-router-{i}") for i in sorted(numbers["router"])}
+        tables = []
+        for r, h in self.routers.items():
+            try:
+                tables.append(PlacementTable.from_dict(ray.get(h.get_table.remote(),
+                                                               timeout=self.cfg.ping_timeout_s)))
+                self.transport = self.transport or ray.get(h.stats.remote(), timeout=self.cfg.ping_timeout_s
+                                                           )["transport"]
+            except Exception as exc:  # noqa: BLE001 - that router is healed later
+                log.warning("controller restart: router %s did not answer: %s", r, exc)
+        if not tables:
+            raise SnapshotError(f"{self.snapshot_error}; and no running router could tell its table: "
+                                f"relaunch the cluster")
+        self.next_router = max(numbers["router"], default=-1) + 1
+        self.next_actor = max(numbers["expert"], default=-1) + 1
+        return max(tables, key=lambda t: t.version)
 
     def _child_options(self, name: str, num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "name": name, "namespace": "expertray"}
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "name": name, "namespace": NAMESPACE}
         if self.detached:
             opts["lifetime"] = "detached"
         return opts
@@ -92,41 +260,68 @@ class Controller:
         actor_id = f"expert-{self.next_actor}"
         self.next_actor += 1
         c = self.cfg
-        self.actors[actor_id] = ExpertActor.options(
+        self.handles[actor_id] = ExpertActor.options(
             **self._child_options(f"expertray-{actor_id}", c.actor_num_cpus, c.actor_num_gpus)).remote(
             actor_id, max(1, math.floor(c.actor_num_cpus)))
         return actor_id
 
-    async def start(self) -> dict[str, Any]:
-        async with self.lock:
-            ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
-            table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
-            await asyncio.gather(*[self.actors[a].load.remote(_expert_blob(self.layers, table.slots_of(a)))
-                                   for a in ids])
-            params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
-            self.routers = [RouterActor.options(**self._child_options(f"expertray-router-{i}",
-                                                                      self.cfg.router_num_cpus)).remote(
-                f"router-{i}", self.cfg, params, table.to_dict(), self.actors,
-                max(1, math.floor(self.cfg.router_num_cpus))) for i in range(self.cfg.num_routers)]
-            me = ray.get_actor("controller", namespace="expertray")
-            transports = await asyncio.gather(*[r.start.remote(me) for r in self.routers])
-            self.transport = transports[0]
-            self.table = table
-            self._save()
-            self._start_background()
-            log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
-                     self.transport)
-            return {"actors": ids, "routers": len(self.routers), "transport": self.transport}
+    async def _start_router(self, table: PlacementTable) -> tuple[str, Any]:
+        """Create a router serving `table` and start it (transport open, batching); killed if it fails."""
+        if self.layers is None:
+            raise ExpertRayError(f"cannot start a router: the weight store is unavailable ({self.weights_error})")
+        router_id = f"router-{self.next_router}"
+        self.next_router += 1
+        params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
+        handle = RouterActor.options(**self._child_options(f"expertray-{router_id}", self.cfg.router_num_cpus)
+                                     ).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
+                                              max(1, math.floor(self.cfg.router_num_cpus)))
+        try:
+            transport = await _bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
+                                       self.cfg.control_timeout_s, f"starting {router_id}")
+        except BaseException:
+            ray.kill(handle, no_restart=True)
+            raise
+        self.transport = self.transport or transport
+        return router_id, handle
 
-    # --- metrics ---------------------------------------------------------------------------------------
+    async def start(self, layers: list[MoELayer]) -> dict[str, Any]:
+        """Persist the weight store, start the expert actors and routers, begin serving."""
+        if len(layers) != self.cfg.num_layers:
+            raise ConfigError(f"cluster.num_layers={self.cfg.num_layers} but {len(layers)} layers of weights given")
+        self.layers = layers
+        try:
+            return await self._start(layers)
+        except BaseException:
+            await self.shutdown()  # nothing half-started is left running
+            raise
+
+    async def _start(self, layers: list[MoELayer]) -> dict[str, Any]:
+        await asyncio.to_thread(save_weights, self.weights_path, layers)
+        ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
+        table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
+        await asyncio.gather(*[_bounded(self.handles[a].load.remote(
+            _expert_blob(layers, [(s.layer, s.expert) for s in table.slots_of(a)])),
+            self.cfg.control_timeout_s, f"loading {a}") for a in ids])
+        for _ in range(self.cfg.num_routers):
+            router_id, handle = await self._start_router(table)
+            self.routers[router_id] = handle
+        self.control = PlacementControl(table, _Actors(self), _Routers(self), self._save)
+        self._save()
+        self._start_background()
+        log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
+                 self.transport)
+        return {"actors": ids, "routers": len(self.routers), "transport": self.transport}
+
+    # --- background loops ------------------------------------------------------------------------------
     def _start_background(self) -> None:
         if self.cfg.metrics_port >= 0:
             try:
                 self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
             except OSError as exc:  # serving must not depend on a free metrics port
                 log.warning("metrics endpoint on 127.0.0.1:%d not started: %s", self.cfg.metrics_port, exc)
-        self.background.append(asyncio.get_event_loop().create_task(self._metrics_loop()))
-        self.background.append(asyncio.get_event_loop().create_task(self._liveness_loop()))
+        loop = asyncio.get_event_loop()
+        self.background.append(loop.create_task(self._metrics_loop()))
+        self.background.append(loop.create_task(self._liveness_loop()))
         if self.cfg.autoscale:
             self._set_autoscale(True)
 
@@ -135,31 +330,65 @@ class Controller:
             await asyncio.sleep(interval_s)
             try:
                 await self.collect_metrics()
-            except Exception:  # noqa: BLE001 - a failed scrape of a router must not stop the loop
+            except Exception:  # noqa: BLE001 - a failed scrape must not stop the loop
                 log.warning("metrics collection failed", exc_info=True)
 
-    async def _liveness_loop(self, interval_s: float = 2.0) -> None:
-        """Heal dead expert actors even when no request notices (an idle cluster stays whole)."""
+    async def _liveness_loop(self) -> None:
+        """Replace dead or hung actors and routers even when no request notices; back off while it fails."""
+        wait_s = LIVENESS_INTERVAL_S
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(wait_s)
+            if self.control.lock.locked():
+                continue
             try:
-                if not self.lock.locked() and await self._dead_actors():
-                    await self.heal("liveness check")
-            except Exception:  # noqa: BLE001 - retried next round
-                log.warning("liveness check failed", exc_info=True)
+                async with self.control.lock:
+                    routers = await self.control.heal_routers()
+                    if await self.control.dead_actors():
+                        await self.control.heal("liveness check")
+                    elif routers:
+                        log.info("liveness: replaced routers %s", routers)
+                wait_s = LIVENESS_INTERVAL_S
+            except Exception:  # noqa: BLE001 - retried later; nothing created for the failed round is left
+                wait_s = min(2 * wait_s, LIVENESS_BACKOFF_MAX_S)
+                log.warning("liveness repair failed; next try in %.0f s", wait_s, exc_info=True)
+
+    async def _router_calls(self, method: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+        """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and
+        {"router", "error"} for those that did not."""
+        ids = list(self.routers)
+        replies = await asyncio.gather(*[_bounded(getattr(self.routers[r], method).remote(),
+                                                  self.cfg.ping_timeout_s, f"{r}.{method}") for r in ids],
+                                       return_exceptions=True)
+        ok = [(r, x) for r, x in zip(ids, replies) if not isinstance(x, BaseException)]
+        down = [{"router": r, "alive": False, "error": str(x).splitlines()[0] if str(x) else type(x).__name__}
+                for r, x in zip(ids, replies) if isinstance(x, BaseException)]
+        return ok, down
+
+    async def _actor_stats(self) -> dict[str, dict[str, Any]]:
+        ids = list(self.table.actors)
+
+        async def one(a: str) -> Any:
+            handle = self.handles.get(a)
+            if handle is None:
+                raise ExpertRayError(f"{a} is not running")
+            return await _bounded(handle.stats.remote(), self.cfg.ping_timeout_s, f"{a}.stats")
+
+        replies = await asyncio.gather(*[one(a) for a in ids], return_exceptions=True)
+        return {a: {"alive": False, "error": str(r).splitlines()[0]} if isinstance(r, BaseException)
+                else {"alive": True, **r} for a, r in zip(ids, replies)}
 
     async def collect_metrics(self) -> None:
-        """Drain every router's buffered observations into the Prometheus registry."""
-        drained = await asyncio.gather(*[r.drain_observations.remote() for r in self.routers])
+        """Drain every answering router's buffered observations into the Prometheus registry."""
+        drained, _ = await self._router_calls("drain_observations")
         m = self.metrics
-        for i, obs in enumerate(drained):
+        for router, obs in drained:
             for layer, counts, dropped, bal, dispatch_s, combine_s in obs["batches"]:
                 m.observe_batch(layer, counts, dropped, bal, dispatch_s, combine_s)
             for actor, seconds in obs["actors"]:
                 m.observe_actor(actor, seconds)
             for layer, seconds, outcome in obs["requests"]:
                 m.observe_request(layer, seconds, outcome)
-            m.set_queue_depth(f"router-{i}", obs["queued_tokens"])
+            m.set_queue_depth(router, obs["queued_tokens"])
         for layer in range(self.table.num_layers):
             m.set_replicas(layer, self.table.replica_counts(layer))
 
@@ -193,27 +422,31 @@ class Controller:
                 log.warning("autoscale step failed", exc_info=True)
 
     async def signals(self) -> Any:
-        """What the autoscale policy sees: window load per logical expert, per-actor speed and memory."""
+        """What the autoscale policy sees: window load per logical expert, the current tokens/s (windowed,
+        summed over routers), per-actor speed and memory (actors that do not answer are left out)."""
         from expertray.policies.autoscale import Signals
 
-        routers = await asyncio.gather(*[r.stats.remote() for r in self.routers])
-        ids = list(self.table.actors)
-        actors = dict(zip(ids, await asyncio.gather(*[self.actors[a].stats.remote() for a in ids])))
+        routers, _ = await self._router_calls("stats")
+        actors = {a: s for a, s in (await self._actor_stats()).items() if s["alive"]}
         load = np.zeros((self.table.num_layers, self.table.num_experts))
-        tokens_per_s = 0.0
-        for r in routers:
+        for _, r in routers:
             for layer in r["layers"]:
                 load[layer["layer"]] += np.asarray(layer["expert_load"])
-            tokens_per_s += r["tokens"] / max(r["uptime_s"], 1e-9)
         budget = self.cfg.actor_memory_budget_bytes
         # speed per 1k rows, not per call: an actor holding hot experts is busy, not slow
         speed = {a: s["ms_per_krow_p50"] for a, s in actors.items() if s["ms_per_krow_p50"] > 0}
-        return Signals(load=load, tokens_per_s=tokens_per_s,
-                       free_capacity=max(0, self.cfg.max_expert_actors - len(ids)),
+        return Signals(load=load, tokens_per_s=sum(r["tokens_per_s"] for _, r in routers),
+                       free_capacity=max(0, self.cfg.max_expert_actors - len(self.table.actors)),
                        latency_p50_ms=speed, latency_p99_ms={a: s["compute_ms_p99"] for a, s in actors.items()},
                        memory_used_bytes={a: s["memory_bytes"] for a, s in actors.items()},
-                       memory_budget_bytes={a: budget for a in ids} if budget else {},
-                       expert_bytes=self.layers[0].experts.nbytes // self.table.num_experts)
+                       memory_budget_bytes={a: budget for a in self.table.actors} if budget else {},
+                       expert_bytes=self._expert_bytes())
+
+    def _expert_bytes(self) -> int:
+        if self.layers is not None:
+            return self.layers[0].experts.nbytes // self.table.num_experts
+        c = self.cfg.layer
+        return 3 * c.d_model * c.d_ff * 4  # gate_up [2F, D] + down [D, F] in fp32, the actors' dtype
 
     async def autoscale_step(self) -> list[dict[str, Any]]:
         """One decision round: observe, decide (pure policy), apply each action as a table change."""
@@ -235,7 +468,7 @@ class Controller:
         return done
 
     async def _execute(self, a: Any) -> None:
-        async with self.lock:
+        async with self.control.lock:
             if a.kind == "add_actor":
                 await self._add_actor(f"autoscale: {a.reason}")
             elif a.kind == "request_resources":
@@ -246,109 +479,54 @@ class Controller:
                     bundle["GPU"] = self.cfg.actor_num_gpus
                 request_resources(bundles=[bundle] * (len(self.table.actors) + 1))
             else:
-                await self._apply(a.apply(self.table), f"autoscale: {a.reason}")
+                await self.control.apply(a.apply(self.table), f"autoscale: {a.reason}")
 
     # --- queries -------------------------------------------------------------------------------------
+    def _health(self) -> dict[str, Any]:
+        return {"restored": self.restored, "snapshot_error": self.snapshot_error,
+                "weights_error": self.weights_error, "degraded": bool(self.snapshot_error or self.weights_error),
+                "state_dir": str(self.state_dir)}
+
     def info(self) -> dict[str, Any]:
-        return {"restored": self.restored, "version": self.table.version, "detached": self.detached,
+        return {**self._health(), "version": self.table.version, "detached": self.detached,
                 "metrics_port": self.metrics_port}
 
     def get_table(self) -> dict[str, Any]:
         return self.table.to_dict()
 
     def get_routers(self) -> list[Any]:
-        return self.routers
+        """Handles of the routers in service (replaced ones are swapped in as they start)."""
+        return list(self.routers.values())
 
     def get_config(self) -> ClusterConfig:
         return self.cfg
 
     async def status(self) -> dict[str, Any]:
-        """Table, per-actor and per-router stats; a dead actor shows as {"alive": False} (it is being healed)."""
-        actor_ids = list(self.table.actors)
-        replies = await asyncio.gather(*[self.actors[a].stats.remote() for a in actor_ids], return_exceptions=True)
-        actor_stats = [{"alive": False, "error": str(r).splitlines()[0]} if isinstance(r, BaseException)
-                       else {"alive": True, **r} for r in replies]
-        router_stats = await asyncio.gather(*[r.stats.remote() for r in self.routers])
-        return {"table": self.table.to_dict(), "transport": self.transport,
-                "actors": dict(zip(actor_ids, actor_stats)), "routers": router_stats,
-                "history": self.history[-50:]}
+        """Table, per-actor and per-router stats; never raises because a piece is dead or hung: a dead or
+        hung actor shows as {"alive": False} (being healed), a router that does not answer is listed in
+        `routers_down`. `requests` sums every router's outcomes (rejected: refused before queueing)."""
+        actor_stats = await self._actor_stats()
+        answered, down = await self._router_calls("stats")
+        routers = [r for _, r in answered]
+        totals = {k: sum(r.get(k, 0) for r in routers) for k in ("requests", "errors", "rejected", "timeouts",
+                                                                 "retries")}
+        return {"table": self.table.to_dict(), "transport": self.transport, "actors": actor_stats,
+                "routers": routers, "routers_down": down, "requests": totals, "controller": self._health(),
+                "history": self.control.history[-50:]}
 
     # --- placement changes ---------------------------------------------------------------------------
     async def apply_table(self, new: PlacementTable, reason: str = "") -> dict[str, Any]:
-        async with self.lock:
-            return await self._apply(new, reason)
-
-    async def _apply(self, new: PlacementTable, reason: str, dead: frozenset[str] = frozenset()
-                     ) -> dict[str, Any]:
-        old = self.table
-        new = new.bump(old.version + 1)
-        for a in new.actors:
-            if a not in self.actors:
-                raise ConfigError(f"placement names actor {a!r} that the controller has not created")
-        added = sorted(set(new.slots) - set(old.slots))
-        removed = sorted(set(old.slots) - set(new.slots))
-        await self._load_slots(added, old, dead)
-        versions = await asyncio.gather(*[r.set_table.remote(new.to_dict(), self.actors, bool(dead))
-                                          for r in self.routers])
-        assert all(v == new.version for v in versions), versions
-        self.table = new
-        by_actor: dict[str, list[tuple[int, int]]] = {}
-        for s in removed:
-            by_actor.setdefault(s.actor, []).append((s.layer, s.expert))
-        await asyncio.gather(*[self.actors[a].unload.remote(keys) for a, keys in by_actor.items()
-                               if a in new.actors and a not in dead])
-        for a in [a for a in old.actors if a not in new.actors]:
-            ray.kill(self.actors.pop(a))
-        event = {"version": new.version, "reason": reason, "added": [[s.actor, s.layer, s.expert] for s in added],
-                 "removed": [[s.actor, s.layer, s.expert] for s in removed]}
-        self.history.append(event)
-        self._save()
-        log.info("placement v%d: +%d slots, -%d slots (%s)", new.version, len(added), len(removed), reason)
-        return event
-
-    async def _load_slots(self, slots: list[Slot], source: PlacementTable, dead: frozenset[str]) -> None:
-        """Give every new slot its weights: from a live actor holding the expert, else the weight store."""
-        loads = []
-        for s in slots:
-            holders = [h.actor for h in source.replicas(s.layer, s.expert)
-                       if h.actor in self.actors and h.actor not in dead]
-            if holders:
-                blob_ref = self.actors[holders[0]].export.remote([(s.layer, s.expert)])
-            else:
-                blob_ref = ray.put(_expert_blob(self.layers, [s]))
-            loads.append(self.actors[s.actor].load.remote(blob_ref))
-        await asyncio.gather(*loads)
-
-    async def _dead_actors(self, timeout_s: float = 5.0) -> set[str]:
-        async def alive(a: str) -> bool:
-            try:
-                await asyncio.wait_for(self.actors[a].ping.remote(), timeout_s)
-                return True
-            except Exception:  # noqa: BLE001 - any failure to answer counts as dead
-                return False
-        ids = list(self.table.actors)
-        return {a for a, ok in zip(ids, await asyncio.gather(*[alive(a) for a in ids])) if not ok}
+        async with self.control.lock:
+            return await self.control.apply(new, reason)
 
     async def heal(self, reporter: str = "") -> dict[str, Any]:
-        """Replace dead expert actors (weights reloaded from live replicas or the weight store) and make
-        every router re-form its transport; called by a router whose batch failed in transport."""
-        async with self.lock:
-            dead = await self._dead_actors()
-            if not dead:  # a broken collective with live peers: re-form the groups on the same table
-                await asyncio.gather(*[r.set_table.remote(self.table.to_dict(), self.actors, True)
-                                       for r in self.routers])
-                return {"replaced": {}, "version": self.table.version}
-            replaced = {a: self._new_actor() for a in sorted(dead)}
-            actors = tuple(replaced.get(a, a) for a in self.table.actors)
-            slots = [Slot(replaced.get(s.actor, s.actor), s.layer, s.expert) for s in self.table.slots]
-            new = PlacementTable(self.table.version, self.table.num_layers, self.table.num_experts, actors,
-                                 tuple(slots))
-            event = await self._apply(new, f"heal: replaced {replaced} (reported by {reporter})",
-                                      frozenset(dead))
-            return {"replaced": replaced, "version": event["version"]}
+        """Replace dead or hung expert actors and dead routers, and make routers re-form their transports;
+        called by a router whose batch failed in transport, and by the liveness loop."""
+        async with self.control.lock:
+            return await self.control.heal(reporter)
 
     async def replicate(self, layer: int, expert: int, actor: str | None = None) -> dict[str, Any]:
-        async with self.lock:
+        async with self.control.lock:
             self.table.check_expert(layer, expert)
             if actor is None:
                 held = {s.actor for s in self.table.replicas(layer, expert)}
@@ -356,17 +534,18 @@ class Controller:
                 if not free:
                     raise ConfigError(f"every actor already holds expert {layer}:{expert}")
                 actor = min(free, key=lambda a: len(self.table.slots_of(a)))
-            return await self._apply(self.table.replicate(layer, expert, actor), f"replicate {layer}:{expert}")
+            return await self.control.apply(self.table.replicate(layer, expert, actor),
+                                            f"replicate {layer}:{expert}")
 
     async def migrate(self, layer: int, expert: int, dst: str, src: str | None = None) -> dict[str, Any]:
-        async with self.lock:
-            reps = self.table.replicas(layer, expert)
-            src = src or reps[0].actor
-            return await self._apply(self.table.migrate(layer, expert, src, dst), f"migrate {layer}:{expert}")
+        async with self.control.lock:
+            src = src or self.table.replicas(layer, expert)[0].actor
+            return await self.control.apply(self.table.migrate(layer, expert, src, dst),
+                                            f"migrate {layer}:{expert} {src} -> {dst}")
 
     async def drain(self, actor: str) -> dict[str, Any]:
-        async with self.lock:
-            return await self._apply(self.table.drain(actor), f"drain {actor}")
+        async with self.control.lock:
+            return await self.control.apply(self.table.drain(actor), f"drain {actor}")
 
     async def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
         """Re-plan the whole placement from the window load with a placement policy (replica counts and
@@ -375,40 +554,51 @@ class Controller:
         from expertray.topology import Topology
 
         signals = await self.signals()
-        async with self.lock:
+        async with self.control.lock:
             actors = list(self.table.actors)
             per_layer = math.ceil(self.table.num_experts / len(actors))
             topo = Topology.single_node(actors, slots_per_actor or per_layer + 1)
             plan = PLACEMENT.create(policy).plan(signals.load, topo, self.table, signals.expert_bytes)
-            event = await self._apply(plan.table, f"rebalance ({policy}): balancedness "
-                                      f"{plan.balancedness_before.mean:.3f} -> {plan.balancedness_after.mean:.3f}")
+            event = await self.control.apply(plan.table, f"rebalance ({policy}): balancedness "
+                                             f"{plan.balancedness_before.mean:.3f} -> "
+                                             f"{plan.balancedness_after.mean:.3f}")
             return {**event, "balancedness_before": plan.balancedness_before.mean,
                     "balancedness_after": plan.balancedness_after.mean, "bytes_moved": plan.bytes_moved}
 
     async def set_actor_slowdown(self, actor: str, factor: float) -> None:
         """Fault injection (tests, benchmarks): make one expert actor a `factor`x straggler."""
         self.table.check_actor(actor)
-        await self.actors[actor].set_slowdown.remote(factor)
+        await _bounded(self.handles[actor].set_slowdown.remote(factor), self.cfg.control_timeout_s,
+                       f"{actor}.set_slowdown")
 
     async def add_actor(self) -> str:
         """Start a new (empty) expert actor and add it to the table; policies then move slots onto it."""
-        async with self.lock:
+        async with self.control.lock:
             return await self._add_actor("add actor")
 
     async def _add_actor(self, reason: str) -> str:
         """Start an empty expert actor, wait until it answers, and put it in the table (lock held)."""
         actor_id = self._new_actor()
-        await self.actors[actor_id].ping.remote()
-        await self._apply(self.table.with_actor(actor_id), f"{reason}: {actor_id}")
+        try:
+            await _bounded(self.handles[actor_id].ping.remote(), self.cfg.control_timeout_s, f"starting {actor_id}")
+        except BaseException:
+            _Actors(self).kill(actor_id)
+            raise
+        await self.control.apply(self.table.with_actor(actor_id), f"{reason}: {actor_id}", created=(actor_id,))
         return actor_id
 
     async def shutdown(self) -> None:
-        self._set_autoscale(False)
+        """Stop loops, routers and actors; remove the state files this cluster wrote."""
+        if self.autoscale_task is not None:
+            self._set_autoscale(False)
         for task in self.background:
             task.cancel()
         self.metrics.stop()
-        for r in self.routers:
-            ray.kill(r)
-        for a in self.actors.values():
-            ray.kill(a)
-        self.routers, self.actors = [], {}
+        for h in list(self.routers.values()) + list(self.handles.values()):
+            if h is not None:
+                ray.kill(h, no_restart=True)
+        self.routers, self.handles = {}, {}
+        for path in (self.weights_path, None if self.cfg.snapshot_path else self.snapshot_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
+

@@ -1,8 +1,9 @@
-"""RouterActor: micro-batches requests per layer, routes them, moves buckets through a transport, combines.
+"""RouterActor: a thin Ray shell over the Ray-free batcher (expertray/runtime/batcher.py) and data path
+(expertray/runtime/datapath.py).
 
-Async actor with a single dispatch lane: batches are processed one at a time (so a placement-table switch
-lands between batches), while new requests keep queueing. Each request gets exactly its own rows back,
-or an exception; never a partial answer.
+Batches run one at a time under the batcher's dispatch lane (so a placement-table switch lands between
+batches) while new requests keep queueing. Each request gets exactly its own rows back, or a clear error by
+its `request_timeout_s` deadline; never a partial answer, never a hang.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,37 +21,28 @@ from ray.exceptions import RayActorError
 
 from expertray.actors.transport import CollectiveTransport, ObjectStoreTransport
 from expertray.config import ClusterConfig
-from expertray.errors import BackpressureError, ExpertUnavailableError, TransportError, UnknownExpertError
-from expertray.experts import SharedExpert
-from expertray.gating import GateWeights
+from expertray.errors import InputError, TransportError, UnknownExpertError
 from expertray.loadstats import LoadStats, balancedness
-from expertray.pipeline import finish, prepare
 from expertray.placement import PlacementTable
+from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
+from expertray.runtime.batcher import Batcher, BatchLimits
+from expertray.runtime.datapath import BatchResult, LayerParams, run_layer
+from expertray.runtime.rate import RateWindow
 from expertray.validation import check_hidden
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LayerParams", "RouterActor"]
 
-@dataclass
-class _Pending:
-    hidden: torch.Tensor
-    future: asyncio.Future
-    arrived: float
-    attempts: int = 0
-
-
-MAX_ATTEMPTS = 3
 OBSERVATION_BUFFER = 4096  # per kind, between two metrics drains by the controller (bounded memory)
+RATE_WINDOW_S = 10.0  # tokens_per_s is measured over this recent window
 
 
-@dataclass
-class LayerParams:
-    """What a router holds per layer: the gate, and the shared expert (computed at the router)."""
-
-    gate: GateWeights
-    shared: SharedExpert | None
+def is_transport_failure(exc: BaseException) -> bool:
+    """Failures that mean "an expert actor or the group broke": requeue the batch and heal."""
+    return isinstance(exc, (TransportError, RayActorError))
 
 
 @ray.remote
@@ -65,15 +56,16 @@ class RouterActor:
         self.policy = ROUTING.create(cfg.routing_policy, **cfg.routing_params)
         self.selector = REPLICA.create(cfg.replica_policy)
         self.stats_ = LoadStats(cfg.num_layers, cfg.layer.num_experts, window_batches=cfg.stats_window_batches)
-        self.queues: list[deque[_Pending]] = [deque() for _ in range(cfg.num_layers)]
-        self.queued_tokens = 0
-        self.arrival = asyncio.Event()
-        self.lane = asyncio.Lock()
+        self.batcher = Batcher(cfg.num_layers, BatchLimits(
+            max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1e3,
+            max_queue_tokens=cfg.max_queue_tokens, request_timeout_s=cfg.request_timeout_s,
+            batch_timeout_s=cfg.collective_timeout_s, heal_timeout_s=cfg.control_timeout_s),
+            self._run_batch, self._heal, is_transport_failure)
+        self.lane = self.batcher.lane
         self.table = PlacementTable.from_dict(table)
         self.handles = handles
         self.transport: Any = None
-        self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0, "errors": 0,
-                         "retries": 0}
+        self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0}
         self.timing_ms: dict[str, deque[float]] = {k: deque(maxlen=256) for k in
                                                    ("gate", "plan", "transport", "compute", "combine", "batch")}
         self.bytes_out = [0] * len(self.table.actors)
@@ -81,9 +73,8 @@ class RouterActor:
                                                ("batches", "actors", "requests")}
         self.trace: Any = None  # a TraceWriter while recording live routing
         self.controller: Any = None
-        self.healthy = asyncio.Event()
-        self.healthy.set()
         self.expert_tokens = torch.zeros(cfg.num_layers, cfg.layer.num_experts, dtype=torch.long)
+        self.token_rate = RateWindow(RATE_WINDOW_S)
         self.started_at = time.time()
         self.loop_task: asyncio.Task | None = None
 
@@ -93,9 +84,23 @@ class RouterActor:
 
         `controller` is asked to heal the cluster when an expert actor fails mid-batch."""
         self.controller = controller
-        self.transport = await self._open_transport(self.table)
-        self.loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        if self.transport is None:
+            self.transport = await self._open_transport(self.table)
+        if self.loop_task is None:
+            self.loop_task = asyncio.get_running_loop().create_task(self.batcher.run())
         return self.transport.name
+
+    async def attach(self, controller: Any) -> int:
+        """A restarted controller re-attaches: heal requests go to it from now on; returns the table version."""
+        self.controller = controller
+        return self.table.version
+
+    async def get_table(self) -> dict[str, Any]:
+        """The table this router serves (a controller that lost its snapshot rebuilds its state from it)."""
+        return self.table.to_dict()
+
+    def ping(self) -> str:
+        return self.router_id
 
     async def _open_transport(self, table: PlacementTable) -> Any:
         handles = [self.handles[a] for a in table.actors]
@@ -123,137 +128,69 @@ class RouterActor:
             self.handles = {**self.handles, **handles}
             if reopen or new.actors != self.table.actors:
                 old = self.transport
-                self.transport = await self._open_transport(new)
-                await old.close()
+                self.transport = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
+                try:  # a group with a dead or hung member may not close cleanly; it is dropped either way
+                    await asyncio.wait_for(old.close(), self.cfg.ping_timeout_s)
+                except Exception:  # noqa: BLE001 - logged; the new transport is already in place
+                    log.warning("router %s: closing the old transport failed", self.router_id, exc_info=True)
                 self.bytes_out = [0] * len(new.actors)
             self.table = new
         return new.version
 
     # --- requests ------------------------------------------------------------------------------------
     async def forward(self, layer: int, hidden: np.ndarray) -> np.ndarray:
-        """Hidden states [T, D] for one MoE layer → that layer's output [T, D] (same dtype)."""
+        """Hidden states [T, D] for one MoE layer → that layer's output [T, D] (same dtype).
+
+        Every outcome is observed for the metrics (`requests_total{outcome}`); refused requests (bad input,
+        unknown layer, full queue) are also counted as `rejected` in stats."""
+        t0 = time.perf_counter()
+        try:
+            out = await self._forward(layer, hidden)
+        except Exception as exc:
+            if isinstance(exc, (InputError, UnknownExpertError)):  # BackpressureError: counted by the batcher
+                self.batcher.counters.rejected += 1
+            self.observations["requests"].append((layer if isinstance(layer, int) else -1,
+                                                  time.perf_counter() - t0, type(exc).__name__))
+            raise
+        self.observations["requests"].append((layer, time.perf_counter() - t0, "ok"))
+        self.counters["requests"] += 1
+        return out
+
+    async def _forward(self, layer: int, hidden: np.ndarray) -> np.ndarray:
         if not isinstance(layer, int) or not (0 <= layer < self.cfg.num_layers):
             raise UnknownExpertError(f"unknown layer {layer!r} (cluster serves layers 0..{self.cfg.num_layers - 1})")
         x = check_hidden(hidden, self.cfg.layer.d_model, self.cfg.max_request_tokens)
-        if self.queued_tokens + x.shape[0] > self.cfg.max_queue_tokens:
-            raise BackpressureError(f"router {self.router_id} queue is full ({self.queued_tokens} tokens queued, "
-                                    f"limit {self.cfg.max_queue_tokens}); retry later")
-        fut = asyncio.get_running_loop().create_future()
-        t0 = time.perf_counter()
-        self.queues[layer].append(_Pending(x, fut, t0))
-        self.queued_tokens += x.shape[0]
-        self.arrival.set()
-        try:
-            out: torch.Tensor = await fut
-        except Exception as exc:
-            self.observations["requests"].append((layer, time.perf_counter() - t0, type(exc).__name__))
-            raise
-        self.observations["requests"].append((layer, time.perf_counter() - t0, "ok"))
+        out = await self.batcher.submit(layer, x)
         return out.to(x.dtype).numpy() if out.dtype != x.dtype else out.numpy()
 
-    async def _batch_loop(self) -> None:
-        max_wait = self.cfg.max_wait_ms / 1e3
-        while True:
-            if not any(self.queues):
-                self.arrival.clear()
-                await self.arrival.wait()
-            layer = min((q[0].arrived, i) for i, q in enumerate(self.queues) if q)[1]
-            queue = self.queues[layer]
-            deadline = queue[0].arrived + max_wait
-            while sum(p.hidden.shape[0] for p in queue) < self.cfg.max_batch_tokens:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self.arrival.clear()
-                try:
-                    await asyncio.wait_for(self.arrival.wait(), left)
-                except asyncio.TimeoutError:
-                    break
-            batch = [queue.popleft()]
-            tokens = batch[0].hidden.shape[0]
-            while queue and tokens + queue[0].hidden.shape[0] <= self.cfg.max_batch_tokens:
-                batch.append(queue.popleft())
-                tokens += batch[-1].hidden.shape[0]
-            self.queued_tokens -= tokens
-            await self.healthy.wait()
-            async with self.lane:
-                await self._process(layer, batch)
+    async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
+        policy = self.policy.for_layer(layer)
+        if getattr(policy, "device_aware", False):  # price load per actor holding each expert (first replica)
+            policy = policy.with_expert_groups(self.table.route(layer).home_actor)
+        result = await run_layer(hidden.float(), layer, self.cfg.layer, self.layers[layer], policy, self.selector,
+                                 self.table, self.transport, expert_load=self.stats_.window_load(layer))
+        self._record(layer, result)
+        return result.output
 
-    async def _process(self, layer: int, reqs: list[_Pending]) -> None:
-        t0 = time.perf_counter()
-        try:
-            hidden = reqs[0].hidden if len(reqs) == 1 else torch.cat([r.hidden for r in reqs])
-            hidden = hidden.float()
-            route = self.table.route(layer)
-            policy = self.policy.for_layer(layer)
-            if getattr(policy, "device_aware", False):  # price load per actor holding each expert (first replica)
-                policy = policy.with_expert_groups(route.home_actor)
-            batch = prepare(hidden, layer, self.cfg.layer, self.layers[layer].gate, policy,
-                            self.selector,
-                            route, len(self.table.actors), expert_load=self.stats_.window_load(layer))
-            t1 = time.perf_counter()
-            try:
-                rows_out, tstats = await self.transport.exchange(batch)
-            except (RayActorError, TransportError) as exc:
-                self._retry_after_heal(layer, reqs, exc)
-                return
-            t2 = time.perf_counter()
-            out = finish(batch, rows_out, hidden, self.layers[layer].shared)
-            t3 = time.perf_counter()
-        except Exception as exc:  # every waiting request gets the error, none is left hanging
-            self.counters["errors"] += len(reqs)
-            for r in reqs:
-                if not r.future.done():
-                    r.future.set_exception(exc)
-            return
-        start = 0
-        for r in reqs:
-            n = r.hidden.shape[0]
-            if not r.future.done():
-                r.future.set_result(out[start:start + n])
-            start += n
-        self._record(layer, len(reqs), batch, tstats, (t0, t1, t2, t3))
+    async def _heal(self, exc: BaseException) -> None:
+        """Ask the controller to repair the cluster (the batcher bounds this by control_timeout_s)."""
+        if self.controller is None:
+            raise TransportError(f"router {self.router_id}: no controller to heal ({exc})")
+        await self.controller.heal.remote(self.router_id)
 
-    def _retry_after_heal(self, layer: int, reqs: list[_Pending], exc: Exception) -> None:
-        """An expert actor failed mid-batch: put the requests back (in order) and ask the controller to heal.
-
-        After MAX_ATTEMPTS a request fails with ExpertUnavailableError; it never gets a partial answer."""
-        log.warning("router %s: batch on layer %d failed in transport (%s); healing", self.router_id, layer, exc)
-        self.counters["retries"] += 1
-        for r in reversed(reqs):
-            r.attempts += 1
-            if r.attempts >= MAX_ATTEMPTS:
-                self.counters["errors"] += 1
-                r.future.set_exception(ExpertUnavailableError(
-                    f"layer {layer}: expert actors failed {r.attempts} times while serving this request ({exc})"))
-            else:
-                self.queues[layer].appendleft(r)
-                self.queued_tokens += r.hidden.shape[0]
-        if self.healthy.is_set():
-            self.healthy.clear()
-            asyncio.get_running_loop().create_task(self._heal())
-
-    async def _heal(self) -> None:
-        try:
-            if self.controller is not None:
-                await self.controller.heal.remote(self.router_id)
-        except Exception:  # noqa: BLE001 - the retry will fail cleanly if the cluster is still broken
-            log.exception("router %s: controller heal failed", self.router_id)
-        finally:
-            self.healthy.set()
-            self.arrival.set()
-
-    def _record(self, layer: int, num_requests: int, batch: Any, tstats: Any, t: tuple[float, ...]) -> None:
+    def _record(self, layer: int, result: BatchResult) -> None:
+        batch, tstats, t = result.batch, result.transport_stats, result.times
         self.stats_.record(layer, batch.expert_counts, batch.routing.num_dropped)
         if self.trace is not None:
             self.trace.write(layer, batch.routing.experts, batch.routing.weights, batch.gate.probs)
         self.expert_tokens[layer] += batch.expert_counts
         c = self.counters
         c["batches"] += 1
-        c["requests"] += num_requests
         c["tokens"] += batch.plan.num_tokens
         c["dropped"] += batch.routing.num_dropped
         c["rerouted"] += batch.routing.num_rerouted
+        self.token_rate.add(batch.plan.num_tokens, time.monotonic())
         for i, b in enumerate(tstats.bytes_out):
             self.bytes_out[i] += b
         dropped = batch.gate.experts[batch.routing.experts < 0]
@@ -275,23 +212,20 @@ class RouterActor:
 
     # --- observability -------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
-        per_actor_tokens = {}
-        layers = []
-        for layer in range(self.cfg.num_layers):
-            load = self.stats_.window_load(layer)
-            route = self.table.route(layer)
-            counts = self.table.replica_counts(layer)
-            dest_share = load[route.dest_expert] / torch.tensor(counts, dtype=load.dtype)[route.dest_expert]
-            dev = torch.zeros(len(self.table.actors), dtype=load.dtype).index_add_(0, route.dest_actor, dest_share)
-            for a, v in zip(self.table.actors, dev.tolist()):
-                per_actor_tokens[a] = per_actor_tokens.get(a, 0.0) + v
-            layers.append({"layer": layer, "expert_load": load.tolist(), "balancedness": balancedness(dev),
-                           "expert_tokens_total": self.expert_tokens[layer].tolist(),
-                           "drop_rate": self.stats_.window_drop_rate(layer)})
+        """Counters, per-layer window load and balancedness (per actor, each expert's load split evenly over
+        its replicas: policies.placement.device_loads), tokens_per_s over the last RATE_WINDOW_S seconds."""
+        load = torch.stack([self.stats_.window_load(layer) for layer in range(self.cfg.num_layers)])  # [L, E]
+        per_actor = device_loads(self.table, load.double().numpy())  # [L, A]
+        layers = [{"layer": layer, "expert_load": load[layer].tolist(),
+                   "balancedness": balancedness(torch.from_numpy(per_actor[layer])),
+                   "expert_tokens_total": self.expert_tokens[layer].tolist(),
+                   "drop_rate": self.stats_.window_drop_rate(layer)} for layer in range(self.cfg.num_layers)]
         return {"router": self.router_id, "table_version": self.table.version,
                 "uptime_s": time.time() - self.started_at,
+                "tokens_per_s": self.token_rate.rate(time.monotonic()),
                 "transport": self.transport.name if self.transport else None, **self.counters,
-                "queued_tokens": self.queued_tokens, "layers": layers,
+                **self.batcher.counters.as_dict(), "healing": self.batcher.healing,
+                "queued_tokens": self.batcher.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),
                 "timing_ms_p50": {k: float(np.median(v)) if v else 0.0 for k, v in self.timing_ms.items()}}
 
@@ -322,7 +256,7 @@ class RouterActor:
         out = {k: list(v) for k, v in self.observations.items()}
         for v in self.observations.values():
             v.clear()
-        out["queued_tokens"] = self.queued_tokens
+        out["queued_tokens"] = self.batcher.queued_tokens
         return out
 
     async def reset_stats(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +13,17 @@ import ray
 import torch
 
 from expertray.config import ClusterConfig, check_policy_names
-from expertray.errors import ConfigError, UnknownExpertError
+from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError, UnknownExpertError
 from expertray.layer import MoELayer
 from expertray.placement import PlacementTable
 from expertray.validation import check_hidden
 
 NAMESPACE = "expertray"
 CONTROLLER = "controller"
+DEADLINE_GRACE_S = 2.0  # past a request's deadline, so the router's own RequestTimeoutError arrives first
+CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
+
+log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -45,13 +51,27 @@ class Cluster:
 
     def __init__(self, controller: Any) -> None:
         self.controller = controller
-        self.cfg: ClusterConfig = ray.get(controller.get_config.remote())
-        self.routers: list[Any] = ray.get(controller.get_routers.remote())
+        self.cfg: ClusterConfig = ray.get(controller.get_config.remote(), timeout=CONTROL_CALL_S)
+        self.routers: list[Any] = ray.get(controller.get_routers.remote(), timeout=CONTROL_CALL_S)
         self._next = 0
 
     def _router(self) -> Any:
+        if not self.routers:
+            self.refresh_routers()
+        if not self.routers:
+            raise RouterUnavailableError("the cluster has no router in service")
         self._next = (self._next + 1) % len(self.routers)
         return self.routers[self._next]
+
+    def refresh_routers(self, failed: Any = None) -> None:
+        """Take the controller's current router list (dead routers are replaced there); without an answer,
+        at least stop using `failed`."""
+        try:
+            self.routers = ray.get(self.controller.get_routers.remote(), timeout=CONTROL_CALL_S)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("router list not refreshed (controller: %s)", exc)
+            if failed is not None and len(self.routers) > 1:
+                self.routers = [r for r in self.routers if r != failed]
 
     def _check(self, layer: int, hidden: Any) -> torch.Tensor:
         if not isinstance(layer, int) or not (0 <= layer < self.cfg.num_layers):
@@ -63,9 +83,30 @@ class Cluster:
         return self._router().forward.remote(layer, _wire(self._check(layer, hidden)))
 
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out."""
+        """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out.
+
+        By `request_timeout_s` it returns the answer or raises: the router's error (e.g. ExpertUnavailableError),
+        RequestTimeoutError, or RouterUnavailableError when routers kept dying. A request whose router died is
+        sent again to a live router (the router list is refreshed from the controller)."""
         x = self._check(layer, hidden)
-        out = torch.from_numpy(np.array(ray.get(self._router().forward.remote(layer, _wire(x)))))
+        wire = _wire(x)
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while True:
+            router = self._router()
+            left = deadline - time.monotonic()
+            try:
+                out = ray.get(router.forward.remote(layer, wire), timeout=max(left, 0.0) + DEADLINE_GRACE_S)
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise RequestTimeoutError(f"layer {layer}: no answer within request_timeout_s="
+                                          f"{self.cfg.request_timeout_s:g} s") from None
+            except ray.exceptions.RayActorError as exc:  # the router died (not an error it raised)
+                self.refresh_routers(failed=router)
+                if time.monotonic() >= deadline:
+                    raise RouterUnavailableError(f"layer {layer}: routers died and no live router answered within "
+                                                 f"request_timeout_s={self.cfg.request_timeout_s:g} s") from exc
+                time.sleep(0.05)
+        out = torch.from_numpy(np.array(out))
         return out.to(x.dtype).reshape(hidden.shape)
 
     def status(self) -> dict[str, Any]:
@@ -110,8 +151,10 @@ class Cluster:
 
     def shutdown(self) -> None:
         """Stop the routers, expert actors and the controller."""
-        ray.get(self.controller.shutdown.remote())
-        ray.kill(self.controller)
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=self.cfg.control_timeout_s)
+        finally:
+            ray.kill(self.controller, no_restart=True)
 
 
 def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address: str | None = None,
@@ -131,12 +174,14 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     opts: dict[str, Any] = {"name": CONTROLLER, "namespace": NAMESPACE, "num_cpus": 0}
     if detached:  # survives the driver; restarted by Ray on failure (state restored from the snapshot)
         opts.update(lifetime="detached", max_restarts=-1)
-    weights_path = ""
-    if cfg.snapshot_path:  # a restarted controller must find its weight store without the driver
-        weights_path = cfg.snapshot_path + ".weights.pt"
-        torch.save(layers, weights_path)
-    controller = Controller.options(**opts).remote(cfg, None if weights_path else layers, detached, weights_path)
-    ray.get(controller.start.remote())
+    # the constructor gets only the config, so Ray can re-run it on a restart; the weights go to start(),
+    # which persists them (safetensors) in the cluster's state directory for that restart
+    controller = Controller.options(**opts).remote(cfg, detached)
+    try:
+        ray.get(controller.start.remote(layers))
+    except BaseException:
+        ray.kill(controller, no_restart=True)
+        raise
     return Cluster(controller)
 
 

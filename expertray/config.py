@@ -166,6 +166,11 @@ class ClusterConfig:
     transport: collective (torch.distributed all-to-all in a gloo/NCCL group), object_store (numpy
     views through Ray objects), or auto (collective when every actor can join the group).
     Micro-batching: a router closes a batch at `max_batch_tokens` or `max_wait_ms` after its first request.
+    Deadlines: a request gets its answer or RequestTimeoutError within `request_timeout_s` (default:
+    collective_timeout_s + 5); every controller call to an actor or router is bounded by `control_timeout_s`;
+    an actor or router that does not answer a ping within `ping_timeout_s` is treated as dead (killed and
+    replaced). `state_dir`: where the controller persists its snapshot and weight store ("" = a per-cluster
+    directory under the Ray session directory).
     """
 
     layer: MoELayerConfig = field(default_factory=MoELayerConfig)
@@ -185,6 +190,10 @@ class ClusterConfig:
     router_num_cpus: float = 0.5
     seed: int = 0
     collective_timeout_s: float = 30.0
+    request_timeout_s: float | None = None
+    control_timeout_s: float = 30.0
+    ping_timeout_s: float = 5.0
+    state_dir: str = ""
     stats_window_batches: int = 64
     snapshot_path: str = ""
     metrics_port: int = 9464
@@ -215,6 +224,14 @@ class ClusterConfig:
         _require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
         _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
                  f"must be > 0, got {self.collective_timeout_s}")
+        if self.request_timeout_s is None:
+            object.__setattr__(self, "request_timeout_s", self.collective_timeout_s + 5.0)
+        _require(isinstance(self.request_timeout_s, (int, float)) and not isinstance(self.request_timeout_s, bool)
+                 and math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0,
+                 "cluster.request_timeout_s", f"must be a finite number > 0, got {self.request_timeout_s!r}")
+        for name in ("control_timeout_s", "ping_timeout_s"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"cluster.{name}", f"must be a finite number > 0, got {value}")
         _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
         _require(math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0,
                  "cluster.autoscale_interval_s", f"must be > 0, got {self.autoscale_interval_s}")

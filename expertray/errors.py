@@ -49,3 +49,15 @@ class TransportError(ExpertRayError, RuntimeError):
 
 class BackpressureError(ExpertRayError, RuntimeError):
     """The router queue is full; retry later."""
+
+
+class RequestTimeoutError(ExpertRayError, TimeoutError):
+    """A request got no answer within `request_timeout_s`; it was withdrawn (nothing was returned for it)."""
+
+
+class RouterUnavailableError(ExpertRayError, RuntimeError):
+    """No live router could take a request before its deadline (routers died and were not yet replaced)."""
+
+
+class NoChangeError(ExpertRayError, ValueError):
+    """A placement change would leave the table as it is; nothing was applied and the version is unchanged."""

@@ -179,7 +179,16 @@ class PlacementTable:
         return self.with_slots(s for s in self.slots if s != slot)
 
     def migrate(self, layer: int, expert: int, src: str, dst: str) -> PlacementTable:
-        """Version + 1 (one change, not two) with `src`'s replica of (layer, expert) moved to `dst`."""
+        """Version + 1 (one change, not two) with `src`'s replica of layer:expert moved to `dst`; src must hold
+        it, dst must not."""
+        self.check_expert(layer, expert)
+        self.check_actor(src)
+        if src == dst:
+            raise ConfigError(f"migrate {layer}:{expert}: source and destination are both {src!r}")
+        if Slot(src, layer, expert) not in self.slots:
+            holders = ", ".join(s.actor for s in self.replicas(layer, expert))
+            raise UnknownExpertError(f"actor {src!r} holds no replica of expert {layer}:{expert} "
+                                     f"(held by {holders})")
         return self.replicate(layer, expert, dst).remove(layer, expert, src).bump(self.version + 1)
 
     def drain(self, actor: str) -> PlacementTable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -75,3 +76,146 @@ def test_controller_restart_restores_table_while_routers_keep_serving(ray_sessio
         torch.testing.assert_close(cluster.forward(1, x), layers[1](x), atol=1e-5, rtol=0)
     finally:
         cluster.shutdown()
+
+
+def _small(**kw) -> ClusterConfig:
+    base = {"layer": MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 8, 2)), "num_layers": 2,
+            "num_expert_actors": 3, "actor_num_cpus": 0.25, "router_num_cpus": 0.25, "metrics_port": -1,
+            "transport": "object_store", "ping_timeout_s": 2.0}
+    return ClusterConfig(**{**base, **kw})
+
+
+def _exact(cluster, layers, n: int = 6) -> None:
+    for i in range(n):
+        x = torch.randn(3 + i, D, generator=torch.Generator().manual_seed(1000 + i))
+        torch.testing.assert_close(cluster.forward(i % 2, x), layers[i % 2](x), atol=1e-5, rtol=0)
+
+
+def _until(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) -> None:
+    """Hole 1: an actor slow past the batch deadline three times used to end the router's batch loop."""
+    from expertray.errors import ExpertUnavailableError
+
+    cfg = _small(collective_timeout_s=0.5, request_timeout_s=20.0)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    try:
+        for a in cluster.table().actors:
+            ray.get(cluster.controller.set_actor_slowdown.remote(a, 1e5))
+        with pytest.raises(ExpertUnavailableError, match="failed 3 times"):
+            cluster.forward(0, torch.randn(4, D))
+        for a in cluster.table().actors:
+            ray.get(cluster.controller.set_actor_slowdown.remote(a, 1.0))
+        _exact(cluster, layers)  # the loop still runs
+        router = cluster.status()["routers"][0]
+        assert router["loop_errors"] == 0 and router["errors"] == 1 and router["retries"] >= 3
+        # hole 8 (runtime part): a refused request is counted in status and in requests_total{outcome}
+        from expertray.errors import InputError
+
+        with pytest.raises(InputError):
+            ray.get(cluster.routers[0].forward.remote(0, np.full((2, D), np.nan, dtype=np.float32)))
+        assert cluster.status()["requests"]["rejected"] == 1
+        ray.get(cluster.controller.collect_metrics.remote())
+        text = ray.get(cluster.controller.metrics_text.remote()).decode()
+        assert 'expertray_requests_total{outcome="InputError"} 1.0' in text
+        assert 'expertray_requests_total{outcome="ExpertUnavailableError"} 1.0' in text
+    finally:
+        cluster.shutdown()
+
+
+def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session) -> None:
+    """Hole 2: a dead router was never replaced, status()/replicate() raised, actors leaked."""
+    cfg = _small(num_routers=2)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    try:
+        ray.kill(cluster.routers[0], no_restart=True)
+        _exact(cluster, layers, 8)  # requests that hit the dead router go to the live one
+        status = cluster.status()  # never raises because a router died
+        assert len(status["routers"]) + len(status["routers_down"]) == 2
+        cluster.replicate(0, 3)  # a change with a router down replaces it instead of failing half-way
+        status = _until(lambda: (s := cluster.status()) and not s["routers_down"] and len(s["routers"]) == 2 and s,
+                        30, "router replaced")
+        assert {r["table_version"] for r in status["routers"]} == {cluster.table().version}
+        names = [n for n in ray.util.list_named_actors() if n.startswith("expertray-expert-")]
+        assert sorted(names) == sorted(f"expertray-{a}" for a in cluster.table().actors), "leaked actors"
+        cluster.refresh_routers()
+        assert len(cluster.routers) == 2
+        _exact(cluster, layers)
+    finally:
+        cluster.shutdown()
+
+
+def test_hung_actor_is_killed_and_replaced_while_status_answers(ray_session) -> None:
+    """Hole 4: a SIGSTOPped actor stalled the object-store path with no timeout and status() timed out."""
+    import os
+    import signal
+
+    cfg = _small(collective_timeout_s=5.0, request_timeout_s=30.0)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    pid = cluster.status()["actors"]["expert-1"]["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        refs = [cluster.forward_ref(i % 2, torch.randn(8, D, generator=torch.Generator().manual_seed(i)))
+                for i in range(10)]
+        t0 = time.monotonic()
+        status = cluster.status()  # answers although an actor is hung
+        assert time.monotonic() - t0 < cfg.control_timeout_s
+        assert status["actors"]["expert-1"]["alive"] is False or "expert-1" not in status["table"]["actors"]
+        for i, ref in enumerate(refs):
+            x = torch.randn(8, D, generator=torch.Generator().manual_seed(i))
+            torch.testing.assert_close(tensor_view(ray.get(ref, timeout=60)), layers[i % 2](x),
+                                       atol=1e-5, rtol=0)
+        assert "expert-1" not in cluster.table().actors
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        cluster.shutdown()
+
+
+def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_and_healing(ray_session) -> None:
+    """Holes 3, 5, 7: the default launch() (no snapshot_path) could not restart its controller; a corrupted
+    snapshot left nothing to heal an expert death with."""
+    from pathlib import Path
+
+    cfg = _small()
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=True)
+    try:
+        cluster.replicate(0, 3)
+        before = cluster.table()
+        ray.kill(cluster.controller, no_restart=False)
+        info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
+        assert info["restored"] and not info["degraded"] and cluster.table() == before
+        # now corrupt the snapshot and restart again: loud, degraded, but serving and healable
+        state_dir = Path(info["state_dir"])
+        (state_dir / "snapshot.msgpack").write_bytes(b"\x00 not msgpack")
+        ray.kill(cluster.controller, no_restart=False)
+        info = _until(lambda: (i := _info(cluster)) and i["degraded"] and i, 60, "restarted on a bad snapshot")
+        assert "corrupted msgpack" in info["snapshot_error"]
+        assert cluster.table() == before  # rebuilt from the routers
+        assert cluster.status()["controller"]["snapshot_error"] == info["snapshot_error"]
+        ray.kill(ray.get_actor("expertray-expert-0", namespace="expertray"), no_restart=True)
+        _exact(cluster, layers)
+        _until(lambda: "expert-0" not in cluster.table().actors, 30, "dead actor replaced")
+    finally:
+        cluster.shutdown()
+
+
+def _info(cluster):
+    try:
+        return ray.get(cluster.controller.info.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - restarting
+        return None

@@ -177,3 +177,17 @@ def test_signals_and_actions_are_validated() -> None:
     with pytest.raises(ConfigError, match="action migrate: needs src, dst"):
         Action("migrate", "why", layer=0, expert=1)
     assert Action("add_actor", "why").apply(table) is table
+
+
+def test_straggler_slots_moves_several_slots_in_one_decision() -> None:
+    """The actor's cooldown starts after the decision: with straggler_slots=2 both of c's slots move at once
+    (the cooldown set by the first migration used to hold the second back until the next decision)."""
+    table = PlacementTable.balanced(1, 6, ["a", "b", "c"])
+    policy = _policy(sustain_checks=1, straggler_ratio=1.5, straggler_slots=2)
+    sig = _signals([50, 50, 10, 10, 40, 80], latency_p50_ms={"a": 10.0, "b": 9.0, "c": 30.0})
+    actions = policy.decide(sig, table, 0.0)
+    assert [(a.kind, a.expert, a.src) for a in actions] == [("migrate", 5, "c"), ("migrate", 4, "c")]
+    after = actions[1].apply(actions[0].apply(table))
+    assert after.slots_of("c") == []
+    assert policy.decide(sig, after, 1.0) == []  # c holds nothing more to move, and it is cooling down
+

@@ -1,0 +1,2 @@
+"""Ray-free runtime state machines: the router's batching/retry/deadline logic and the controller's placement
+changes and healing. The Ray actors in `expertray.actors` are thin shells over these classes."""
