@@ -170,6 +170,8 @@ class ClusterConfig:
     transport: collective (torch.distributed all-to-all in a gloo/NCCL group), object_store (numpy
     views through Ray objects), or auto (collective when every actor can join the group).
     Micro-batching: a router closes a batch at `max_batch_tokens` or `max_wait_ms` after its first request.
+    Devices: expert actors take `actor_num_gpus` each (fractions share a GPU); when they have GPUs, routers
+    take `router_num_gpus` so gate, plan, permute and combine run beside them on a device.
     """
 
     layer: MoELayerConfig = field(default_factory=MoELayerConfig)
@@ -187,6 +189,7 @@ class ClusterConfig:
     actor_num_cpus: float = 0.5
     actor_num_gpus: float = 0.0
     router_num_cpus: float = 0.5
+    router_num_gpus: float = 0.0
     seed: int = 0
     collective_timeout_s: float = 30.0
     stats_window_batches: int = 64
@@ -217,6 +220,8 @@ class ClusterConfig:
                  "an expert actor needs a CPU or GPU share > 0")
         _require(self.actor_num_gpus >= 0, "cluster.actor_num_gpus", f"must be >= 0, got {self.actor_num_gpus}")
         _require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
+        _require(math.isfinite(self.router_num_gpus) and self.router_num_gpus >= 0, "cluster.router_num_gpus",
+                 f"must be a finite number >= 0, got {self.router_num_gpus}")
         _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
                  f"must be > 0, got {self.collective_timeout_s}")
         _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
