@@ -1,0 +1,109 @@
+"""The transport seam: a registry of Transport classes chosen by name (a fake one is added here), the
+object store's per-call deadline naming a hung actor, and `auto` falling back with its reason. Fake
+in-process actor handles; the module imports Ray (actors/), hence the `ray` marker, but starts no cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from expertray.actors.transport import TRANSPORTS, ObjectStoreTransport, Transport, TransportStats, open_transport
+from expertray.errors import ConfigError, TransportError
+from expertray.pipeline import ActorBucket, PreparedBatch
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class FakeActor:
+    """Answers like an ExpertActor (outputs = 2 × rows) through awaitables; `hang` never answers."""
+
+    def __init__(self, hang: bool = False, fail_identity: bool = False) -> None:
+        self.hang, self.fail_identity = hang, fail_identity
+        self.compute = _Method(self._compute)
+        self.device_identity = _Method(self._identity)
+
+    def _compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        if not self.hang:
+            fut.set_result((rows * 2, 1.5))
+        return fut
+
+    def _identity(self) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_exception(RuntimeError("no device")) if self.fail_identity else fut.set_result(None)
+        return fut
+
+
+def _batch(splits: list[int], d: int = 4) -> PreparedBatch:
+    rows = torch.arange(sum(splits) * d, dtype=torch.float32).view(-1, d)
+    buckets, start = [], 0
+    for actor, n in enumerate(splits):
+        buckets.append(ActorBucket(actor, start, n, [actor] if n else [], [n] if n else []))
+        start += n
+    return PreparedBatch(0, None, None, None, None, rows, buckets, None)  # type: ignore[arg-type]
+
+
+def test_transports_are_chosen_by_name_and_unknown_names_are_listed() -> None:
+    assert {"collective", "object_store"} <= set(TRANSPORTS.names())
+    with pytest.raises(ConfigError, match="unknown.*object_store"):
+        TRANSPORTS.create("carrier_pigeon", handles=[], timeout_s=1.0)
+
+
+def test_a_fake_transport_plugs_in_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TRANSPORTS, "_entries", dict(TRANSPORTS._entries))  # registered for this test only
+
+    @TRANSPORTS.register("loopback")
+    class LoopbackTransport(Transport):
+        """Computes 'experts' in process: the output rows are the input rows negated."""
+
+        name = "loopback"
+        opened = False
+
+        async def open(self) -> None:
+            self.opened = True
+
+        async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
+            return -batch.rows, TransportStats([0] * len(batch.buckets), {})
+
+    transport = asyncio.run(open_transport("loopback", [FakeActor()], 1.0, ["a0"], torch.device("cpu")))
+    assert isinstance(transport, LoopbackTransport) and transport.opened
+    batch = _batch([3])
+    out, _ = asyncio.run(transport.exchange(batch))
+    torch.testing.assert_close(out, -batch.rows)
+    assert transport.describe()["name"] == "loopback"
+
+
+def test_object_store_returns_rows_in_plan_order() -> None:
+    t = ObjectStoreTransport([FakeActor(), FakeActor(), FakeActor()], 5.0, ["a0", "a1", "a2"])
+    batch = _batch([2, 0, 3])
+    out, stats = asyncio.run(t.exchange(batch))
+    torch.testing.assert_close(out, batch.rows * 2)
+    assert stats.compute_ms == {0: 1.5, 2: 1.5}
+    assert stats.bytes_out == [2 * 16, 0, 3 * 16]
+
+
+def test_a_hung_actor_fails_the_batch_at_the_deadline_naming_it() -> None:
+    t = ObjectStoreTransport([FakeActor(), FakeActor(hang=True), FakeActor(hang=True)], 0.2, ["a0", "a1", "a2"])
+    with pytest.raises(TransportError, match=r"actor\(s\) a1, a2 did not answer within 0.2 s"):
+        asyncio.run(t.exchange(_batch([1, 2, 1])))
+
+
+def test_auto_falls_back_to_the_object_store_and_says_why() -> None:
+    t = asyncio.run(open_transport("auto", [FakeActor(fail_identity=True)], 1.0, ["a0"], torch.device("cpu")))
+    assert t.name == "object_store"
+    assert "collective group failed to form" in t.describe()["reason"]
+
+
+def test_a_transport_needs_a_positive_deadline() -> None:
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        ObjectStoreTransport([FakeActor()], 0.0)
