@@ -65,6 +65,7 @@ class Transport(abc.ABC):
 
     async def open(self) -> None:
         """Set up whatever the transport needs before the first batch (default: nothing)."""
+        return None
 
     @abc.abstractmethod
     async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
@@ -72,6 +73,7 @@ class Transport(abc.ABC):
 
     async def close(self) -> None:
         """Release what `open` set up (default: nothing)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What `expertray status` shows: the transport, its backend and why it was chosen."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -28,10 +29,20 @@ _NEEDS_RAY = re.compile(r"^\s*(import ray\b|from ray\b|from expertray\.(api|serv
 _OPTIONAL = {"ray": _NEEDS_RAY,
              "prometheus_client": re.compile(r"^\s*(from prometheus_client\b|import prometheus_client\b|"
                                              r"from expertray\.metrics\b)", re.MULTILINE)}
-_MISSING = {name for name in _OPTIONAL if importlib.util.find_spec(name) is None}
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a finder may refuse outright (scripts/block_imports.py does)
+        return False
+
+
+_MISSING = {name for name in _OPTIONAL if not _installed(name)}
 _not_collected: list[str] = []
 
 
+@functools.cache
 def _source(path: Path) -> str:
     try:
         return path.read_text()

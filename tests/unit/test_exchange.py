@@ -13,7 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from expertray.errors import TransportError
-from expertray.exchange import SealedStore, join, member_exchange, new_secret, open_master_store, router_exchange
+from expertray.exchange import (
+    SealedStore,
+    join,
+    member_exchange,
+    new_secret,
+    open_master_store,
+    router_exchange,
+)
 from expertray.slots import SlotStore
 
 D, F, TIMEOUT_S = 16, 24, 60.0

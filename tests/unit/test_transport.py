@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from expertray.actors.transport import TRANSPORTS, ObjectStoreTransport, Transport, TransportStats, open_transport
+from expertray.actors.transport import (
+    TRANSPORTS,
+    ObjectStoreTransport,
+    Transport,
+    TransportStats,
+    open_transport,
+)
 from expertray.errors import ConfigError, TransportError
 from expertray.pipeline import ActorBucket, PreparedBatch
 
