@@ -90,8 +90,8 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     cfg = GateConfig(shape.family, experts, shape.top_k, num_groups=groups, topk_groups=topk_groups)
     g = torch.Generator(device=device).manual_seed(0)
     D, F = shape.d_model, shape.d_ff
-    gate_up = torch.randn(experts, 2 * F, D, generator=g, device=device, dtype=dtype) / D**0.5
-    down = torch.randn(experts, D, F, generator=g, device=device, dtype=dtype) / F**0.5
+    gate_up = torch.randn(experts, 2 * F, D, generator=g, device=device, dtype=dtype).div_(D**0.5)
+    down = torch.randn(experts, D, F, generator=g, device=device, dtype=dtype).div_(F**0.5)
     gw = GateWeights(torch.randn(experts, D, generator=g, device=device) / D**0.5,
                      correction_bias=torch.zeros(experts, device=device) if shape.family == "deepseek_v3" else None)
     hidden = torch.randn(tokens, D, generator=g, device=device, dtype=dtype)
@@ -106,8 +106,10 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
         o = gate(hidden, cfg, gw)
         return permute(hidden, build_plan(o.experts, experts))
 
+    scratch = rows.clone()  # combine scales its input in place: give it a buffer of its own
+
     def finish() -> torch.Tensor:
-        return combine(rows.clone(), plan, out.weights)
+        return combine(scratch, plan, out.weights)
 
     grouped_ok = grouped_mm_fast(device, dtype, D, F) or (device.type == "cpu" and hasattr(torch, "_grouped_mm"))
     ms: dict[str, float] = {}
