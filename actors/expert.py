@@ -15,9 +15,8 @@ import ray
 import torch
 
 from expertray.devices import assigned_device, device_identity, synchronize
-from expertray.exchange import Group, join, member_exchange
+from expertray.exchange import Group, from_host_array, join, member_exchange, to_host_array
 from expertray.slots import ExpertKey, SlotStore
-from expertray.validation import tensor_view
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,16 @@ class ExpertActor:
                 self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + n
         return out, ms
 
-    def compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray
-                ) -> tuple[np.ndarray, float]:
-        """Object-store transport: rows [n, D] grouped by expert in; (outputs [n, D], compute ms) out."""
-        x = tensor_view(rows)
+    def compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray,
+                wire_dtype: str = "float32") -> tuple[np.ndarray, float]:
+        """Object-store transport: rows [n, D] grouped by expert in; (outputs [n, D], compute ms) out.
+
+        Rows come and go in the router's dtype (`to_host_array` format); compute runs in this actor's."""
+        x = from_host_array(rows, wire_dtype)
         if sum(counts) != x.shape[0]:
             raise ValueError(f"actor {self.actor_id}: counts sum {sum(counts)} != {x.shape[0]} rows received")
         out, ms = self._run(layer, experts, counts, x.to(self.device, self.dtype))
-        return _to_numpy(out.to(x.dtype)), ms
+        return to_host_array(out.to(x.dtype))[0], ms
 
     # --- collective transport ------------------------------------------------------------------------
     def join_group(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world_size: int,

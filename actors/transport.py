@@ -29,10 +29,17 @@ import torch
 
 from expertray.devices import BackendChoice, choose_backend, device_identity
 from expertray.errors import TransportError
-from expertray.exchange import Group, join, new_secret, open_master_store, router_exchange
+from expertray.exchange import (
+    Group,
+    from_host_array,
+    join,
+    new_secret,
+    open_master_store,
+    router_exchange,
+    to_host_array,
+)
 from expertray.pipeline import PreparedBatch
 from expertray.policies.registry import Registry
-from expertray.validation import tensor_view
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +111,11 @@ class ObjectStoreTransport(Transport):
         return {"name": self.name, "backend": None, "reason": self.reason}
 
     async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
-        rows = batch.rows.cpu().numpy()  # the object store carries host memory
+        rows, dtype = to_host_array(batch.rows)  # the object store carries host memory
         busy = [b for b in batch.buckets if b.num_rows]
         refs = [self.handles[b.actor].compute.remote(batch.layer, b.experts, b.counts,
-                                                     rows[b.row_start:b.row_start + b.num_rows]) for b in busy]
+                                                     rows[b.row_start:b.row_start + b.num_rows], dtype)
+                for b in busy]
         tasks = [asyncio.ensure_future(_awaitable(ref)) for ref in refs]
         done, pending = await asyncio.wait(tasks, timeout=self.timeout_s) if tasks else (set(), set())
         if pending:
@@ -119,7 +127,7 @@ class ObjectStoreTransport(Transport):
             raise TransportError(f"layer {batch.layer}: actor(s) {self._names(late)} did not answer within "
                                  f"{self.timeout_s:g} s; calls cancelled")
         results = [t.result() for t in tasks]  # re-raises an actor's error (e.g. RayActorError)
-        outs = [tensor_view(rows_out) for rows_out, _ in results]
+        outs = [from_host_array(rows_out, dtype) for rows_out, _ in results]
         out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
         out = out.to(batch.rows.device)
         return out, TransportStats(_sent_bytes(batch), {b.actor: ms for b, (_, ms) in zip(busy, results)})

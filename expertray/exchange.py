@@ -16,6 +16,7 @@ Group formation is locked down (issue 11, item 6), because the rendezvous store 
 
 Split sizes travel in the small metadata call that tells each actor what it computes; the rows travel
 here. `backend` is gloo or nccl, the same code; gloo moves CUDA rows through host memory.
+`to_host_array` / `from_host_array` are the object store's wire format: numpy, bf16 carried as its bits.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from expertray.devices import host_staging
 from expertray.errors import TransportError
+from expertray.validation import tensor_view
 
 SECRET_BYTES = 16
 _NONCE_BYTES = 16
@@ -202,3 +205,17 @@ def member_exchange(group: Group, num_rows: int, d_model: int, wire_dtype: torch
     group.pg.alltoall_base(empty, out.contiguous(), none, from_router).wait()
     if error is not None:
         raise error
+
+
+def to_host_array(rows: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Rows [n, D] as a host numpy array plus the torch dtype name; bfloat16 (numpy has none) travels as
+    its raw 16-bit patterns, so nothing is widened or rounded on the way."""
+    host = rows.detach().cpu()
+    name = str(host.dtype).removeprefix("torch.")
+    return (host.view(torch.int16) if host.dtype == torch.bfloat16 else host).numpy(), name
+
+
+def from_host_array(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of to_host_array, zero-copy over the (possibly read-only) array."""
+    t = tensor_view(array)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t

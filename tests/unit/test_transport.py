@@ -18,7 +18,9 @@ from expertray.actors.transport import (
     TransportStats,
     open_transport,
 )
+from expertray.config import TRANSPORTS as CONFIG_TRANSPORTS
 from expertray.errors import ConfigError, TransportError
+from expertray.exchange import from_host_array, to_host_array
 from expertray.pipeline import ActorBucket, PreparedBatch
 
 
@@ -38,10 +40,10 @@ class FakeActor:
         self.compute = _Method(self._compute)
         self.device_identity = _Method(self._identity)
 
-    def _compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray) -> Any:
+    def _compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray, dtype: str) -> Any:
         fut = asyncio.get_running_loop().create_future()
         if not self.hang:
-            fut.set_result((rows * 2, 1.5))
+            fut.set_result((to_host_array(from_host_array(rows, dtype) * 2)[0], 1.5))
         return fut
 
     def _identity(self) -> Any:
@@ -50,8 +52,8 @@ class FakeActor:
         return fut
 
 
-def _batch(splits: list[int], d: int = 4) -> PreparedBatch:
-    rows = torch.arange(sum(splits) * d, dtype=torch.float32).view(-1, d)
+def _batch(splits: list[int], d: int = 4, dtype: torch.dtype = torch.float32) -> PreparedBatch:
+    rows = torch.arange(sum(splits) * d, dtype=dtype).view(-1, d)
     buckets, start = [], 0
     for actor, n in enumerate(splits):
         buckets.append(ActorBucket(actor, start, n, [actor] if n else [], [n] if n else []))
@@ -60,7 +62,7 @@ def _batch(splits: list[int], d: int = 4) -> PreparedBatch:
 
 
 def test_transports_are_chosen_by_name_and_unknown_names_are_listed() -> None:
-    assert {"collective", "object_store"} <= set(TRANSPORTS.names())
+    assert set(TRANSPORTS.names()) | {"auto"} == set(CONFIG_TRANSPORTS)  # the config's choices, one list
     with pytest.raises(ConfigError, match="unknown.*object_store"):
         TRANSPORTS.create("carrier_pigeon", handles=[], timeout_s=1.0)
 
@@ -89,13 +91,15 @@ def test_a_fake_transport_plugs_in_through_the_registry(monkeypatch: pytest.Monk
     assert transport.describe()["name"] == "loopback"
 
 
-def test_object_store_returns_rows_in_plan_order() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_object_store_returns_rows_in_plan_order_in_their_dtype(dtype: torch.dtype) -> None:
     t = ObjectStoreTransport([FakeActor(), FakeActor(), FakeActor()], 5.0, ["a0", "a1", "a2"])
-    batch = _batch([2, 0, 3])
+    batch = _batch([2, 0, 3], dtype=dtype)
     out, stats = asyncio.run(t.exchange(batch))
-    torch.testing.assert_close(out, batch.rows * 2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, batch.rows * 2, atol=0, rtol=0)
     assert stats.compute_ms == {0: 1.5, 2: 1.5}
-    assert stats.bytes_out == [2 * 16, 0, 3 * 16]
+    assert stats.bytes_out == [2 * 4 * batch.rows.element_size(), 0, 3 * 4 * batch.rows.element_size()]
 
 
 def test_a_hung_actor_fails_the_batch_at_the_deadline_naming_it() -> None:
