@@ -117,16 +117,20 @@ class ObjectStoreTransport(Transport):
                                                      rows[b.row_start:b.row_start + b.num_rows], dtype)
                 for b in busy]
         tasks = [asyncio.ensure_future(_awaitable(ref)) for ref in refs]
-        done, pending = await asyncio.wait(tasks, timeout=self.timeout_s) if tasks else (set(), set())
+        done, pending = (await asyncio.wait(tasks, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+                         if tasks else (set(), set()))
+        for t, ref in zip(tasks, refs):
+            if t in pending:
+                t.cancel()
+                _cancel(ref)
+        failed = [t.exception() for t in tasks if t in done and t.exception() is not None]
+        if failed:
+            raise failed[0]  # an actor's own error (e.g. RayActorError): the router heals and retries
         if pending:
             late = [b.actor for b, t in zip(busy, tasks) if t in pending]
-            for t, ref in zip(tasks, refs):
-                if t in pending:
-                    t.cancel()
-                    _cancel(ref)
             raise TransportError(f"layer {batch.layer}: actor(s) {self._names(late)} did not answer within "
                                  f"{self.timeout_s:g} s; calls cancelled")
-        results = [t.result() for t in tasks]  # re-raises an actor's error (e.g. RayActorError)
+        results = [t.result() for t in tasks]
         outs = [from_host_array(rows_out, dtype) for rows_out, _ in results]
         out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
         out = out.to(batch.rows.device)

@@ -35,14 +35,16 @@ class _Method:
 class FakeActor:
     """Answers like an ExpertActor (outputs = 2 × rows) through awaitables; `hang` never answers."""
 
-    def __init__(self, hang: bool = False, fail_identity: bool = False) -> None:
-        self.hang, self.fail_identity = hang, fail_identity
+    def __init__(self, hang: bool = False, fail_identity: bool = False, error: Exception | None = None) -> None:
+        self.hang, self.fail_identity, self.error = hang, fail_identity, error
         self.compute = _Method(self._compute)
         self.device_identity = _Method(self._identity)
 
     def _compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray, dtype: str) -> Any:
         fut = asyncio.get_running_loop().create_future()
-        if not self.hang:
+        if self.error is not None:
+            fut.set_exception(self.error)
+        elif not self.hang:
             fut.set_result((to_host_array(from_host_array(rows, dtype) * 2)[0], 1.5))
         return fut
 
@@ -106,6 +108,17 @@ def test_a_hung_actor_fails_the_batch_at_the_deadline_naming_it() -> None:
     t = ObjectStoreTransport([FakeActor(), FakeActor(hang=True), FakeActor(hang=True)], 0.2, ["a0", "a1", "a2"])
     with pytest.raises(TransportError, match=r"actor\(s\) a1, a2 did not answer within 0.2 s"):
         asyncio.run(t.exchange(_batch([1, 2, 1])))
+
+
+def test_an_actor_error_fails_the_batch_at_once_without_waiting_for_a_hung_one() -> None:
+    t = ObjectStoreTransport([FakeActor(hang=True), FakeActor(error=ValueError("actor a1 broke"))], 60.0,
+                             ["a0", "a1"])
+
+    async def exchange_with_a_test_deadline() -> None:
+        await asyncio.wait_for(t.exchange(_batch([1, 1])), 10.0)  # far below the transport's 60 s
+
+    with pytest.raises(ValueError, match="actor a1 broke"):
+        asyncio.run(exchange_with_a_test_deadline())
 
 
 def test_auto_falls_back_to_the_object_store_and_says_why() -> None:
