@@ -14,6 +14,7 @@ command runs with small shapes (`--small`, the default there) so CI exercises it
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ import typer
 
 from expertray.bench.report import emit, median
 from expertray.config import GateConfig
-from expertray.devices import resolve_device, synchronize
+from expertray.devices import DEVICE_ENV, resolve_device, synchronize
 from expertray.dispatch import build_plan, combine, permute
 from expertray.experts import grouped_mm_fast, slots_swiglu
 from expertray.gating import GateWeights, gate
@@ -146,7 +147,7 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
 
 def run(small: bool | None = None, device: str | None = None, dtype: str | None = None, repeats: int = 10,
         shapes: list[Shape] | None = None, tokens: dict[str, int] | None = None) -> dict[str, Any]:
-    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
     small = dev.type == "cpu" if small is None else small
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     shapes = shapes or (SMALL if small else FULL)
@@ -164,7 +165,7 @@ def run(small: bool | None = None, device: str | None = None, dtype: str | None 
 
 
 def cli(small: bool = typer.Option(None, "--small/--full", help="small shapes (default on CPU)"),
-        device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+        device: str = typer.Option(None, help="cpu | cuda (default: EXPERTRAY_DEVICE, else cuda when available)"),
         dtype: str = typer.Option(None, help="bfloat16 | float16 | float32 (default bf16 on GPU, fp32 on CPU)"),
         repeats: int = 10, as_json: bool = typer.Option(False, "--json"), out: Path | None = None) -> None:
     """Expert GEMMs vs a plain matmul, decode weight reads vs a copy, router vs expert time, on one device."""
