@@ -43,6 +43,8 @@ from expertray.policies.registry import Registry
 
 log = logging.getLogger(__name__)
 
+PING_TIMEOUT_S = 2.0  # after a failed exchange: how long a live actor may take to answer a ping
+
 
 @dataclass
 class TransportStats:
@@ -193,20 +195,34 @@ class CollectiveTransport(Transport):
         wire_dtype = str(batch.rows.dtype).removeprefix("torch.")
         refs = [self.handles[b.actor].collective_compute.remote(self.group_name, batch.layer, b.experts, b.counts,
                                                                 d, wire_dtype) for b in batch.buckets]
+        calls = [asyncio.ensure_future(_awaitable(ref)) for ref in refs]
         try:
             out = await asyncio.wait_for(asyncio.to_thread(router_exchange, self._group, batch.rows,
                                                            batch.split_sizes), self.timeout_s)
-            compute_ms = await asyncio.wait_for(asyncio.gather(*refs), self.timeout_s)
+            compute_ms = await asyncio.wait_for(asyncio.gather(*calls), self.timeout_s)
         except (RuntimeError, asyncio.TimeoutError) as exc:  # gloo/NCCL raise RuntimeError subclasses
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
-            late = [b.actor for b, ref in zip(batch.buckets, refs) if ref not in ready]
-            for ref in refs:
+            late = [b.actor for b, call in zip(batch.buckets, calls) if not call.done()]
+            for call, ref in zip(calls, refs):
+                call.cancel()
                 _cancel(ref)
+            # One silent member stalls every member in the collective: a ping tells the hung from the waiting.
+            hung = await self._unresponsive(late)
             raise TransportError(f"all-to-all in group {self.group_name} failed or passed its "
-                                 f"{self.timeout_s:g} s deadline (not answered: {self._names(late) or 'none'}): "
-                                 f"{exc or type(exc).__name__}") from exc
+                                 f"{self.timeout_s:g} s deadline (unresponsive: {self._names(hung) or 'none'}; "
+                                 f"still in the collective: {self._names([a for a in late if a not in hung]) or 'none'}"
+                                 f"): {exc or type(exc).__name__}") from exc
         return out, TransportStats(_sent_bytes(batch), {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
                                                         if b.num_rows})
+
+    async def _unresponsive(self, actors: list[int]) -> list[int]:
+        """Those of `actors` that do not answer a ping within PING_TIMEOUT_S (or the transport's deadline)."""
+        pings = [asyncio.ensure_future(_awaitable(self.handles[a].ping.remote())) for a in actors]
+        if not pings:
+            return []
+        done, pending = await asyncio.wait(pings, timeout=min(PING_TIMEOUT_S, self.timeout_s))
+        for p in pending:
+            p.cancel()
+        return [a for a, p in zip(actors, pings) if p in pending or p.exception() is not None]
 
     async def close(self) -> None:
         await asyncio.gather(*[h.leave_group.remote(self.group_name) for h in self.handles], return_exceptions=True)

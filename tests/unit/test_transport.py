@@ -13,6 +13,7 @@ import torch
 
 from expertray.actors.transport import (
     TRANSPORTS,
+    CollectiveTransport,
     ObjectStoreTransport,
     Transport,
     TransportStats,
@@ -20,7 +21,7 @@ from expertray.actors.transport import (
 )
 from expertray.config import TRANSPORTS as CONFIG_TRANSPORTS
 from expertray.errors import ConfigError, TransportError
-from expertray.exchange import from_host_array, to_host_array
+from expertray.exchange import from_host_array, join, member_exchange, to_host_array
 from expertray.pipeline import ActorBucket, PreparedBatch
 
 
@@ -130,3 +131,63 @@ def test_auto_falls_back_to_the_object_store_and_says_why() -> None:
 def test_a_transport_needs_a_positive_deadline() -> None:
     with pytest.raises(ValueError, match="timeout must be > 0"):
         ObjectStoreTransport([FakeActor()], 0.0)
+
+
+# --- the collective transport with in-process members (threads joining a real gloo group) -------------
+
+class ThreadMember:
+    """An ExpertActor stand-in whose calls run in threads: joins the group, doubles its rows."""
+
+    def __init__(self, hang: bool = False) -> None:
+        self.hang = hang
+        self.groups: dict[str, Any] = {}
+        self.device_identity = _Method(lambda: _done(None))
+        self.join_group = _Method(self._join)
+        self.collective_compute = _Method(self._compute)
+        self.leave_group = _Method(lambda name: _done(self.groups.pop(name, None)))
+        self.ping = _Method(lambda: asyncio.get_running_loop().create_future() if hang else _done("pong"))
+
+    def _join(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world: int,
+              timeout_s: float) -> Any:
+        def run() -> None:
+            self.groups[name] = join(backend, host, port, secret, rank, world, timeout_s, torch.device("cpu"))
+        return asyncio.get_running_loop().run_in_executor(None, run)
+
+    def _compute(self, name: str, layer: int, experts: list[int], counts: list[int], d: int, wire: str) -> Any:
+        if self.hang:
+            return asyncio.get_running_loop().create_future()
+        group = self.groups[name]
+        return asyncio.get_running_loop().run_in_executor(
+            None, lambda: member_exchange(group, sum(counts), d, getattr(torch, wire), lambda r: r * 2) or 0.5)
+
+
+def _done(value: Any) -> Any:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+def test_collective_transport_exchanges_and_reports_its_backend_and_why() -> None:
+    async def scenario() -> tuple[Any, torch.Tensor, dict[str, Any]]:
+        t = CollectiveTransport([ThreadMember(), ThreadMember()], 20.0, ["a0", "a1"], torch.device("cpu"),
+                                host="127.0.0.1")
+        await t.open()
+        batch = _batch([3, 2])
+        out, _ = await t.exchange(batch)
+        await t.close()
+        return batch, out, t.describe()
+
+    batch, out, described = asyncio.run(scenario())
+    torch.testing.assert_close(out, batch.rows * 2, atol=0, rtol=0)
+    assert described == {"name": "collective", "backend": "gloo", "reason": "3 of 3 ranks have no GPU (ranks [0, 1, 2])"}
+
+
+def test_collective_transport_names_a_member_that_never_answers() -> None:
+    async def scenario() -> None:
+        t = CollectiveTransport([ThreadMember(), ThreadMember(hang=True)], 2.0, ["a0", "a1"], torch.device("cpu"),
+                                host="127.0.0.1")
+        await t.open()
+        await t.exchange(_batch([1, 1]))
+
+    with pytest.raises(TransportError, match=r"unresponsive: a1; still in the collective: a0\)"):
+        asyncio.run(scenario())
