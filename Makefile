@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: demo test setup bench lint clean
+.PHONY: demo test setup bench lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/expertray bench core --json
+
+# The one-shot device check (issue 15): Ray-free tests on EXPERTRAY_DEVICE (default cuda) + `bench gpu`, one
+# JSON in $$OUT (default build/gpu-check). Needs no .venv and no Ray: on a bare GPU machine it installs the
+# checkout with pip --no-deps into the python it finds. CPU run here: EXPERTRAY_DEVICE=cpu make gpu-check.
+gpu-check:
+	scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check expertray actors policies tests examples

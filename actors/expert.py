@@ -1,8 +1,8 @@
-"""ExpertActor: hosts physical expert slots and computes grouped SwiGLU for the rows routed to it."""
+"""ExpertActor: hosts physical expert slots on the device Ray assigned it and computes SwiGLU for the rows
+routed to it (one grouped GEMM per call where the device has a fast kernel, else a per-slot loop)."""
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import threading
@@ -13,45 +13,30 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-import torch.distributed as dist
 
-from expertray.errors import UnknownExpertError
-from expertray.experts import swiglu
-from expertray.validation import tensor_view
+from expertray.devices import assigned_device, device_identity, synchronize
+from expertray.exchange import Group, from_host_array, join, member_exchange, to_host_array
+from expertray.slots import ExpertKey, SlotStore
 
 log = logging.getLogger(__name__)
 
-ExpertKey = tuple[int, int]  # (layer, logical expert)
 WeightBlob = dict[ExpertKey, tuple[np.ndarray, np.ndarray]]  # key -> (gate_up [2F, D], down [D, F])
-
-
-def make_group(backend: str, host: str, port: int, prefix: str, rank: int, world_size: int,
-               timeout_s: float, is_master: bool = False) -> tuple[Any, Any]:
-    """A standalone torch.distributed process group (no default group), so groups can be re-formed freely.
-
-    Returns (process_group, store); rank 0 passes is_master=True and hosts the TCPStore.
-    """
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, is_master=is_master, wait_for_workers=False, timeout=timeout)
-    prefixed = dist.PrefixStore(prefix, store)
-    if backend == "nccl":
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, dist.ProcessGroupNCCL.Options())
-    else:
-        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return pg, store
 
 
 @ray.remote(max_concurrency=16)
 class ExpertActor:
-    """One device's worth of experts. Threaded: one in-flight call per router group plus control calls."""
+    """One device's worth of experts. Threaded: one in-flight call per router group plus control calls.
+
+    Weights, buffers and compute stay on the device Ray assigned (`num_gpus`, fractions allowed: several
+    actors then share one GPU); rows cross to the host only when the transport needs it."""
 
     def __init__(self, actor_id: str, num_threads: int = 1, dtype: str = "float32") -> None:
         torch.set_num_threads(max(1, num_threads))
         self.actor_id = actor_id
-        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        self.device = assigned_device(len(ray.get_gpu_ids()))
         self.dtype = getattr(torch, dtype)
-        self._slots: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._groups: dict[str, Any] = {}
+        self._slots = SlotStore(actor_id, self.device, self.dtype)
+        self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
         self._slowdown = 1.0
         self._tokens: dict[ExpertKey, int] = {}
@@ -62,46 +47,37 @@ class ExpertActor:
     # --- weights -------------------------------------------------------------------------------------
     def load(self, weights: WeightBlob) -> int:
         """Add slots; returns bytes now held."""
-        for key, (gate_up, down) in weights.items():
-            self._slots[tuple(key)] = (torch.as_tensor(np.array(gate_up), dtype=self.dtype, device=self.device),
-                                       torch.as_tensor(np.array(down), dtype=self.dtype, device=self.device))
+        self._slots.add({tuple(k): v for k, v in weights.items()})
         return self.memory_bytes()
 
     def unload(self, keys: list[ExpertKey]) -> int:
-        for key in keys:
-            self._slots.pop(tuple(key), None)
+        self._slots.remove(tuple(k) for k in keys)
         return self.memory_bytes()
 
     def export(self, keys: list[ExpertKey]) -> WeightBlob:
         """Weights of held slots, as numpy (the source side of replication and migration)."""
         out = {}
         for key in keys:
-            gate_up, down = self._slot(tuple(key))
-            out[tuple(key)] = (gate_up.cpu().numpy(), down.cpu().numpy())
+            gate_up, down = self._slots.get(tuple(key))
+            out[tuple(key)] = (_to_numpy(gate_up), _to_numpy(down))
         return out
 
     def holds(self) -> list[ExpertKey]:
-        return sorted(self._slots)
+        return self._slots.keys()
 
     def memory_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self._slots.values())
+        return self._slots.nbytes()
 
-    def _slot(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            return self._slots[key]
-        except KeyError:
-            raise UnknownExpertError(f"actor {self.actor_id} holds no slot for expert {key[0]}:{key[1]}") from None
+    def device_identity(self) -> str | None:
+        """Which physical GPU this actor computes on (None: CPU), for the group's backend choice."""
+        return device_identity(self.device)
 
     # --- compute -------------------------------------------------------------------------------------
     def _run(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor
              ) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        out = torch.empty_like(rows)
-        start = 0
-        for e, n in zip(experts, counts):
-            gate_up, down = self._slot((layer, e))
-            swiglu(rows[start:start + n], gate_up, down, out=out[start:start + n])
-            start += n
+        out = self._slots.compute(layer, experts, counts, rows)
+        synchronize(self.device)  # compute_ms feeds straggler detection: time the kernels, not their launch
         if self._slowdown > 1.0:
             time.sleep((self._slowdown - 1.0) * (time.perf_counter() - t0))
         ms = (time.perf_counter() - t0) * 1e3
@@ -114,47 +90,40 @@ class ExpertActor:
                 self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + n
         return out, ms
 
-    def compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray
-                ) -> tuple[np.ndarray, float]:
-        """Object-store transport: rows [n, D] grouped by expert in; (outputs [n, D], compute ms) out."""
-        x = tensor_view(rows).to(self.device, self.dtype)
+    def compute(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray,
+                wire_dtype: str = "float32") -> tuple[np.ndarray, float]:
+        """Object-store transport: rows [n, D] grouped by expert in; (outputs [n, D], compute ms) out.
+
+        Rows come and go in the router's dtype (`to_host_array` format); compute runs in this actor's."""
+        x = from_host_array(rows, wire_dtype)
         if sum(counts) != x.shape[0]:
             raise ValueError(f"actor {self.actor_id}: counts sum {sum(counts)} != {x.shape[0]} rows received")
-        out, ms = self._run(layer, experts, counts, x)
-        return out.cpu().numpy(), ms
+        out, ms = self._run(layer, experts, counts, x.to(self.device, self.dtype))
+        return to_host_array(out.to(x.dtype))[0], ms
 
     # --- collective transport ------------------------------------------------------------------------
-    def join_group(self, name: str, backend: str, host: str, port: int, rank: int, world_size: int,
+    def join_group(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world_size: int,
                    timeout_s: float) -> str:
-        pg, store = make_group(backend, host, port, name + "/", rank, world_size, timeout_s)
-        self._groups[name] = (pg, store, rank, world_size)
+        self._groups[name] = join(backend, host, port, secret, rank, world_size, timeout_s, self.device)
         return self.actor_id
 
     def leave_group(self, name: str) -> None:
         self._groups.pop(name, None)
 
     def collective_compute(self, name: str, layer: int, experts: list[int], counts: list[int],
-                           d_model: int) -> float:
-        """Receive this actor's bucket from the router (rank 0) by all-to-all, compute, send it back."""
-        pg, _, rank, world = self._groups[name]
-        n = sum(counts)
-        recv = torch.empty(n, d_model, dtype=self.dtype, device=self.device)
-        empty = torch.empty(0, d_model, dtype=self.dtype, device=self.device)
-        zeros = [0] * world
-        from_router = [n] + [0] * (world - 1)
-        pg.alltoall_base(recv, empty, from_router, zeros).wait()
-        out, ms, error = recv, 0.0, None
-        try:
-            if n:
-                out, ms = self._run(layer, experts, counts, recv)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the exchange completes
-            error = exc
-        # Complete the exchange even on failure so the router is not left blocked in the collective;
-        # the error, returned through this Ray call, makes the router fail the batch instead.
-        pg.alltoall_base(empty, out, zeros, from_router).wait()
-        if error is not None:
-            raise error
-        return ms
+                           d_model: int, wire_dtype: str = "float32") -> float:
+        """Receive this actor's bucket from the router (rank 0) by all-to-all, compute, send it back.
+
+        Rows travel in `wire_dtype` (the router's) and are computed in this actor's dtype."""
+        group = self._groups[name]
+        compute_ms = [0.0]
+
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            out, compute_ms[0] = self._run(layer, experts, counts, rows.to(self.dtype))
+            return out
+
+        member_exchange(group, sum(counts), d_model, getattr(torch, wire_dtype), run)
+        return compute_ms[0]
 
     # --- observability and fault injection -----------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -166,7 +135,7 @@ class ExpertActor:
                     "compute_ms_p50": ms[len(ms) // 2] if ms else 0.0,
                     "compute_ms_p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else 0.0,
                     "ms_per_krow_p50": per_krow[len(per_krow) // 2] if per_krow else 0.0,
-                    "memory_bytes": self.memory_bytes(), "slots": len(self._slots),
+                    "memory_bytes": self.memory_bytes(), "slots": len(self._slots.keys()),
                     "slowdown": self._slowdown}
 
     def set_slowdown(self, factor: float) -> None:
@@ -177,3 +146,9 @@ class ExpertActor:
 
     def ping(self) -> str:
         return self.actor_id
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Host copy as numpy; bfloat16 (which numpy lacks) travels as float32."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

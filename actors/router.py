@@ -19,8 +19,9 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from expertray.actors.transport import CollectiveTransport, ObjectStoreTransport
+from expertray.actors.transport import open_transport
 from expertray.config import ClusterConfig
+from expertray.devices import assigned_device
 from expertray.errors import InputError, TransportError, UnknownExpertError
 from expertray.loadstats import LoadStats, balancedness
 from expertray.placement import PlacementTable
@@ -103,21 +104,13 @@ class RouterActor:
         return self.router_id
 
     async def _open_transport(self, table: PlacementTable) -> Any:
-        handles = [self.handles[a] for a in table.actors]
-        mode = self.cfg.transport
-        if mode == "object_store":
-            return ObjectStoreTransport(handles)
-        backend = "nccl" if self.cfg.actor_num_gpus > 0 and torch.cuda.is_available() else "gloo"
-        transport = CollectiveTransport(handles, backend, self.cfg.collective_timeout_s)
-        try:
-            await transport.open()
-            return transport
-        except Exception:
-            if mode == "collective":
-                raise
-            log.warning("router %s: collective group failed to form; using the object store", self.router_id,
-                        exc_info=True)
-            return ObjectStoreTransport(handles)
+        """The configured transport over `table`'s actors, opened on this router's device (the GPU Ray
+        assigned it, else the CPU); `auto` falls back to the object store when no group can form."""
+        device = assigned_device(len(ray.get_gpu_ids()))
+        transport = await open_transport(self.cfg.transport, [self.handles[a] for a in table.actors],
+                                         self.cfg.collective_timeout_s, list(table.actors), device)
+        log.info("router %s: transport %s", self.router_id, transport.describe())
+        return transport
 
     async def set_table(self, table: dict[str, Any], handles: dict[str, Any], reopen: bool = False) -> int:
         """Switch to a new placement table between batches; returns the version now in use.

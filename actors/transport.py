@@ -1,16 +1,25 @@
 """Transports move a PreparedBatch's per-actor buckets to the expert actors and the outputs back.
 
-Both produce the same [N, D] output rows in plan order; they differ only in how bytes move:
-- ObjectStoreTransport: one Ray call per busy actor with its rows as a numpy view (object store).
-- CollectiveTransport: the router is rank 0 of a torch.distributed group (gloo on CPU, NCCL on GPU)
-  with the expert actors; rows go out and come back with all-to-all with uneven split sizes, while a
-  small Ray call per actor carries the metadata (which experts, how many rows each).
+Every transport is a `Transport` registered by name in `TRANSPORTS` (Ray's collective backend registry is
+the pattern; `expertray.policies.registry.Registry` the mechanism), and produces the same [N, D] output
+rows in plan order; they differ only in how bytes move:
+- `object_store`: one Ray call per busy actor with its rows as a numpy view (object store).
+- `collective`: the router is rank 0 of a torch.distributed group with the expert actors; rows go out and
+  come back by all-to-all with uneven split sizes (`expertray.exchange`, Ray-free), while a small Ray call
+  per actor carries the metadata (which experts, how many rows each). The backend follows what the ranks
+  own (`expertray.devices.choose_backend`): NCCL when every rank holds a distinct GPU, gloo otherwise.
+
+Each `exchange` has a deadline (`timeout_s`): an actor that does not answer in time is named in a
+TransportError, its call is cancelled, and the router treats it like a failed actor (issue 11, item 4).
+The rendezvous store of a collective group listens on the router's node address only and is sealed with
+a per-group secret that only members receive; see `expertray.exchange` and docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import socket
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +27,23 @@ from typing import Any
 import ray
 import torch
 
-from expertray.actors.expert import make_group
+from expertray.devices import BackendChoice, choose_backend, device_identity
 from expertray.errors import TransportError
+from expertray.exchange import (
+    Group,
+    from_host_array,
+    join,
+    new_secret,
+    open_master_store,
+    router_exchange,
+    to_host_array,
+)
 from expertray.pipeline import PreparedBatch
-from expertray.validation import tensor_view
+from expertray.policies.registry import Registry
+
+log = logging.getLogger(__name__)
+
+PING_TIMEOUT_S = 2.0  # after a failed exchange: how long a live actor may take to answer a ping
 
 
 @dataclass
@@ -36,78 +58,196 @@ class TransportStats:
         return max(self.compute_ms.values(), default=0.0)
 
 
-class ObjectStoreTransport:
-    name = "object_store"
+class Transport(abc.ABC):
+    """Moves one batch's buckets to the expert actors (handles in table actor order) and back."""
 
-    def __init__(self, handles: list[Any]) -> None:
+    name: str = ""
+
+    def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"transport timeout must be > 0 seconds, got {timeout_s}")
         self.handles = handles
-
-    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
-        rows = batch.rows.numpy()
-        busy = [b for b in batch.buckets if b.num_rows]
-        refs = [self.handles[b.actor].compute.remote(batch.layer, b.experts, b.counts,
-                                                     rows[b.row_start:b.row_start + b.num_rows]) for b in busy]
-        results = await asyncio.gather(*refs)
-        outs = [tensor_view(rows_out) for rows_out, _ in results]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
-        per_row = batch.rows.shape[1] * batch.rows.element_size()
-        sent = [b.num_rows * per_row for b in batch.buckets]
-        return out, TransportStats(sent, {b.actor: ms for b, (_, ms) in zip(busy, results)})
-
-    async def close(self) -> None:
-        return None
-
-
-class CollectiveTransport:
-    name = "collective"
-
-    def __init__(self, handles: list[Any], backend: str, timeout_s: float) -> None:
-        self.handles = handles
-        self.backend = backend
         self.timeout_s = timeout_s
-        self.group = f"g-{uuid.uuid4().hex[:12]}"
-        self._pg: Any = None
-        self._store: Any = None
+        self.actor_names = actor_names or [f"#{i}" for i in range(len(handles))]
+        if len(self.actor_names) != len(handles):
+            raise ValueError(f"{len(self.actor_names)} actor names for {len(handles)} handles")
 
     async def open(self) -> None:
-        """Form the group: the router hosts the store (rank 0), every expert actor joins as rank 1..N."""
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as s:  # a free port for the store on this node
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        world = len(self.handles) + 1
-        joins = [h.join_group.remote(self.group, self.backend, host, port, rank + 1, world, self.timeout_s)
-                 for rank, h in enumerate(self.handles)]
-        self._pg, self._store = await asyncio.to_thread(
-            make_group, self.backend, host, port, self.group + "/", 0, world, self.timeout_s, True)
-        await asyncio.gather(*joins)
+        """Set up whatever the transport needs before the first batch (default: nothing)."""
+        return None
 
-    def _alltoall(self, rows: torch.Tensor, splits: list[int]) -> torch.Tensor:
-        d = rows.shape[1]
-        zeros = [0] * (len(splits) + 1)
-        to_actors = [0] + splits
-        self._pg.alltoall_base(rows.new_empty(0, d), rows, zeros, to_actors).wait()
-        out = torch.empty_like(rows)
-        self._pg.alltoall_base(out, rows.new_empty(0, d), to_actors, zeros).wait()
-        return out
-
+    @abc.abstractmethod
     async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
-        d = batch.rows.shape[1]
-        refs = [self.handles[b.actor].collective_compute.remote(self.group, batch.layer, b.experts, b.counts, d)
-                for b in batch.buckets]
-        try:
-            out = await asyncio.to_thread(self._alltoall, batch.rows, batch.split_sizes)
-        except RuntimeError as exc:  # gloo/NCCL raise RuntimeError subclasses when a peer dies or times out
-            for ref in refs:
-                ray.cancel(ref, force=False)
-            raise TransportError(f"all-to-all in group {self.group} failed: {exc}") from exc
-        compute_ms = await asyncio.gather(*refs)
-        per_row = d * batch.rows.element_size()
-        sent = [b.num_rows * per_row for b in batch.buckets]
-        return out, TransportStats(sent, {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
-                                                      if b.num_rows})
+        """Rows [N, D] of `batch` out, expert outputs [N, D] back in plan order, within `timeout_s`."""
 
     async def close(self) -> None:
-        await asyncio.gather(*[h.leave_group.remote(self.group) for h in self.handles], return_exceptions=True)
-        self._pg = None
-        self._store = None
+        """Release what `open` set up (default: nothing)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What `expertray status` shows: the transport, its backend and why it was chosen."""
+        return {"name": self.name, "backend": None, "reason": ""}
+
+    def _names(self, actors: list[int]) -> str:
+        return ", ".join(self.actor_names[a] for a in actors)
+
+
+TRANSPORTS: Registry[Transport] = Registry("transport")
+
+
+def _sent_bytes(batch: PreparedBatch) -> list[int]:
+    per_row = batch.rows.shape[1] * batch.rows.element_size()
+    return [b.num_rows * per_row for b in batch.buckets]
+
+
+@TRANSPORTS.register("object_store")
+class ObjectStoreTransport(Transport):
+    name = "object_store"
+
+    def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None,
+                 reason: str = "requested") -> None:
+        super().__init__(handles, timeout_s, actor_names)
+        self.reason = reason
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": None, "reason": self.reason}
+
+    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
+        rows, dtype = to_host_array(batch.rows)  # the object store carries host memory
+        busy = [b for b in batch.buckets if b.num_rows]
+        refs = [self.handles[b.actor].compute.remote(batch.layer, b.experts, b.counts,
+                                                     rows[b.row_start:b.row_start + b.num_rows], dtype)
+                for b in busy]
+        tasks = [asyncio.ensure_future(_awaitable(ref)) for ref in refs]
+        done, pending = (await asyncio.wait(tasks, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+                         if tasks else (set(), set()))
+        for t, ref in zip(tasks, refs):
+            if t in pending:
+                t.cancel()
+                _cancel(ref)
+        failed = [t.exception() for t in tasks if t in done and t.exception() is not None]
+        if failed:
+            raise failed[0]  # an actor's own error (e.g. RayActorError): the router heals and retries
+        if pending:
+            late = [b.actor for b, t in zip(busy, tasks) if t in pending]
+            raise TransportError(f"layer {batch.layer}: actor(s) {self._names(late)} did not answer within "
+                                 f"{self.timeout_s:g} s; calls cancelled")
+        results = [t.result() for t in tasks]
+        outs = [from_host_array(rows_out, dtype) for rows_out, _ in results]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
+        out = out.to(batch.rows.device)
+        return out, TransportStats(_sent_bytes(batch), {b.actor: ms for b, (_, ms) in zip(busy, results)})
+
+
+async def _awaitable(ref: Any) -> Any:
+    return await ref
+
+
+def _cancel(ref: Any) -> None:
+    """Best effort: Ray cancels a queued actor call; a running one finishes and its result is dropped."""
+    if isinstance(ref, ray.ObjectRef):
+        ray.cancel(ref, force=False)
+
+
+@TRANSPORTS.register("collective")
+class CollectiveTransport(Transport):
+    name = "collective"
+
+    def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None,
+                 device: torch.device | None = None, host: str | None = None) -> None:
+        super().__init__(handles, timeout_s, actor_names)
+        self.device = device or torch.device("cpu")
+        self.host = host
+        self.group_name = f"g-{uuid.uuid4().hex[:12]}"
+        self.choice: BackendChoice | None = None
+        self._group: Group | None = None
+
+    async def open(self) -> None:
+        """Form the group: the router hosts the store (rank 0), every expert actor joins as rank 1..N.
+
+        The backend follows the ranks' devices; the store listens on this node's address only, and the
+        port and the group secret go to members alone, in the join call."""
+        host = self.host or ray.util.get_node_ip_address()
+        identities = await self._within(asyncio.gather(*[h.device_identity.remote() for h in self.handles]),
+                                        "report their devices")
+        self.choice = choose_backend([device_identity(self.device), *identities])
+        store, port = open_master_store(host, self.timeout_s)
+        secret = new_secret()
+        world = len(self.handles) + 1
+        joins = [h.join_group.remote(self.group_name, self.choice.backend, host, port, secret, rank + 1, world,
+                                     self.timeout_s) for rank, h in enumerate(self.handles)]
+        self._group = await self._within(asyncio.to_thread(
+            join, self.choice.backend, host, port, secret, 0, world, self.timeout_s, self.device, store),
+            "form the group")
+        await self._within(asyncio.gather(*joins), "join the group")
+        log.info("group %s: %s (%s)", self.group_name, self.choice.backend, self.choice.reason)
+
+    async def _within(self, aw: Any, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(aw, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise TransportError(f"group {self.group_name}: actors did not {what} within {self.timeout_s:g} s") from None
+
+    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
+        if self._group is None:
+            raise TransportError(f"group {self.group_name} is not open")
+        d = batch.rows.shape[1]
+        wire_dtype = str(batch.rows.dtype).removeprefix("torch.")
+        refs = [self.handles[b.actor].collective_compute.remote(self.group_name, batch.layer, b.experts, b.counts,
+                                                                d, wire_dtype) for b in batch.buckets]
+        calls = [asyncio.ensure_future(_awaitable(ref)) for ref in refs]
+        try:
+            out = await asyncio.wait_for(asyncio.to_thread(router_exchange, self._group, batch.rows,
+                                                           batch.split_sizes), self.timeout_s)
+            compute_ms = await asyncio.wait_for(asyncio.gather(*calls), self.timeout_s)
+        except (RuntimeError, asyncio.TimeoutError) as exc:  # gloo/NCCL raise RuntimeError subclasses
+            late = [b.actor for b, call in zip(batch.buckets, calls) if not call.done()]
+            for call, ref in zip(calls, refs):
+                call.cancel()
+                _cancel(ref)
+            # One silent member stalls every member in the collective: a ping tells the hung from the waiting.
+            hung = await self._unresponsive(late)
+            raise TransportError(f"all-to-all in group {self.group_name} failed or passed its "
+                                 f"{self.timeout_s:g} s deadline (unresponsive: {self._names(hung) or 'none'}; "
+                                 f"still in the collective: {self._names([a for a in late if a not in hung]) or 'none'}"
+                                 f"): {exc or type(exc).__name__}") from exc
+        return out, TransportStats(_sent_bytes(batch), {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
+                                                        if b.num_rows})
+
+    async def _unresponsive(self, actors: list[int]) -> list[int]:
+        """Those of `actors` that do not answer a ping within PING_TIMEOUT_S (or the transport's deadline)."""
+        pings = [asyncio.ensure_future(_awaitable(self.handles[a].ping.remote())) for a in actors]
+        if not pings:
+            return []
+        done, pending = await asyncio.wait(pings, timeout=min(PING_TIMEOUT_S, self.timeout_s))
+        for p in pending:
+            p.cancel()
+        return [a for a, p in zip(actors, pings) if p in pending or p.exception() is not None]
+
+    async def close(self) -> None:
+        await asyncio.gather(*[h.leave_group.remote(self.group_name) for h in self.handles], return_exceptions=True)
+        self._group = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.choice is None:
+            return {"name": self.name, "backend": None, "reason": "group not formed yet"}
+        return {"name": self.name, "backend": self.choice.backend, "reason": self.choice.reason}
+
+
+async def open_transport(mode: str, handles: list[Any], timeout_s: float, actor_names: list[str],
+                         device: torch.device) -> Transport:
+    """The transport for `mode` (a registered name, or `auto`: collective, else the object store), opened.
+
+    With `auto`, a group that fails to form falls back to the object store with a warning that says why."""
+    if mode != "auto":
+        params: dict[str, Any] = {"device": device} if mode == "collective" else {}
+        transport = TRANSPORTS.create(mode, handles=handles, timeout_s=timeout_s, actor_names=actor_names, **params)
+        await transport.open()
+        return transport
+    collective = CollectiveTransport(handles, timeout_s, actor_names, device)
+    try:
+        await collective.open()
+        return collective
+    except Exception as exc:  # noqa: BLE001 - auto means "collective when it can form"; the reason is logged
+        log.warning("collective group failed to form (%s); using the object store", exc, exc_info=True)
+        return ObjectStoreTransport(handles, timeout_s, actor_names, reason=f"collective group failed to form: {exc}")

@@ -36,7 +36,7 @@ def _priority_order(experts: torch.Tensor, weights: torch.Tensor, by_score: bool
     """Flat (k-major) assignment indices in the order they claim capacity."""
     n = experts.numel()
     if not by_score:
-        return torch.arange(n)
+        return torch.arange(n, device=experts.device)
     return torch.argsort(-weights.t().reshape(-1), stable=True)
 
 
@@ -46,7 +46,7 @@ def _rank_within_expert(expert_in_order: torch.Tensor, num_experts: int) -> torc
     counts = torch.bincount(expert_in_order, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(expert_in_order)
-    rank[by_expert] = torch.arange(expert_in_order.numel()) - starts[expert_in_order[by_expert]]
+    rank[by_expert] = torch.arange(expert_in_order.numel(), device=expert_in_order.device) - starts[expert_in_order[by_expert]]
     return rank
 
 
@@ -86,13 +86,13 @@ def _reroute(experts: torch.Tensor, scores: torch.Tensor, pending_flat: torch.Te
     room = cap - torch.bincount(out[out >= 0], minlength=num_experts)
     ranked = torch.argsort(scores, dim=-1, descending=True, stable=True)
     ranked_scores = scores.gather(1, ranked)
-    held = torch.zeros(T, num_experts, dtype=torch.bool)
+    held = torch.zeros(T, num_experts, dtype=torch.bool, device=experts.device)
     tok, col = (experts >= 0).nonzero(as_tuple=True)
     held[tok, experts[tok, col]] = True
     # An overflowed assignment's own expert is full (room 0), so it is never proposed again.
     pend_tok, pend_k = pending_flat % T, pending_flat // T
-    pointer = torch.zeros(pending_flat.numel(), dtype=torch.long)
-    alive = torch.ones(pending_flat.numel(), dtype=torch.bool)
+    pointer = torch.zeros(pending_flat.numel(), dtype=torch.long, device=experts.device)
+    alive = torch.ones(pending_flat.numel(), dtype=torch.bool, device=experts.device)
     while bool(alive.any()):
         idx = alive.nonzero().squeeze(1)
         # only each token's first pending assignment is active this round (no double-booking)

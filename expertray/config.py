@@ -171,6 +171,8 @@ class ClusterConfig:
     an actor or router that does not answer a ping within `ping_timeout_s` is treated as dead (killed and
     replaced). `state_dir`: where the controller persists its snapshot and weight store ("" = a per-cluster
     directory under the Ray session directory).
+    Devices: expert actors take `actor_num_gpus` each (fractions share a GPU); when they have GPUs, routers
+    take `router_num_gpus` so gate, plan, permute and combine run beside them on a device.
     """
 
     layer: MoELayerConfig = field(default_factory=MoELayerConfig)
@@ -188,6 +190,7 @@ class ClusterConfig:
     actor_num_cpus: float = 0.5
     actor_num_gpus: float = 0.0
     router_num_cpus: float = 0.5
+    router_num_gpus: float = 0.0
     seed: int = 0
     collective_timeout_s: float = 30.0
     request_timeout_s: float | None = None
@@ -222,6 +225,8 @@ class ClusterConfig:
                  "an expert actor needs a CPU or GPU share > 0")
         _require(self.actor_num_gpus >= 0, "cluster.actor_num_gpus", f"must be >= 0, got {self.actor_num_gpus}")
         _require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
+        _require(math.isfinite(self.router_num_gpus) and self.router_num_gpus >= 0, "cluster.router_num_gpus",
+                 f"must be a finite number >= 0, got {self.router_num_gpus}")
         _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s",
                  f"must be > 0, got {self.collective_timeout_s}")
         if self.request_timeout_s is None:

@@ -31,11 +31,12 @@ class DispatchPlan:
     @property
     def offsets(self) -> torch.Tensor:
         """[S + 1] start row of each slot's segment."""
-        return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.counts, 0)])
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=self.counts.device), torch.cumsum(self.counts, 0)])
 
     def group_counts(self, slot_group: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Rows per group (e.g. per actor) given each slot's group id [S]; slots of a group must be contiguous."""
-        return torch.zeros(num_groups, dtype=torch.long).index_add_(0, slot_group, self.counts)
+        return torch.zeros(num_groups, dtype=torch.long, device=self.counts.device).index_add_(
+            0, slot_group.to(self.counts.device), self.counts)
 
 
 def build_plan(destinations: torch.Tensor, num_slots: int) -> DispatchPlan:
@@ -61,5 +62,5 @@ def combine(rows: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> to
     `rows` is scaled in place: it is a transient buffer owned by the caller.
     """
     w = weights[plan.token_index, plan.k_index].to(rows.dtype)
-    out = torch.zeros(plan.num_tokens, rows.shape[1], dtype=rows.dtype)
+    out = torch.zeros(plan.num_tokens, rows.shape[1], dtype=rows.dtype, device=rows.device)
     return out.index_add_(0, plan.token_index, rows.mul_(w.unsqueeze(1)))

@@ -1,0 +1,178 @@
+"""`expertray bench gpu`: the device data path of one MoE layer, every figure measured side by side.
+
+For a Mixtral-like layer (d 4096, ff 14336, E 8, k 2) and a DeepSeek-V3-like one (d 7168, ff 2048, k 8,
+as many of its 256 experts as fit in half the device memory), at prefill (4096 tokens) and decode
+(128 tokens), on one device:
+- expert compute (grouped GEMM and per-expert loop) in TFLOP/s, as a fraction of one plain matmul of the
+  same FLOPs ([N, D] @ [D, 3F]);
+- at decode, bytes of the active experts' weights read per second, as a fraction of a device-to-device
+  copy of the same bytes;
+- router work on the device (gate + plan + permute, then combine) against expert compute.
+Medians over repeats; every timed call ends with a device synchronize. Needs no Ray. On a CPU the same
+command runs with small shapes (`--small`, the default there) so CI exercises it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+
+from expertray.bench.report import emit, median
+from expertray.config import GateConfig
+from expertray.devices import DEVICE_ENV, resolve_device, synchronize
+from expertray.dispatch import build_plan, combine, permute
+from expertray.experts import grouped_mm_fast, slots_swiglu
+from expertray.gating import GateWeights, gate
+
+GOALS = {"prefill_matmul_fraction": 0.6, "decode_copy_fraction": 0.5, "router_over_compute_prefill": 0.10}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    family: str = "mixtral"
+    num_groups: int = 1
+    topk_groups: int = 1
+
+
+FULL = [Shape("mixtral", 4096, 14336, 8, 2), Shape("deepseek_v3", 7168, 2048, 256, 8, "deepseek_v3", 8, 4)]
+SMALL = [Shape("mixtral", 64, 224, 8, 2), Shape("deepseek_v3", 112, 32, 32, 8, "deepseek_v3", 8, 4)]
+FULL_TOKENS = {"prefill": 4096, "decode": 128}
+SMALL_TOKENS = {"prefill": 256, "decode": 16}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in ms, each run fenced by device synchronizes."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return median(out)
+
+
+def fit_experts(shape: Shape, device: torch.device, dtype: torch.dtype) -> int:
+    """Experts of `shape` whose weights fit in half the device's memory (all of them on a CPU)."""
+    if device.type != "cuda":
+        return shape.num_experts
+    per_expert = 3 * shape.d_model * shape.d_ff * torch.finfo(dtype).bits // 8
+    budget = torch.cuda.get_device_properties(device).total_memory // 2
+    return max(shape.top_k, min(shape.num_experts, budget // per_expert))
+
+
+def _groups_for(experts: int, shape: Shape) -> tuple[int, int]:
+    """DeepSeek's group-limited routing with fewer experts: keep groups that divide the expert count."""
+    groups = shape.num_groups
+    while groups > 1 and (experts % groups or experts // groups < 2 or
+                          shape.topk_groups * (experts // groups) < shape.top_k):
+        groups //= 2
+    return groups, min(shape.topk_groups, groups)
+
+
+def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype: torch.dtype, repeats: int
+             ) -> dict[str, Any]:
+    experts = fit_experts(shape, device, dtype)
+    groups, topk_groups = _groups_for(experts, shape)
+    cfg = GateConfig(shape.family, experts, shape.top_k, num_groups=groups, topk_groups=topk_groups)
+    g = torch.Generator(device=device).manual_seed(0)
+    D, F = shape.d_model, shape.d_ff
+    gate_up = torch.randn(experts, 2 * F, D, generator=g, device=device, dtype=dtype).div_(D**0.5)
+    down = torch.randn(experts, D, F, generator=g, device=device, dtype=dtype).div_(F**0.5)
+    gw = GateWeights(torch.randn(experts, D, generator=g, device=device) / D**0.5,
+                     correction_bias=torch.zeros(experts, device=device) if shape.family == "deepseek_v3" else None)
+    hidden = torch.randn(tokens, D, generator=g, device=device, dtype=dtype)
+
+    out = gate(hidden, cfg, gw)
+    plan = build_plan(out.experts, experts)
+    rows = permute(hidden, plan)
+    counts = plan.counts.tolist()
+    n_rows = rows.shape[0]
+
+    def prepare() -> torch.Tensor:
+        o = gate(hidden, cfg, gw)
+        return permute(hidden, build_plan(o.experts, experts))
+
+    scratch = rows.clone()  # combine scales its input in place: give it a buffer of its own
+
+    def finish() -> torch.Tensor:
+        return combine(scratch, plan, out.weights)
+
+    grouped_ok = grouped_mm_fast(device, dtype, D, F) or (device.type == "cpu" and hasattr(torch, "_grouped_mm"))
+    ms: dict[str, float] = {}
+    ms["experts_loop"] = timed(lambda: slots_swiglu(rows, counts, gate_up, down, grouped=False), device, repeats)
+    if grouped_ok:
+        ms["experts_grouped"] = timed(lambda: slots_swiglu(rows, counts, gate_up, down, grouped=True), device, repeats)
+    a = torch.randn(n_rows, D, generator=g, device=device, dtype=dtype)
+    b = torch.randn(D, 3 * F, generator=g, device=device, dtype=dtype)
+    ms["plain_matmul"] = timed(lambda: a @ b, device, repeats)
+    ms["router_prepare"] = timed(prepare, device, repeats)
+    ms["router_finish"] = timed(finish, device, repeats)
+
+    best = min(v for k, v in ms.items() if k.startswith("experts_"))
+    flops = 6.0 * n_rows * D * F
+    tflops = {k: flops / (v / 1e3) / 1e12 for k, v in ms.items() if k.startswith("experts_") or k == "plain_matmul"}
+    result: dict[str, Any] = {
+        "shape": asdict(shape), "phase": phase, "tokens": tokens, "experts_resident": experts,
+        "routed_rows": n_rows, "median_ms": ms, "tflops": tflops,
+        "matmul_fraction": {k: v / tflops["plain_matmul"] for k, v in tflops.items() if k != "plain_matmul"},
+        "router_over_compute": (ms["router_prepare"] + ms["router_finish"]) / best,
+    }
+    if phase == "decode":
+        active = sum(1 for c in counts if c)
+        weight_bytes = active * 3 * D * F * gate_up.element_size()
+        src = torch.empty(weight_bytes // gate_up.element_size(), device=device, dtype=dtype)
+        dst = torch.empty_like(src)
+        copy_ms = timed(lambda: dst.copy_(src), device, repeats)
+        copy_gbs = weight_bytes / (copy_ms / 1e3) / 1e9
+        weights_gbs = {k: weight_bytes / (v / 1e3) / 1e9 for k, v in ms.items() if k.startswith("experts_")}
+        result.update(active_experts=active, weight_bytes=weight_bytes, copy_ms=copy_ms, copy_gbs=copy_gbs,
+                      weights_gbs=weights_gbs, copy_fraction={k: v / copy_gbs for k, v in weights_gbs.items()})
+    return result
+
+
+def run(small: bool | None = None, device: str | None = None, dtype: str | None = None, repeats: int = 10,
+        shapes: list[Shape] | None = None, tokens: dict[str, int] | None = None) -> dict[str, Any]:
+    dev = resolve_device(device or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    small = dev.type == "cpu" if small is None else small
+    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    shapes = shapes or (SMALL if small else FULL)
+    tokens = tokens or (SMALL_TOKENS if small else FULL_TOKENS)
+    cases = []
+    with torch.inference_mode():
+        for shape in shapes:
+            for phase, t in tokens.items():
+                cases.append(run_case(shape, t, phase, dev, dt, repeats))
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {"device": name, "dtype": str(dt).removeprefix("torch."), "small": small, "repeats": repeats,
+            "torch": torch.__version__, "goals": GOALS, "cases": cases}
+
+
+def cli(small: bool = typer.Option(None, "--small/--full", help="small shapes (default on CPU)"),
+        device: str = typer.Option(None, help="cpu | cuda (default: EXPERTRAY_DEVICE, else cuda when available)"),
+        dtype: str = typer.Option(None, help="bfloat16 | float16 | float32 (default bf16 on GPU, fp32 on CPU)"),
+        repeats: int = 10, as_json: bool = typer.Option(False, "--json"), out: Path | None = None) -> None:
+    """Expert GEMMs vs a plain matmul, decode weight reads vs a copy, router vs expert time, on one device."""
+    r = run(small, device, dtype, repeats)
+    nan = float("nan")
+    rows = [[c["shape"]["name"], c["phase"], c["routed_rows"], c["matmul_fraction"].get("experts_grouped", nan),
+             c["matmul_fraction"]["experts_loop"], c.get("copy_fraction", {}).get("experts_grouped", nan),
+             c.get("copy_fraction", {}).get("experts_loop", nan), c["router_over_compute"]] for c in r["cases"]]
+    emit("gpu", r, rows, ["layer", "phase", "rows", "grouped/matmul", "loop/matmul", "grouped weights/copy",
+                          "loop weights/copy", "router/compute"], as_json, out)
