@@ -1,0 +1,37 @@
+"""Print the figures of a `make gpu-check` result ($OUT/gpu_check.json) as a Markdown table for
+docs/BENCHMARKS.md: python scripts/gpu_check_table.py path/to/gpu_check.json"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def table(doc: dict) -> str:
+    bench = doc["bench_gpu"]
+    lines = [f"{bench['device']}, torch {bench['torch']}, {bench['dtype']}, median of {bench['repeats']}; "
+             f"tests: {doc['pytest'].get('tests')} run, {doc['pytest'].get('failures')} failed, "
+             f"{doc['pytest'].get('skipped')} skipped",
+             "",
+             "| layer | phase | rows | experts | grouped TFLOP/s | loop TFLOP/s | matmul TFLOP/s | grouped/matmul "
+             "| loop/matmul | decode weights GB/s (grouped) | copy GB/s | weights/copy | router/compute |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in bench["cases"]:
+        tf, frac = c["tflops"], c["matmul_fraction"]
+        best = "experts_grouped" if "experts_grouped" in tf else "experts_loop"
+        lines.append("| " + " | ".join([
+            c["shape"]["name"], c["phase"], str(c["routed_rows"]), str(c["experts_resident"]),
+            _f(tf.get("experts_grouped")), _f(tf["experts_loop"]), _f(tf["plain_matmul"]),
+            _f(frac.get("experts_grouped")), _f(frac["experts_loop"]),
+            _f(c.get("weights_gbs", {}).get(best)), _f(c.get("copy_gbs")),
+            _f(c.get("copy_fraction", {}).get(best)), _f(c["router_over_compute"])]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(json.loads(Path(sys.argv[1]).read_text())))
