@@ -40,3 +40,8 @@ class TransportError(ExpertRayError, RuntimeError):
 
 class BackpressureError(ExpertRayError, RuntimeError):
     """The router queue is full; retry later."""
+
+
+class CheckpointError(ExpertRayError, ValueError):
+    """A checkpoint directory cannot be served: unreadable, missing shard or tensor, wrong shape or dtype,
+    unsupported architecture. The message names the file and the tensor."""
