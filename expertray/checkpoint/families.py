@@ -44,7 +44,7 @@ class Family:
     interleaved gate/up + biases, down [E, F, D]).
     """
 
-    name: str
+    name: str  # also the config.json model_type
     architectures: tuple[str, ...]
     block: str
     layer_kwargs: Callable[[HFConfig], dict[str, Any]]
@@ -142,10 +142,10 @@ def supported_architectures() -> list[str]:
 
 
 def family_for(path: str, config: dict[str, Any]) -> Family:
-    """The family of a config.json (by `architectures`), or a CheckpointError listing the supported ones."""
+    """The family of a config.json (by `architectures`, else `model_type`), or a CheckpointError listing the supported ones."""
     archs = config.get("architectures") or []
     for family in FAMILIES:
-        if any(a in family.architectures for a in archs):
+        if any(a in family.architectures for a in archs) or (not archs and config.get("model_type") == family.name):
             return family
     named = ", ".join(archs) if archs else f"model_type {config.get('model_type', '?')!r}"
     raise CheckpointError(f"checkpoint {path}: architecture {named} is not supported "
