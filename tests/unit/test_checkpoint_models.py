@@ -176,3 +176,34 @@ def test_unsupported_moe_model_is_refused_by_name(tmp_path: Path) -> None:
     tf.Llama4ForCausalLM(cfg).save_pretrained(tmp_path / "llama4")
     with pytest.raises(CheckpointError, match="architecture Llama4ForCausalLM is not supported"):
         from_pretrained(str(tmp_path / "llama4"), backend="in_process")
+
+
+def test_generate_with_prompt_ids_and_with_a_tokenizer(checkpoints, tmp_path: Path) -> None:
+    import expertray
+    from expertray.checkpoint.generate import generate
+
+    path = checkpoints["qwen3_moe", "float32"]
+    ref = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = [5, 17, 3, 44]
+    result = generate(str(path), prompt_ids=prompt, max_new_tokens=5, backend="in_process")
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, 4:].tolist()
+    assert result.new_ids == expected and result.text == "" and result.tokens_per_s > 0
+    assert "5 new tokens" in result.summary() and " ".join(map(str, expected)) in result.summary()
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        generate(str(path), prompt="hello", backend="in_process")
+    with pytest.raises(ConfigError, match="prompt token id 500 is outside the vocabulary"):
+        generate(str(path), prompt_ids=[500], backend="in_process")
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(96)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    with_tok = tmp_path / "with-tokenizer"
+    shutil.copytree(path, with_tok)
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    tokenizer.save_pretrained(with_tok)
+    model_and_cluster = expertray.from_pretrained(str(with_tok), backend="in_process")
+    text = generate(str(with_tok), prompt="w5 w17 w3 w44", max_new_tokens=5, model_and_cluster=model_and_cluster)
+    assert text.prompt_ids == prompt and text.new_ids == expected
+    assert text.text == tokenizer.decode(expected, skip_special_tokens=True) and text.text
