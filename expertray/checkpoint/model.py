@@ -90,12 +90,25 @@ def in_process_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig) -> 
     return InProcessCluster(cfg, _layers(descriptor, cfg))
 
 
-def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig) -> Any:
-    """A Ray cluster via expertray.api.launch. Stop-gap: the layers are read here and handed to launch;
-    per-actor loading (each expert actor reading its own slots) replaces this."""
+def _check_ray_support(cfg: ClusterConfig) -> None:
+    """What today's expert actors cannot compute yet, refused before anything starts (they run plain
+    SwiGLU on float32 numpy slots). Remove each line once the actors load slots from a WeightSource."""
+    if cfg.layer.expert_bias or cfg.layer.expert_activation != "swiglu":
+        raise ConfigError(f"backend 'ray': expert actors do not yet compute {cfg.layer.expert_activation} experts "
+                          f"with biases (GPT-OSS); use backend='in_process'")
+    if cfg.dtype != "float32":
+        raise ConfigError(f"backend 'ray': expert actors serve float32 only for now, got dtype={cfg.dtype}; "
+                          "pass dtype='float32' or backend='in_process'")
+
+
+def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False) -> Any:
+    """A Ray cluster via expertray.api.launch (not detached: it lives with the calling process unless
+    `detached`). Stop-gap: the layers are read here and handed to launch; per-actor loading (each expert
+    actor reading its own slots from a WeightSource) replaces this."""
     from expertray.api import launch
 
-    return launch(cfg, _layers(descriptor, cfg))
+    _check_ray_support(cfg)
+    return launch(cfg, _layers(descriptor, cfg), detached=detached)
 
 
 Backend = Callable[[CheckpointDescriptor, ClusterConfig], Any]
