@@ -207,3 +207,22 @@ def test_generate_with_prompt_ids_and_with_a_tokenizer(checkpoints, tmp_path: Pa
     text = generate(str(with_tok), prompt="w5 w17 w3 w44", max_new_tokens=5, model_and_cluster=model_and_cluster)
     assert text.prompt_ids == prompt and text.new_ids == expected
     assert text.text == tokenizer.decode(expected, skip_special_tokens=True) and text.text
+
+
+def test_example_config_file_resolves_against_a_checkpoint(checkpoints) -> None:
+    """cluster/expertray-checkpoint.yaml is a valid ClusterConfig; pointed at a checkpoint, the layer shape,
+    num_layers and dtype come from it and the file's capacity is kept."""
+    import yaml
+
+    from expertray.checkpoint.model import checkpoint_cluster_config
+    from expertray.config import check_policy_names, from_dict
+
+    example = Path(__file__).resolve().parents[2] / "cluster" / "expertray-checkpoint.yaml"
+    cfg = from_dict(ClusterConfig, yaml.safe_load(example.read_text()), "cluster")
+    check_policy_names(cfg)
+    assert cfg.model.endswith("Mixtral-8x7B-Instruct-v0.1") and cfg.dtype == "bfloat16"
+    path = checkpoints["qwen2_moe", "bfloat16"]
+    resolved = checkpoint_cluster_config(dataclasses.replace(cfg, model=str(path), dtype="auto"))
+    assert resolved.dtype == "bfloat16" and resolved.num_layers == 2  # layer 1 is in mlp_only_layers
+    assert resolved.layer.shared_d_ff == 40 and resolved.layer.shared_gated
+    assert resolved.layer.capacity == cfg.layer.capacity and resolved.num_expert_actors == 8
