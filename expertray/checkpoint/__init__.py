@@ -3,7 +3,7 @@
 
 from expertray.checkpoint.families import FAMILIES, supported_architectures
 from expertray.checkpoint.files import CheckpointDescriptor, describe
-from expertray.checkpoint.source import RouterWeights, WeightSource, resolve_dtype
+from expertray.checkpoint.source import RouterWeights, WeightSource, cached_source, resolve_dtype
 
-__all__ = ["FAMILIES", "CheckpointDescriptor", "RouterWeights", "WeightSource", "describe", "resolve_dtype",
-           "supported_architectures"]
+__all__ = ["FAMILIES", "CheckpointDescriptor", "RouterWeights", "WeightSource", "cached_source", "describe",
+           "resolve_dtype", "supported_architectures"]

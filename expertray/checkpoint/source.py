@@ -8,6 +8,7 @@ stacked layouts, only the requested experts' rows of the stacked tensor).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -227,3 +228,16 @@ class WeightSource:
 def _stack(rows: list[torch.Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.stack that also handles no rows (an actor holding no slot of a layer)."""
     return torch.stack(rows).contiguous() if rows else torch.empty(empty_shape, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(descriptor: CheckpointDescriptor, dtype: str) -> WeightSource:
+    return WeightSource(descriptor, dtype)
+
+
+def cached_source(descriptor: dict[str, Any] | CheckpointDescriptor, dtype: str = "auto") -> WeightSource:
+    """The WeightSource of a descriptor (plain dict as persisted, or the object), opened and verified once
+    per process: an expert actor loading slots again (replication, heal) does not re-parse the headers."""
+    if isinstance(descriptor, dict):
+        descriptor = CheckpointDescriptor.from_dict(descriptor)
+    return _cached(descriptor, dtype)

@@ -242,3 +242,13 @@ def test_tensor_index_covers_every_tensor(mixtral_dir: Path) -> None:
     index = tensor_index(mixtral_dir)
     assert set(index) == set(_index(mixtral_dir)["weight_map"])
     assert index[EXPERT].shape == (48, 32) and index[EXPERT].dtype == "F32"
+
+
+def test_cached_source_opens_once_per_descriptor_and_dtype(mixtral_dir: Path) -> None:
+    from expertray.checkpoint import cached_source
+
+    data = describe(mixtral_dir).to_dict()
+    first = cached_source(data, "bfloat16")
+    assert cached_source(CheckpointDescriptor.from_dict(data), "bfloat16") is first
+    assert cached_source(data, "float32") is not first and first.dtype == torch.bfloat16
+    assert first.slot_bytes(3) == 3 * 3 * 32 * 48 * 2
