@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from expertray.checkpoint.files import CheckpointDescriptor, TensorInfo, describe
@@ -120,6 +118,8 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     import transformers as tf
 
     hf_cfg = tf.AutoConfig.from_pretrained(str(path))  # config.json only; remote code is never run
+    if getattr(hf_cfg, "quantization_config", None) is not None:  # weights are dequantized as they load
+        del hf_cfg.quantization_config
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     if (path / "generation_config.json").exists():
@@ -170,15 +170,9 @@ def _load_dense(model: nn.Module, source: WeightSource, plan: dict[str, TensorIn
     """Read the planned tensors (each shard opened once) into the model, then tie weights and compute
     the non-persistent buffers (rotary inv_freq) the checkpoint does not hold."""
     targets = model.state_dict(keep_vars=True)
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, info in plan.items():
-        by_file[info.file].append(name)
-    state: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
-        with safe_open(str(source.path / file), framework="pt") as handle:
-            for name in names:
-                state[name] = handle.get_tensor(name).to(targets[name].dtype)
-    model.load_state_dict(state, strict=False, assign=True)
+    names = list(plan)
+    tensors = source.read([(n, plan[n].shape, None) for n in names], [targets[n].dtype for n in names])
+    model.load_state_dict(dict(zip(names, tensors)), strict=False, assign=True)
     model.tie_weights()
     for module in model.modules():
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from expertray.checkpoint.families import Family, HFConfig, family_for
 from expertray.checkpoint.files import CheckpointDescriptor, TensorInfo, describe, read_config, tensor_index
+from expertray.checkpoint.quant import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8, fp8_block
 from expertray.config import CapacityConfig, MoELayerConfig
 from expertray.errors import CheckpointError
 from expertray.expert_math import ExpertBiases, deinterleave_gpt_oss
@@ -69,6 +70,7 @@ class WeightSource:
         self.hf = HFConfig(descriptor.path, read_config(self.path))
         self.family: Family = family_for(descriptor.path, self.hf.data)
         self.index: dict[str, TensorInfo] = tensor_index(self.path)
+        self.fp8_block = fp8_block(descriptor.path, self.hf.get("quantization_config", default=None))
         self.checkpoint_dtype: str | None = self.hf.get("torch_dtype", "dtype", default=None)
         self.dtype = resolve_dtype(dtype, self.checkpoint_dtype)
         self.moe_layers: list[int] = self.family.moe_layers(self.hf)
@@ -110,10 +112,14 @@ class WeightSource:
         if info.shape != shape:
             raise CheckpointError(f"checkpoint {self.path}: tensor {name} in {info.file} has shape "
                                   f"{list(info.shape)}, expected {list(shape)}")
-        if info.dtype not in SERVABLE_DTYPES:
+        if info.dtype in FP8_DTYPES and self.fp8_block is not None:
+            if name + SCALE_SUFFIX not in self.index:
+                raise CheckpointError(f"checkpoint {self.path}: tensor {name}{SCALE_SUFFIX} (scales of the FP8 "
+                                      f"tensor {name} in {info.file}) is in no shard")
+        elif info.dtype not in SERVABLE_DTYPES:
             raise CheckpointError(f"checkpoint {self.path}: tensor {name} in {info.file} has dtype {info.dtype}, "
-                                  f"expected one of {', '.join(SERVABLE_DTYPES)} (quantized weights are not "
-                                  "supported)")
+                                  f"expected one of {', '.join(SERVABLE_DTYPES)} (quantized weights need a "
+                                  "supported quantization_config)")
         return info
 
     def _check_layer(self, layer: int) -> LayerTensors:
@@ -123,11 +129,13 @@ class WeightSource:
         return self._tensors[layer]
 
     # -- reading ---------------------------------------------------------------------------------------
-    def _read(self, requests: list[tuple[str, tuple[int, ...], int | None]]) -> list[torch.Tensor]:
-        """Read (name, expected full shape, row or None) tensors, opening each shard once; row e reads
-        only [e] of a stacked tensor. Returns tensors in the serving dtype, in request order."""
-        by_file: dict[str, list[int]] = defaultdict(list)
+    def read(self, requests: list[tuple[str, tuple[int, ...], int | None]],
+             dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
+        """Read (name, expected full shape, row or None) tensors, each shard opened once; row e reads only
+        [e] of a stacked tensor. FP8 block-quantized tensors are dequantized. Returns tensors in `dtypes`
+        (default: the serving dtype), in request order."""
         infos = [self._info(name, shape) for name, shape, _ in requests]
+        by_file: dict[str, list[int]] = defaultdict(list)
         for i, info in enumerate(infos):
             by_file[info.file].append(i)
         out: list[Any] = [None] * len(requests)
@@ -137,10 +145,25 @@ class WeightSource:
                     for i in positions:
                         name, _, row = requests[i]
                         t = handle.get_tensor(name) if row is None else handle.get_slice(name)[row]
-                        out[i] = t.to(self.dtype)
+                        if infos[i].dtype in FP8_DTYPES:
+                            t = self._dequantize(name, row, t)
+                        out[i] = t.to(self.dtype if dtypes is None else dtypes[i])
             except OSError as exc:
                 raise CheckpointError(f"checkpoint {self.path}: cannot read shard {file} ({exc})") from None
         return out
+
+    def _dequantize(self, name: str, row: int | None, q: torch.Tensor) -> torch.Tensor:
+        scale_name = name + SCALE_SUFFIX
+        if row is not None or q.dim() != 2:
+            raise CheckpointError(f"checkpoint {self.path}: FP8 tensor {name} is stacked; only per-expert FP8 "
+                                  "weights are supported")
+        info = self.index[scale_name]
+        with safe_open(str(self.path / info.file), framework="pt") as handle:
+            scale = handle.get_tensor(scale_name)
+        try:
+            return dequantize_fp8(q, scale, self.fp8_block)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {scale_name} in {info.file}: {exc}") from None
 
     def experts(self, keys: Sequence[tuple[int, int]]) -> tuple[ExpertWeights, ExpertBiases | None]:
         """Stacked weights (and biases, for GPT-OSS) of the (cluster layer, logical expert) `keys`, in
@@ -162,7 +185,7 @@ class WeightSource:
             else:
                 requests += [(f"{p}.gate_up_proj", (E, D, 2 * F), expert), (f"{p}.gate_up_proj_bias", (E, 2 * F), expert),
                              (f"{p}.down_proj", (E, F, D), expert), (f"{p}.down_proj_bias", (E, D), expert)]
-        tensors = iter(self._read(requests))
+        tensors = iter(self.read(requests))
         gate_up, down, gate_up_bias, down_bias = [], [], [], []
         for layer, _ in keys:
             layout = self._tensors[layer].layout
@@ -200,7 +223,7 @@ class WeightSource:
                       (f"{s}.down_proj.weight", (D, Fs), None)]
         if f.shared_gate:
             names.append((f"{where.prefix}.{f.shared_gate}.weight", (1, D), None))
-        t = iter(self._read(names))
+        t = iter(self.read(names))
         gw = GateWeights(next(t).float())
         if f.router_bias:
             gw.bias = next(t).float()

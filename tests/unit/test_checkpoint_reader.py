@@ -189,7 +189,7 @@ def _wrong_dtype(path: Path) -> str:
     _rewrite_tensor(path, EXPERT, torch.zeros(48, 32, dtype=torch.int8))
     file = _index(path)["weight_map"][EXPERT]
     return (rf"^checkpoint {path}: tensor {EXPERT} in {file} has dtype I8, expected one of F32, F16, BF16 "
-            r"\(quantized weights are not supported\)$")
+            r"\(quantized weights need a supported quantization_config\)$")
 
 
 def _unsupported_architecture(path: Path) -> str:
