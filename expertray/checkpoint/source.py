@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from expertray.checkpoint.families import Family, HFConfig, family_for
 from expertray.checkpoint.files import CheckpointDescriptor, TensorInfo, describe, read_config, tensor_index
-from expertray.checkpoint.quant import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8, fp8_block
+from expertray.checkpoint.quant import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8, dequantize_mxfp4, fp8_block
 from expertray.config import CapacityConfig, MoELayerConfig
 from expertray.errors import CheckpointError
 from expertray.expert_math import ExpertBiases, deinterleave_gpt_oss
@@ -29,6 +29,7 @@ from expertray.gating import GateWeights
 from expertray.layer import MoELayer
 
 SERVABLE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MXFP4_SUFFIXES = ("_blocks", "_scales")
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,7 +45,8 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None) -> torch.dtype:
 @dataclass(frozen=True)
 class LayerTensors:
     """Tensor names of one MoE layer: `prefix` (e.g. model.layers.3.mlp) and the experts' layout:
-    per_expert (experts.{e}.{proj}.weight), stacked or gpt_oss (see Family.fused)."""
+    per_expert (experts.{e}.{proj}.weight), stacked, gpt_oss (see Family.fused) or gpt_oss_mxfp4
+    (GPT-OSS's experts as MXFP4 `_blocks` + `_scales`, see checkpoint/quant.py)."""
 
     prefix: str
     layout: str
@@ -98,6 +100,8 @@ class WeightSource:
             prefix = template.format(layer=model_layer)
             if f"{prefix}.{f.router}.weight" not in self.index:
                 continue
+            if f.fused == "gpt_oss" and f"{prefix}.experts.gate_up_proj_blocks" in self.index:
+                return LayerTensors(prefix, "gpt_oss_mxfp4")
             if f.fused == "gpt_oss" or f"{prefix}.experts.gate_up_proj" in self.index:
                 return LayerTensors(prefix, f.fused)
             return LayerTensors(prefix, "per_expert")
@@ -112,7 +116,9 @@ class WeightSource:
         if info.shape != shape:
             raise CheckpointError(f"checkpoint {self.path}: tensor {name} in {info.file} has shape "
                                   f"{list(info.shape)}, expected {list(shape)}")
-        if info.dtype in FP8_DTYPES and self.fp8_block is not None:
+        if info.dtype == "U8" and name.endswith(MXFP4_SUFFIXES):
+            pass  # MXFP4 blocks and scales: raw bytes, dequantized by the caller
+        elif info.dtype in FP8_DTYPES and self.fp8_block is not None:
             if name + SCALE_SUFFIX not in self.index:
                 raise CheckpointError(f"checkpoint {self.path}: tensor {name}{SCALE_SUFFIX} (scales of the FP8 "
                                       f"tensor {name} in {info.file}) is in no shard")
@@ -147,7 +153,7 @@ class WeightSource:
                         t = handle.get_tensor(name) if row is None else handle.get_slice(name)[row]
                         if infos[i].dtype in FP8_DTYPES:
                             t = self._dequantize(name, row, t)
-                        out[i] = t.to(self.dtype if dtypes is None else dtypes[i])
+                        out[i] = t if infos[i].dtype == "U8" else t.to(self.dtype if dtypes is None else dtypes[i])
             except OSError as exc:
                 raise CheckpointError(f"checkpoint {self.path}: cannot read shard {file} ({exc})") from None
         return out
@@ -182,9 +188,15 @@ class WeightSource:
                              (f"{p}.{expert}.{d}.weight", (D, F), None)]
             elif where.layout == "stacked":
                 requests += [(f"{p}.gate_up_proj", (E, 2 * F, D), expert), (f"{p}.down_proj", (E, D, F), expert)]
-            else:
+            elif where.layout == "gpt_oss":
                 requests += [(f"{p}.gate_up_proj", (E, D, 2 * F), expert), (f"{p}.gate_up_proj_bias", (E, 2 * F), expert),
                              (f"{p}.down_proj", (E, F, D), expert), (f"{p}.down_proj_bias", (E, D), expert)]
+            else:  # gpt_oss_mxfp4
+                requests += [(f"{p}.gate_up_proj_blocks", (E, 2 * F, D // 32, 16), expert),
+                             (f"{p}.gate_up_proj_scales", (E, 2 * F, D // 32), expert),
+                             (f"{p}.gate_up_proj_bias", (E, 2 * F), expert),
+                             (f"{p}.down_proj_blocks", (E, D, F // 32, 16), expert),
+                             (f"{p}.down_proj_scales", (E, D, F // 32), expert), (f"{p}.down_proj_bias", (E, D), expert)]
         tensors = iter(self.read(requests))
         gate_up, down, gate_up_bias, down_bias = [], [], [], []
         for layer, _ in keys:
@@ -195,11 +207,18 @@ class WeightSource:
             elif layout == "stacked":
                 gate_up.append(next(tensors))
                 down.append(next(tensors))
-            else:
+            elif layout == "gpt_oss":
                 gu, gub = deinterleave_gpt_oss(next(tensors).unsqueeze(0), next(tensors).unsqueeze(0))
                 gate_up.append(gu[0])
                 gate_up_bias.append(gub[0])
                 down.append(next(tensors).t())
+                down_bias.append(next(tensors))
+            else:  # MXFP4 rows are [2F, D] with gate/up rows interleaved, down [D, F]
+                gu_rows = dequantize_mxfp4(next(tensors), next(tensors)).to(self.dtype)
+                gu, gub = deinterleave_gpt_oss(gu_rows.t().unsqueeze(0), next(tensors).unsqueeze(0))
+                gate_up.append(gu[0])
+                gate_up_bias.append(gub[0])
+                down.append(dequantize_mxfp4(next(tensors), next(tensors)).to(self.dtype))
                 down_bias.append(next(tensors))
         weights = ExpertWeights(_stack(gate_up, (0, 2 * F, D), self.dtype), _stack(down, (0, D, F), self.dtype))
         if not cfg.expert_bias:

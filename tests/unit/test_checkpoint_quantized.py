@@ -1,5 +1,5 @@
-"""FP8 block-quantized checkpoints (DeepSeek-V3's official format) are dequantized at load: from_pretrained
-equals the transformers model holding the dequantized weights."""
+"""Quantized checkpoints are dequantized at load: FP8 blocks (DeepSeek-V3's official format) and MXFP4 experts
+(GPT-OSS's). from_pretrained equals the transformers model holding the dequantized weights."""
 
 from __future__ import annotations
 
@@ -94,7 +94,66 @@ def test_fp8_errors_name_the_tensor(fp8_checkpoint, tmp_path: Path) -> None:
                                               "is in no shard$"):
         WeightSource.open(str(broken)).experts([(0, 0)])
     config = json.loads((fp8 / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
+    config["quantization_config"] = {"quant_method": "awq"}
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="quantization 'mxfp4' is not supported"):
+    with pytest.raises(CheckpointError, match=r"quantization 'awq' is not supported \(supported: fp8, mxfp4;"):
         WeightSource.open(str(broken))
+
+
+def test_mxfp4_dequantization_equals_transformers() -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from expertray.checkpoint.quant import dequantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 8, 2, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 130, (3, 8, 2), generator=g, dtype=torch.uint8)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, C, R] (transposed)
+    torch.testing.assert_close(dequantize_mxfp4(blocks, scales), ref.transpose(1, 2), atol=0, rtol=0)
+
+
+def test_mxfp4_gpt_oss_checkpoint_equals_the_dequantized_reference(tmp_path: Path) -> None:
+    """A GPT-OSS checkpoint with MXFP4 experts (as openai/gpt-oss-* ship) serves like the same model with
+    the experts dequantized by transformers' own converter."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    cfg = tf.GptOssConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=16, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    quantized: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        for layer in model.model.layers:
+            ex = layer.mlp.experts
+            for proj, (rows, cols) in {"gate_up_proj": (128, 32), "down_proj": (32, 64)}.items():
+                blocks = torch.randint(0, 256, (4, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+                scales = torch.randint(122, 126, (4, rows, cols // 32), generator=g, dtype=torch.uint8)
+                getattr(ex, proj).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+                quantized[f"{proj}_blocks"], quantized[f"{proj}_scales"] = blocks, scales
+            prefix = f"model.layers.{layer.self_attn.layer_idx}.mlp.experts."
+            for key in list(quantized):
+                if "." not in key:
+                    quantized[prefix + key] = quantized.pop(key)
+    model.save_pretrained(tmp_path / "reference")
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").eval()
+    state = load_file(str(tmp_path / "reference" / "model.safetensors"))
+    state = {k: v for k, v in state.items() if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    mx = tmp_path / "mxfp4"
+    mx.mkdir()
+    save_file({**state, **quantized}, str(mx / "model.safetensors"))
+    config = json.loads((tmp_path / "reference" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    (mx / "config.json").write_text(json.dumps(config))
+
+    source = WeightSource.open(str(mx))
+    assert source._tensors[0].layout == "gpt_oss_mxfp4"
+    served, cluster = from_pretrained(str(mx), backend="in_process")
+    ids = torch.randint(2, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+    assert torch.equal(served.generate(ids, max_new_tokens=6, do_sample=False),
+                       ref.generate(ids, max_new_tokens=6, do_sample=False))
