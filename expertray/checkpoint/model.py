@@ -45,9 +45,9 @@ def checkpoint_cluster_config(cfg: ClusterConfig, source: WeightSource | None = 
                                num_layers=source.num_layers, dtype=dtype)
 
 
-def cluster_config(path: str, **options: Any) -> ClusterConfig:
-    """The ClusterConfig serving checkpoint `path`; `options` are ClusterConfig fields (validated by name)
-    plus `capacity` (a CapacityConfig or its dict). layer, num_layers and model come from the checkpoint."""
+def _options_config(path: str, options: dict[str, Any]) -> ClusterConfig:
+    """`options` (ClusterConfig fields and `capacity`) validated by name, with model = `path`."""
+    options = dict(options)
     clash = sorted(set(options) & set(_FROM_CHECKPOINT))
     if clash:
         raise ConfigError(f"cluster.{clash[0]}: comes from the checkpoint, do not pass it")
@@ -57,7 +57,13 @@ def cluster_config(path: str, **options: Any) -> ClusterConfig:
     cfg = from_dict(ClusterConfig, {**options, "model": str(path)})
     if capacity is not None:
         cfg = dataclasses.replace(cfg, layer=dataclasses.replace(cfg.layer, capacity=capacity))
-    return checkpoint_cluster_config(cfg)
+    return cfg
+
+
+def cluster_config(path: str, **options: Any) -> ClusterConfig:
+    """The ClusterConfig serving checkpoint `path`; `options` are ClusterConfig fields (validated by name)
+    plus `capacity` (a CapacityConfig or its dict). layer, num_layers and model come from the checkpoint."""
+    return checkpoint_cluster_config(_options_config(path, options))
 
 
 class InProcessCluster:
@@ -191,10 +197,10 @@ def from_pretrained(path: str, *, backend: str | Backend = "ray", **cluster_opti
     runner_factory = BACKENDS.get(backend) if isinstance(backend, str) else backend
     if runner_factory is None:
         raise ConfigError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
+    requested = _options_config(path, cluster_options)
     descriptor = describe(path)
-    source = WeightSource(descriptor, cluster_options.get("dtype", "auto"), verify=False)
-    options = {k: v for k, v in cluster_options.items() if k != "dtype"}
-    cfg = cluster_config(descriptor.path, dtype=str(source.dtype).removeprefix("torch."), **options)
+    source = WeightSource(descriptor, requested.dtype, verify=False)
+    cfg = checkpoint_cluster_config(requested, source)
     model = _skeleton(source.path, source.dtype)
     _check_blocks(model, source)
     dense = _dense_plan(model, source)

@@ -55,6 +55,7 @@ def test_float32_generation_equals_transformers(family: str, checkpoints) -> Non
     assert find_moe_blocks(model) == [] and cluster.cfg.num_layers == len(find_moe_blocks(ref))
     assert sum(isinstance(m, ClusterMoEProxy) for m in model.modules()) == cluster.cfg.num_layers
     assert not any(t.is_meta for t in model.state_dict().values())
+    assert not [k for k in model.state_dict() if ".experts." in k or k.endswith((".gate.weight", ".router.weight"))]
     ids = _prompt()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
