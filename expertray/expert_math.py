@@ -75,7 +75,7 @@ def fused_experts_combine_general(hidden: torch.Tensor, plan: DispatchPlan, weig
 
     weights: [T, k] combine weights; plan rows grouped by slot (slot s = logical expert s in-process).
     """
-    out = torch.zeros(plan.num_tokens, hidden.shape[1], dtype=hidden.dtype)
+    out = torch.zeros(plan.num_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     row_weight = weights[plan.token_index, plan.k_index].to(hidden.dtype)
     start = 0
     for slot, n in enumerate(plan.counts.tolist()):

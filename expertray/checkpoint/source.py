@@ -136,10 +136,12 @@ class WeightSource:
 
     # -- reading ---------------------------------------------------------------------------------------
     def read(self, requests: list[tuple[str, tuple[int, ...], int | None]],
-             dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
+             dtypes: list[torch.dtype] | None = None,
+             into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Read (name, expected full shape, row or None) tensors, each shard opened once; row e reads only
         [e] of a stacked tensor. FP8 block-quantized tensors are dequantized. Returns tensors in `dtypes`
-        (default: the serving dtype), in request order."""
+        (default: the serving dtype), in request order; with `into`, each is copied (and cast) straight
+        into into[i], a view of a preallocated stack, so the bytes are copied once out of the mmap."""
         infos = [self._info(name, shape) for name, shape, _ in requests]
         by_file: dict[str, list[int]] = defaultdict(list)
         for i, info in enumerate(infos):
@@ -153,7 +155,12 @@ class WeightSource:
                         t = handle.get_tensor(name) if row is None else handle.get_slice(name)[row]
                         if infos[i].dtype in FP8_DTYPES:
                             t = self._dequantize(name, row, t)
-                        out[i] = t if infos[i].dtype == "U8" else t.to(self.dtype if dtypes is None else dtypes[i])
+                        if into is not None:
+                            out[i] = into[i].copy_(t)
+                        elif infos[i].dtype == "U8":
+                            out[i] = t
+                        else:
+                            out[i] = t.to(self.dtype if dtypes is None else dtypes[i])
             except OSError as exc:
                 raise CheckpointError(f"checkpoint {self.path}: cannot read shard {file} ({exc})") from None
         return out
@@ -197,6 +204,9 @@ class WeightSource:
                              (f"{p}.gate_up_proj_bias", (E, 2 * F), expert),
                              (f"{p}.down_proj_blocks", (E, D, F // 32, 16), expert),
                              (f"{p}.down_proj_scales", (E, D, F // 32), expert), (f"{p}.down_proj_bias", (E, D), expert)]
+        layouts = {self._tensors[layer].layout for layer, _ in keys}
+        if layouts <= {"per_expert"} or layouts == {"stacked"}:
+            return self._read_stacked(requests, len(keys), layouts == {"stacked"}), None
         tensors = iter(self.read(requests))
         gate_up, down, gate_up_bias, down_bias = [], [], [], []
         for layer, _ in keys:
@@ -225,6 +235,19 @@ class WeightSource:
             return weights, None
         return weights, ExpertBiases(_stack(gate_up_bias, (0, 2 * F), self.dtype),
                                      _stack(down_bias, (0, D), self.dtype))
+
+    def _read_stacked(self, requests: list[tuple[str, tuple[int, ...], int | None]], num_slots: int,
+                      stacked: bool) -> ExpertWeights:
+        """Per-expert (gate, up, down per slot) or stacked (gate_up, down per slot) requests read straight
+        into gate_up [S, 2F, D] and down [S, D, F]."""
+        D, F = self.layer_config.d_model, self.layer_config.d_ff
+        gate_up = torch.empty(num_slots, 2 * F, D, dtype=self.dtype)
+        down = torch.empty(num_slots, D, F, dtype=self.dtype)
+        into: list[torch.Tensor] = []
+        for s in range(num_slots):
+            into += [gate_up[s], down[s]] if stacked else [gate_up[s, :F], gate_up[s, F:], down[s]]
+        self.read(requests, into=into)
+        return ExpertWeights(gate_up, down)
 
     def router(self, layer: int) -> RouterWeights:
         """Gate weight [E, D] (kept float32, as the gate computes in float32), router bias / correction bias
