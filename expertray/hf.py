@@ -1,7 +1,7 @@
 """Loaders between transformers MoE blocks and expertray's MoELayer (weights copied, numerics compared).
 
 Supported blocks: MixtralSparseMoeBlock (mixtral gating), Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock /
-OlmoeSparseMoeBlock (qwen_moe gating, optional renorm, optional gated shared expert), DeepseekV3MoE and
+Qwen3NextSparseMoeBlock / OlmoeSparseMoeBlock (qwen_moe gating, optional renorm, optional gated shared expert), DeepseekV3MoE and
 Glm4MoeMoE (deepseek_v3 gating + ungated shared experts), GptOssMLP (gpt_oss gating with router bias,
 biased experts with clamped SwiGLU). Weights keep the block's dtype. transformers is imported lazily.
 """
@@ -22,6 +22,7 @@ SUPPORTED_BLOCKS: dict[str, str] = {  # transformers block class name -> gating 
     "MixtralSparseMoeBlock": "mixtral",
     "Qwen2MoeSparseMoeBlock": "qwen_moe",
     "Qwen3MoeSparseMoeBlock": "qwen_moe",
+    "Qwen3NextSparseMoeBlock": "qwen_moe",
     "OlmoeSparseMoeBlock": "qwen_moe",
     "DeepseekV3MoE": "deepseek_v3",
     "Glm4MoeMoE": "deepseek_v3",

@@ -127,6 +127,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("Qwen2MoeForCausalLM",), "Qwen2MoeSparseMoeBlock", _qwen(shared=True),
            _qwen_sparse_layers, shared="shared_expert", shared_gate="shared_expert_gate"),
     Family("qwen3_moe", ("Qwen3MoeForCausalLM",), "Qwen3MoeSparseMoeBlock", _qwen(shared=False), _qwen_sparse_layers),
+    Family("qwen3_next", ("Qwen3NextForCausalLM",), "Qwen3NextSparseMoeBlock", _qwen(shared=True),
+           _qwen_sparse_layers, shared="shared_expert", shared_gate="shared_expert_gate"),
     Family("olmoe", ("OlmoeForCausalLM",), "OlmoeSparseMoeBlock", _olmoe, _all_layers),
     Family("deepseek_v3", ("DeepseekV3ForCausalLM",), "DeepseekV3MoE", _deepseek, _after_dense,
            shared="shared_experts", correction_bias=True),
