@@ -15,6 +15,7 @@ process, no Ray) and "ray" (expertray.api.launch).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from expertray.layer import MoELayer
 from expertray.validation import check_hidden
 
 _FROM_CHECKPOINT = ("layer", "num_layers", "model")
+log = logging.getLogger(__name__)
 
 
 def checkpoint_cluster_config(cfg: ClusterConfig, source: WeightSource | None = None) -> ClusterConfig:
@@ -94,15 +96,18 @@ def in_process_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig) -> 
     return InProcessCluster(cfg, _layers(descriptor, cfg))
 
 
-def _check_ray_support(cfg: ClusterConfig) -> None:
-    """What today's expert actors cannot compute yet, refused before anything starts (they run plain
-    SwiGLU on float32 numpy slots). Remove each line once the actors load slots from a WeightSource."""
+def _ray_supported(cfg: ClusterConfig) -> ClusterConfig:
+    """`cfg` as today's expert actors can serve it (plain SwiGLU on float32 numpy slots): GPT-OSS experts
+    are refused before anything starts; bf16/fp16 experts are served in float32 for now (the model's own
+    layers keep the requested dtype). Remove once the actors load slots from a WeightSource."""
     if cfg.layer.expert_bias or cfg.layer.expert_activation != "swiglu":
         raise ConfigError(f"backend 'ray': expert actors do not yet compute {cfg.layer.expert_activation} experts "
                           f"with biases (GPT-OSS); use backend='in_process'")
     if cfg.dtype != "float32":
-        raise ConfigError(f"backend 'ray': expert actors serve float32 only for now, got dtype={cfg.dtype}; "
-                          "pass dtype='float32' or backend='in_process'")
+        log.warning("backend 'ray': expert actors compute float32 until they load %s slots; serving experts "
+                    "in float32", cfg.dtype)
+        cfg = dataclasses.replace(cfg, dtype="float32")
+    return cfg
 
 
 def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False) -> Any:
@@ -111,7 +116,7 @@ def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: 
     actor reading its own slots from a WeightSource) replaces this."""
     from expertray.api import launch
 
-    _check_ray_support(cfg)
+    cfg = _ray_supported(cfg)
     return launch(cfg, _layers(descriptor, cfg), detached=detached)
 
 
