@@ -110,14 +110,22 @@ def _ray_supported(cfg: ClusterConfig) -> ClusterConfig:
     return cfg
 
 
-def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False) -> Any:
+def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False,
+                **launch_options: Any) -> Any:
     """A Ray cluster via expertray.api.launch (not detached: it lives with the calling process unless
-    `detached`). Stop-gap: the layers are read here and handed to launch; per-actor loading (each expert
-    actor reading its own slots from a WeightSource) replaces this."""
+    `detached`; `launch_options`: address, num_cpus). Stop-gap: the layers are read here and handed to
+    launch; per-actor loading (each expert actor reading its own slots from a WeightSource) replaces this."""
     from expertray.api import launch
 
     cfg = _ray_supported(cfg)
-    return launch(cfg, _layers(descriptor, cfg), detached=detached)
+    return launch(cfg, _layers(descriptor, cfg), detached=detached, **launch_options)
+
+
+def launch_checkpoint(cfg: ClusterConfig, detached: bool = True, **launch_options: Any) -> Any:
+    """Start the Ray cluster serving checkpoint `cfg.model` (what `expertray up --model`, `--config` with
+    `model:` and the Serve app with model=PATH call): resolves the config, then launches."""
+    resolved = checkpoint_cluster_config(cfg)
+    return ray_backend(describe(resolved.model), resolved, detached=detached, **launch_options)
 
 
 Backend = Callable[[CheckpointDescriptor, ClusterConfig], Any]

@@ -227,3 +227,10 @@ def test_example_config_file_resolves_against_a_checkpoint(checkpoints) -> None:
     assert resolved.dtype == "bfloat16" and resolved.num_layers == 2  # layer 1 is in mlp_only_layers
     assert resolved.layer.shared_d_ff == 40 and resolved.layer.shared_gated
     assert resolved.layer.capacity == cfg.layer.capacity and resolved.num_expert_actors == 8
+
+
+def test_launch_checkpoint_needs_a_model() -> None:
+    from expertray.checkpoint.model import launch_checkpoint
+
+    with pytest.raises(ConfigError, match="cluster.model: empty; name the checkpoint directory to serve"):
+        launch_checkpoint(ClusterConfig())
