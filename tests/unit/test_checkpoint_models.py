@@ -234,3 +234,23 @@ def test_launch_checkpoint_needs_a_model() -> None:
 
     with pytest.raises(ConfigError, match="cluster.model: empty; name the checkpoint directory to serve"):
         launch_checkpoint(ClusterConfig())
+
+
+def test_tied_embeddings_are_tied_not_required(tmp_path: Path) -> None:
+    """A checkpoint saved with tie_word_embeddings has no lm_head tensor; the served model ties it."""
+    from expertray.checkpoint.synthetic import tiny_model
+
+    source = tiny_model("qwen3_moe", seed=2)
+    source.config.tie_word_embeddings = True
+    tied = tf.AutoModelForCausalLM.from_config(source.config)
+    tied.load_state_dict(source.state_dict(), strict=False)
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path / "tied", max_shard_size="30KB")
+    index = json.loads((tmp_path / "tied" / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "tied").eval()
+    model, _ = from_pretrained(str(tmp_path / "tied"), backend="in_process")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = _prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
