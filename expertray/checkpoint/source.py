@@ -205,7 +205,7 @@ class WeightSource:
                              (f"{p}.down_proj_blocks", (E, D, F // 32, 16), expert),
                              (f"{p}.down_proj_scales", (E, D, F // 32), expert), (f"{p}.down_proj_bias", (E, D), expert)]
         layouts = {self._tensors[layer].layout for layer, _ in keys}
-        if layouts <= {"per_expert"} or layouts == {"stacked"}:
+        if layouts in ({"per_expert"}, {"stacked"}):
             return self._read_stacked(requests, len(keys), layouts == {"stacked"}), None
         tensors = iter(self.read(requests))
         gate_up, down, gate_up_bias, down_bias = [], [], [], []

@@ -252,3 +252,13 @@ def test_cached_source_opens_once_per_descriptor_and_dtype(mixtral_dir: Path) ->
     assert cached_source(CheckpointDescriptor.from_dict(data), "bfloat16") is first
     assert cached_source(data, "float32") is not first and first.dtype == torch.bfloat16
     assert first.slot_bytes(3) == 3 * 3 * 32 * 48 * 2
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_no_keys_reads_nothing(family: str, tmp_path: Path) -> None:
+    """An actor holding no slot of a layer gets empty stacks of the right shape (and biases for GPT-OSS)."""
+    source = WeightSource.open(str(write_tiny_checkpoint(family, tmp_path / family)))
+    weights, biases = source.experts([])
+    F = source.layer_config.d_ff
+    assert tuple(weights.gate_up.shape) == (0, 2 * F, 32) and tuple(weights.down.shape) == (0, 32, F)
+    assert (biases is not None) == (family == "gpt_oss")
