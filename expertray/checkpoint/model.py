@@ -2,10 +2,10 @@
 directory without materialising a routed expert in the calling process.
 
 Steps: describe the checkpoint → cluster config (layer shape, MoE layer count and dtype from the
-checkpoint) → build the model skeleton on the meta device → refuse unsupported MoE blocks by name → start
-the backend (which loads the routed experts where they are served) → swap every MoE block for a
-ClusterMoEProxy → load every other tensor (attention, norms, embeddings, router-free dense MLPs) from
-the shards, in the serving dtype.
+checkpoint) → build the model skeleton on the meta device → refuse unsupported MoE blocks by name and
+check every other tensor's name and shape against the shard headers → start the backend (which loads the
+routed experts where they are served) → swap every MoE block for a ClusterMoEProxy → load every other
+tensor (attention, norms, embeddings, dense MLPs) from the shards, in the serving dtype.
 
 A backend is `Callable[[CheckpointDescriptor, ClusterConfig], runner]`; the runner has `cfg`,
 `forward(layer, hidden [T, D]) -> [T, D]` and `shutdown()`. Built in: "in_process" (MoELayers in this
