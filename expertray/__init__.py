@@ -14,11 +14,15 @@ from typing import TYPE_CHECKING, Any
 from expertray.config import CapacityConfig, ClusterConfig, GateConfig, MoELayerConfig
 from expertray.errors import (
     BackpressureError,
+    CheckpointError,
     ConfigError,
     ExpertRayError,
     ExpertUnavailableError,
     InputError,
+    NoChangeError,
     OversizeError,
+    RequestTimeoutError,
+    RouterUnavailableError,
     TraceFormatError,
     TransportError,
     UnknownExpertError,
@@ -26,6 +30,7 @@ from expertray.errors import (
 
 if TYPE_CHECKING:
     from expertray.api import Cluster, connect, launch
+    from expertray.checkpoint.model import from_pretrained
     from expertray.layer import MoELayer
     from expertray.placement import PlacementTable
 
@@ -38,13 +43,15 @@ _LAZY = {
     "Cluster": "expertray.api",
     "MoELayer": "expertray.layer",
     "PlacementTable": "expertray.placement",
+    "from_pretrained": "expertray.checkpoint.model",
 }
 
 __all__ = [
-    "launch", "connect", "Cluster", "MoELayer", "PlacementTable",
+    "launch", "connect", "from_pretrained", "Cluster", "MoELayer", "PlacementTable",
     "ClusterConfig", "MoELayerConfig", "GateConfig", "CapacityConfig",
     "ExpertRayError", "ConfigError", "InputError", "OversizeError", "UnknownExpertError", "TraceFormatError",
-    "ExpertUnavailableError", "TransportError", "BackpressureError",
+    "ExpertUnavailableError", "TransportError", "BackpressureError", "RequestTimeoutError",
+    "RouterUnavailableError", "NoChangeError", "CheckpointError",
 ]
 
 

@@ -19,6 +19,8 @@ TRANSPORTS = ("auto", "collective", "object_store")
 ROUTING_POLICIES = ("capacity", "laser", "topk")
 REPLICA_POLICIES = ("least_loaded", "locality", "round_robin")
 AUTOSCALE_POLICIES = ("hysteresis",)
+EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+SERVING_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,12 @@ class CapacityConfig:
 
 @dataclass(frozen=True)
 class MoELayerConfig:
-    """Shape of one MoE layer: SwiGLU experts d_model → d_ff → d_model, plus an optional shared expert."""
+    """Shape of one MoE layer: SwiGLU experts d_model → d_ff → d_model, plus an optional shared expert.
+
+    expert_activation: swiglu (silu(gate)·up) or clamped_swiglu (GPT-OSS: gate clamped to ≤ swiglu_limit,
+    up to ±swiglu_limit, gate·sigmoid(swiglu_alpha·gate)·(up + 1)); expert_bias: experts carry biases
+    (GPT-OSS) — see expertray/expert_math.py.
+    """
 
     d_model: int = 256
     d_ff: int = 512
@@ -90,11 +97,21 @@ class MoELayerConfig:
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     shared_d_ff: int = 0
     shared_gated: bool = False
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
 
     def __post_init__(self) -> None:
         _require(self.d_model >= 1, "layer.d_model", f"must be >= 1, got {self.d_model}")
         _require(self.d_ff >= 1, "layer.d_ff", f"must be >= 1, got {self.d_ff}")
         _require(self.shared_d_ff >= 0, "layer.shared_d_ff", f"must be >= 0, got {self.shared_d_ff}")
+        _require(self.expert_activation in EXPERT_ACTIVATIONS, "layer.expert_activation",
+                 f"{self.expert_activation!r} is not one of {EXPERT_ACTIVATIONS}")
+        _require(math.isfinite(self.swiglu_alpha) and self.swiglu_alpha > 0, "layer.swiglu_alpha",
+                 f"must be a positive finite number, got {self.swiglu_alpha}")
+        _require(math.isfinite(self.swiglu_limit) and self.swiglu_limit > 0, "layer.swiglu_limit",
+                 f"must be a positive finite number, got {self.swiglu_limit}")
 
     @property
     def num_experts(self) -> int:
@@ -173,6 +190,9 @@ class ClusterConfig:
     directory under the Ray session directory).
     Devices: expert actors take `actor_num_gpus` each (fractions share a GPU); when they have GPUs, routers
     take `router_num_gpus` so gate, plan, permute and combine run beside them on a device.
+    model: a Hugging Face checkpoint directory to serve (empty: random weights of `layer` × `num_layers`).
+    dtype: serving dtype of expert weights and compute; auto = the checkpoint's torch_dtype (float32 for
+    random weights). Gate math is float32 whatever the dtype.
     """
 
     layer: MoELayerConfig = field(default_factory=MoELayerConfig)
@@ -207,8 +227,11 @@ class ClusterConfig:
     autoscale_interval_s: float = 1.0
     actor_memory_budget_bytes: int = 0
     max_expert_actors: int = 16
+    model: str = ""
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.dtype in SERVING_DTYPES, "cluster.dtype", f"{self.dtype!r} is not one of {SERVING_DTYPES}")
         _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
         _require(self.num_expert_actors >= 1, "cluster.num_expert_actors",
                  f"must be >= 1, got {self.num_expert_actors}")

@@ -61,3 +61,8 @@ class RouterUnavailableError(ExpertRayError, RuntimeError):
 
 class NoChangeError(ExpertRayError, ValueError):
     """A placement change would leave the table as it is; nothing was applied and the version is unchanged."""
+
+
+class CheckpointError(ExpertRayError, ValueError):
+    """A checkpoint directory cannot be served: unreadable, missing shard or tensor, wrong shape or dtype,
+    unsupported architecture. The message names the file and the tensor."""

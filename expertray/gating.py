@@ -1,15 +1,18 @@
-"""Gating families: router logits → (top-k expert ids, combine weights).
+"""Gating families: router logits → (top-k expert ids, combine weights), registered by name in GATING.
 
 Shapes: hidden [T, D], logits/scores [T, E], experts/weights [T, k]. Weights are float32.
 """
 
 from __future__ import annotations
 
+import functools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 from expertray.config import GateConfig
+from expertray.policies.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,39 +49,72 @@ def router_logits(hidden: torch.Tensor, gw: GateWeights) -> torch.Tensor:
                                       None if gw.bias is None else gw.bias.float())
 
 
-def _mixtral(logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
-    probs = torch.softmax(logits, dim=-1)
-    top, idx = torch.topk(probs, cfg.top_k, dim=-1)
-    if cfg.normalize:
-        top = top / top.sum(dim=-1, keepdim=True)
-    return GateOutput(logits, probs, probs, idx, top)
+class GatingRule(ABC):
+    """One gating family's rule: float32 logits [T, E] → GateOutput. Registered in GATING by family name."""
+
+    @abstractmethod
+    def __call__(self, logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
+        """Choose cfg.top_k experts per token from logits [T, E] (float32)."""
 
 
-def _deepseek_v3(logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
-    scores = logits.sigmoid()
-    choice = scores if gw.correction_bias is None else scores + gw.correction_bias.float()
-    if cfg.num_groups > 1:
-        T = logits.shape[0]
-        grouped = choice.view(T, cfg.num_groups, -1)
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        group_idx = group_scores.topk(cfg.topk_groups, dim=-1, sorted=False).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, -1)
-        choice = choice.masked_fill(~score_mask, float("-inf"))
-    idx = choice.topk(cfg.top_k, dim=-1).indices
-    top = scores.gather(1, idx)
-    if cfg.normalize:
-        top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
-    top = top * cfg.routed_scaling_factor
-    return GateOutput(logits, choice, scores * cfg.routed_scaling_factor, idx, top)
+GATING: Registry[GatingRule] = Registry("gating family")
 
 
-def _gpt_oss(logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
-    top, idx = torch.topk(logits, cfg.top_k, dim=-1)
-    return GateOutput(logits, logits, torch.softmax(logits, dim=-1), idx, torch.softmax(top, dim=-1))
+@GATING.register("mixtral")
+class SoftmaxTopK(GatingRule):
+    """Mixtral: softmax over all experts → top-k → renormalise over the k (when cfg.normalize)."""
+
+    def __call__(self, logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
+        probs = torch.softmax(logits, dim=-1)
+        top, idx = torch.topk(probs, cfg.top_k, dim=-1)
+        if cfg.normalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return GateOutput(logits, probs, probs, idx, top)
 
 
-_FAMILIES = {"mixtral": _mixtral, "qwen_moe": _mixtral, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss}
+@GATING.register("qwen_moe")
+class QwenSoftmaxTopK(SoftmaxTopK):
+    """Qwen2/3-MoE and OLMoE: Mixtral's rule with renormalisation off by default (norm_topk_prob)."""
+
+
+@GATING.register("deepseek_v3")
+class SigmoidGroupTopK(GatingRule):
+    """DeepSeek-V3 / GLM-4.5: sigmoid scores; selection on scores + correction bias, limited to the
+    `topk_groups` best of `num_groups` groups (group score = sum of its top-2); weights are the unbiased
+    scores, renormalised (cfg.normalize) and scaled by routed_scaling_factor."""
+
+    def __call__(self, logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
+        scores = logits.sigmoid()
+        choice = scores if gw.correction_bias is None else scores + gw.correction_bias.float()
+        if cfg.num_groups > 1:
+            T = logits.shape[0]
+            grouped = choice.view(T, cfg.num_groups, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            group_idx = group_scores.topk(cfg.topk_groups, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, -1)
+            choice = choice.masked_fill(~score_mask, float("-inf"))
+        idx = choice.topk(cfg.top_k, dim=-1).indices
+        top = scores.gather(1, idx)
+        if cfg.normalize:
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        top = top * cfg.routed_scaling_factor
+        return GateOutput(logits, choice, scores * cfg.routed_scaling_factor, idx, top)
+
+
+@GATING.register("gpt_oss")
+class LogitTopKSoftmax(GatingRule):
+    """GPT-OSS: top-k on the (biased) logits, then softmax over those k."""
+
+    def __call__(self, logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
+        top, idx = torch.topk(logits, cfg.top_k, dim=-1)
+        return GateOutput(logits, logits, torch.softmax(logits, dim=-1), idx, torch.softmax(top, dim=-1))
+
+
+@functools.cache
+def gating_rule(family: str) -> GatingRule:
+    """The registered rule of `family` (ConfigError listing the known families when unknown)."""
+    return GATING.create(family)
 
 
 def gate(hidden: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
@@ -89,4 +125,4 @@ def gate(hidden: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
 def gate_from_logits(logits: torch.Tensor, cfg: GateConfig, gw: GateWeights | None = None) -> GateOutput:
     """The family's rule on router logits [T, E] already computed (e.g. replayed or synthetic);
     `gw` supplies DeepSeek-V3's correction bias when there is one."""
-    return _FAMILIES[cfg.family](logits.float(), cfg, gw or GateWeights(torch.empty(0)))
+    return gating_rule(cfg.family)(logits.float(), cfg, gw or GateWeights(torch.empty(0)))

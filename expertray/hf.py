@@ -1,8 +1,9 @@
 """Loaders between transformers MoE blocks and expertray's MoELayer (weights copied, numerics compared).
 
 Supported blocks: MixtralSparseMoeBlock (mixtral gating), Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock /
-OlmoeSparseMoeBlock (qwen_moe gating, optional renorm, optional gated shared expert), DeepseekV3MoE
-(deepseek_v3 gating + ungated shared experts). transformers is imported lazily (a dev/reference dependency).
+Qwen3NextSparseMoeBlock / OlmoeSparseMoeBlock (qwen_moe gating, optional renorm, optional gated shared expert), DeepseekV3MoE and
+Glm4MoeMoE (deepseek_v3 gating + ungated shared experts), GptOssMLP (gpt_oss gating with router bias,
+biased experts with clamped SwiGLU). Weights keep the block's dtype. transformers is imported lazily.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 
 from expertray.config import CapacityConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
+from expertray.expert_math import ExpertBiases, deinterleave_gpt_oss
 from expertray.experts import ExpertWeights, SharedExpert
 from expertray.gating import GateWeights
 from expertray.layer import MoELayer
@@ -20,8 +22,11 @@ SUPPORTED_BLOCKS: dict[str, str] = {  # transformers block class name -> gating 
     "MixtralSparseMoeBlock": "mixtral",
     "Qwen2MoeSparseMoeBlock": "qwen_moe",
     "Qwen3MoeSparseMoeBlock": "qwen_moe",
+    "Qwen3NextSparseMoeBlock": "qwen_moe",
     "OlmoeSparseMoeBlock": "qwen_moe",
     "DeepseekV3MoE": "deepseek_v3",
+    "Glm4MoeMoE": "deepseek_v3",
+    "GptOssMLP": "gpt_oss",
 }
 
 
@@ -31,33 +36,49 @@ def _mlp_to_shared(mlp: nn.Module, gate: nn.Linear | None) -> SharedExpert:
                         None if gate is None else gate.weight.detach().clone())
 
 
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+def _experts(block: nn.Module) -> tuple[ExpertWeights, ExpertBiases | None]:
+    """The block's routed experts in expertray's layout (GPT-OSS's interleaved [E, D, 2F] reordered)."""
+    ex = block.experts
+    if type(block).__name__ != "GptOssMLP":
+        return ExpertWeights(_detach(ex.gate_up_proj), _detach(ex.down_proj)), None
+    gate_up, gate_up_bias = deinterleave_gpt_oss(ex.gate_up_proj.detach(), ex.gate_up_proj_bias.detach())
+    return (ExpertWeights(gate_up, ex.down_proj.detach().transpose(1, 2).contiguous()),
+            ExpertBiases(gate_up_bias, _detach(ex.down_proj_bias)))
+
+
 def from_hf_block(block: nn.Module, capacity: CapacityConfig | None = None) -> MoELayer:
     """Build a MoELayer with the same weights and gating as a transformers sparse-MoE block."""
     name = type(block).__name__
     if name not in SUPPORTED_BLOCKS:
         raise ConfigError(f"unsupported transformers MoE block {name} (supported: {', '.join(SUPPORTED_BLOCKS)})")
     family = SUPPORTED_BLOCKS[name]
-    router, experts = block.gate, block.experts
+    router = block.router if family == "gpt_oss" else block.gate
     E, D = router.weight.shape
     gate_cfg = GateConfig(
         family=family, num_experts=E, top_k=router.top_k,
         normalize=bool(getattr(router, "norm_topk_prob", True)),
         num_groups=getattr(router, "num_group", 1), topk_groups=getattr(router, "topk_group", 1),
         routed_scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0)))
-    gw = GateWeights(router.weight.detach().clone(),
-                     correction_bias=getattr(router, "e_score_correction_bias", None))
-    if gw.correction_bias is not None:
-        gw.correction_bias = gw.correction_bias.detach().clone()
-    ew = ExpertWeights(experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone())
+    gw = GateWeights(_detach(router.weight), bias=_detach(getattr(router, "bias", None)),
+                     correction_bias=_detach(getattr(router, "e_score_correction_bias", None)))
+    ew, biases = _experts(block)
     shared = None
     if hasattr(block, "shared_expert"):
         shared = _mlp_to_shared(block.shared_expert, getattr(block, "shared_expert_gate", None))
     elif hasattr(block, "shared_experts"):
         shared = _mlp_to_shared(block.shared_experts, None)
+    act = {}
+    if family == "gpt_oss":
+        act = {"expert_activation": "clamped_swiglu", "swiglu_alpha": float(block.experts.alpha),
+               "swiglu_limit": float(block.experts.limit), "expert_bias": True}
     cfg = MoELayerConfig(d_model=D, d_ff=ew.d_ff, gate=gate_cfg, capacity=capacity or CapacityConfig(),
                          shared_d_ff=0 if shared is None else shared.down.shape[1],
-                         shared_gated=shared is not None and shared.gate is not None)
-    return MoELayer(cfg, gw, ew, shared)
+                         shared_gated=shared is not None and shared.gate is not None, **act)
+    return MoELayer(cfg, gw, ew, shared, biases)
 
 
 def _hf_config(cfg: MoELayerConfig):  # noqa: ANN202 - a transformers PretrainedConfig

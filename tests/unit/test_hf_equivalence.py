@@ -86,3 +86,57 @@ def test_gpt_oss_gating_matches_router() -> None:
     g = gate(x, GateConfig("gpt_oss", 8, 3), GateWeights(router.weight.detach(), bias=router.bias.detach()))
     assert torch.equal(g.experts, ref_i)
     torch.testing.assert_close(g.weights, ref_w, atol=1e-6, rtol=0)
+
+
+def _whole_blocks():
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    return {
+        "gpt_oss": GptOssMLP(tf.GptOssConfig(hidden_size=32, intermediate_size=40, num_local_experts=8,
+                                             num_experts_per_tok=3, swiglu_limit=0.3)),
+        "glm4_moe": Glm4MoeMoE(tf.Glm4MoeConfig(hidden_size=32, moe_intermediate_size=24, n_routed_experts=16,
+                                                num_experts_per_tok=4, n_group=4, topk_group=2,
+                                                routed_scaling_factor=1.5, n_shared_experts=2)),
+    }
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "glm4_moe"])
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_whole_block_matches_transformers(name: str, tokens: int) -> None:
+    """GPT-OSS: router bias, top-k on logits then softmax, expert biases, clamped SwiGLU (a limit small
+    enough that the clamp is active) on the interleaved gate/up layout. GLM-4.5: DeepSeek-V3 gating."""
+    block = _whole_blocks()[name]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(std=0.3)
+        if name == "glm4_moe":
+            block.gate.e_score_correction_bias.normal_(std=0.1)
+    layer = from_hf_block(block.eval())
+    x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        ref = block(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    if name == "gpt_oss":
+        gu = x.reshape(-1, 32) @ block.experts.gate_up_proj[0] + block.experts.gate_up_proj_bias[0]
+        assert (gu[..., ::2] > 0.3).any(), "the clamp must be exercised"
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_bfloat16_layer_within_bf16_error(name: str) -> None:
+    """A bf16 layer (experts in bf16, gate in fp32) stays within the bf16 block's own error of the fp32 block."""
+    block = _init(_blocks()[name])
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        exact = block(x[None])[0]
+        ref_err = (block.to(torch.bfloat16)(x[None].bfloat16())[0].float() - exact).abs()
+    layer = from_hf_block(block)
+    assert layer.dtype == torch.bfloat16 and layer.gate_weights.weight.dtype in (torch.bfloat16, torch.float32)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - exact).abs()
+    assert err.mean() <= 1.25 * ref_err.mean() and err.max() <= 2 * ref_err.max()
+    fp32 = layer.to(torch.float32)
+    assert fp32.dtype == torch.float32 and layer.dtype == torch.bfloat16

@@ -57,7 +57,7 @@ def test_proxy_keeps_dtype_and_shape() -> None:
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16, requires_grad=True)
     out = proxy(x)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
-    assert cluster.calls == [(0, (6, 32), torch.float32)]
+    assert cluster.calls == [(0, (6, 32), torch.bfloat16)]  # the caller's dtype, no float32 detour
 
 
 def test_mismatched_model_is_refused_by_name() -> None:
