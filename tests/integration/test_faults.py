@@ -195,10 +195,13 @@ def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_a
     cluster = launch(cfg, layers, detached=True)
     try:
         cluster.replicate(0, 3)
+        cluster.autoscale(True)
         before = cluster.table()
         ray.kill(cluster.controller, no_restart=False)
         info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
         assert info["restored"] and not info["degraded"] and cluster.table() == before
+        assert cluster.autoscale()["on"] is True  # the autoscaler's on/off and its state were persisted
+        cluster.autoscale(False)
         # now corrupt the snapshot and restart again: loud, degraded, but serving and healable
         state_dir = Path(info["state_dir"])
         (state_dir / "snapshot.msgpack").write_bytes(b"\x00 not msgpack")
