@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -139,6 +140,10 @@ def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session) ->
     cluster = launch(cfg, layers, detached=False)
     try:
         ray.kill(cluster.routers[0], no_restart=True)
+        for i in range(4):  # the async client path (Serve ingress) retries the same way
+            x = torch.randn(5, D, generator=torch.Generator().manual_seed(i))
+            out = asyncio.run(cluster.forward_wire(i % 2, x.numpy()))
+            torch.testing.assert_close(tensor_view(out), layers[i % 2](x), atol=1e-5, rtol=0)
         _exact(cluster, layers, 8)  # requests that hit the dead router go to the live one
         status = cluster.status()  # never raises because a router died
         assert len(status["routers"]) + len(status["routers_down"]) == 2
