@@ -171,6 +171,7 @@ class Controller:
         self.autoscaler: Any = None
         self.autoscale_task: asyncio.Task | None = None
         self.autoscale_log: list[dict[str, Any]] = []
+        self.restored_autoscaler: dict[str, Any] = {}  # {"on", "policy", "state"} from the snapshot
         with warnings.catch_warnings():  # Ray 2.60 warns about its own internal use of a deprecated property
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -187,8 +188,11 @@ class Controller:
     def _save(self, event: dict[str, Any] | None = None) -> None:
         if self.control is None:
             return
+        autoscaler: dict[str, Any] = {"on": self.autoscale_task is not None}
+        if self.autoscaler is not None:
+            autoscaler.update(policy=self.cfg.autoscale_policy, state=self.autoscaler.export_state(time.monotonic()))
         state = ControllerState(self.next_actor, tuple(self.routers), self.next_router, self.transport,
-                                tuple(self.control.history[-200:]))
+                                tuple(self.control.history[-200:]), autoscaler)
         try:
             save_snapshot(self.snapshot_path, self.control.table, state)
         except OSError as exc:  # serving goes on; a restart would then find an older snapshot
@@ -209,6 +213,7 @@ class Controller:
             self.routers = {r: self._lookup(f"expertray-{r}") for r in state.routers}
             history = list(state.history)
             self.next_actor, self.next_router, self.transport = state.next_actor, state.next_router, state.transport
+            self.restored_autoscaler = state.autoscaler
         except SnapshotError as exc:
             self.snapshot_error = str(exc)
             log.error("controller restart: SNAPSHOT UNUSABLE (%s); rebuilding state from the running routers "
@@ -322,7 +327,7 @@ class Controller:
         loop = asyncio.get_event_loop()
         self.background.append(loop.create_task(self._metrics_loop()))
         self.background.append(loop.create_task(self._liveness_loop()))
-        if self.cfg.autoscale:
+        if self.cfg.autoscale or self.restored_autoscaler.get("on"):
             self._set_autoscale(True)
 
     async def _metrics_loop(self, interval_s: float = 1.0) -> None:
@@ -401,6 +406,12 @@ class Controller:
 
         if on and self.autoscale_task is None:
             self.autoscaler = AUTOSCALE.create(self.cfg.autoscale_policy, **self.cfg.autoscale_params)
+            saved = self.restored_autoscaler
+            if saved.get("policy") == self.cfg.autoscale_policy and isinstance(saved.get("state"), dict):
+                try:  # streaks and cooldowns carry over a restart: no early or repeated action
+                    self.autoscaler.restore_state(saved["state"], time.monotonic())
+                except ExpertRayError as exc:
+                    log.error("autoscaler state in the snapshot not used: %s", exc)
             self.autoscale_task = asyncio.get_event_loop().create_task(self._autoscale_loop())
         elif not on and self.autoscale_task is not None:
             self.autoscale_task.cancel()
@@ -410,6 +421,7 @@ class Controller:
         """Turn the autoscaler on/off (None: leave as is); returns its state and recent decisions."""
         if on is not None:
             self._set_autoscale(on)
+            self._save()  # on/off survives a controller restart
         return {"on": self.autoscale_task is not None, "policy": self.cfg.autoscale_policy,
                 "interval_s": self.cfg.autoscale_interval_s, "recent_actions": self.autoscale_log[-20:]}
 

@@ -91,11 +91,6 @@ class RouterActor:
             self.loop_task = asyncio.get_running_loop().create_task(self.batcher.run())
         return self.transport.name
 
-    async def attach(self, controller: Any) -> int:
-        """A restarted controller re-attaches: heal requests go to it from now on; returns the table version."""
-        self.controller = controller
-        return self.table.version
-
     async def get_table(self) -> dict[str, Any]:
         """The table this router serves (a controller that lost its snapshot rebuilds its state from it)."""
         return self.table.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -98,16 +99,38 @@ class Cluster:
                 out = ray.get(router.forward.remote(layer, wire), timeout=max(left, 0.0) + DEADLINE_GRACE_S)
                 break
             except ray.exceptions.GetTimeoutError:
-                raise RequestTimeoutError(f"layer {layer}: no answer within request_timeout_s="
-                                          f"{self.cfg.request_timeout_s:g} s") from None
+                raise self._timed_out(layer) from None
             except ray.exceptions.RayActorError as exc:  # the router died (not an error it raised)
-                self.refresh_routers(failed=router)
-                if time.monotonic() >= deadline:
-                    raise RouterUnavailableError(f"layer {layer}: routers died and no live router answered within "
-                                                 f"request_timeout_s={self.cfg.request_timeout_s:g} s") from exc
+                self._router_died(layer, router, deadline, exc)
                 time.sleep(0.05)
         out = torch.from_numpy(np.array(out))
         return out.to(x.dtype).reshape(hidden.shape)
+
+    async def forward_wire(self, layer: int, wire: np.ndarray) -> np.ndarray:
+        """For async callers (the Serve ingress): a validated [T, D] numpy array in, the router's [T, D] numpy
+        answer out, with `forward`'s deadline and retry on a live router when a router dies."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while True:
+            router = self._router()
+            try:
+                return await asyncio.wait_for(router.forward.remote(layer, wire),
+                                              max(deadline - time.monotonic(), 0.0) + DEADLINE_GRACE_S)
+            except asyncio.TimeoutError:
+                raise self._timed_out(layer) from None
+            except ray.exceptions.RayActorError as exc:  # the router died (not an error it raised)
+                await asyncio.to_thread(self._router_died, layer, router, deadline, exc)
+                await asyncio.sleep(0.05)
+
+    def _timed_out(self, layer: int) -> RequestTimeoutError:
+        return RequestTimeoutError(f"layer {layer}: no answer within request_timeout_s="
+                                   f"{self.cfg.request_timeout_s:g} s")
+
+    def _router_died(self, layer: int, router: Any, deadline: float, exc: BaseException) -> None:
+        """Refresh the router list (dropping `router`); raise RouterUnavailableError past the deadline."""
+        self.refresh_routers(failed=router)
+        if time.monotonic() >= deadline:
+            raise RouterUnavailableError(f"layer {layer}: routers died and no live router answered within "
+                                         f"request_timeout_s={self.cfg.request_timeout_s:g} s") from exc
 
     def status(self) -> dict[str, Any]:
         return ray.get(self.controller.status.remote())

@@ -138,6 +138,16 @@ class AutoscalePolicy(ABC):
     def decide(self, signals: Signals, table: PlacementTable, now_s: float) -> list[Action]:
         """Actions to apply to `table`, in order, given the signals measured at time `now_s` (seconds)."""
 
+    def export_state(self, now_s: float) -> dict[str, Any]:
+        """The policy's own state as plain msgpack-able data, times relative to `now_s`; the controller keeps
+        it in its snapshot and hands it back with `restore_state` after a restart (stateless: {})."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any], now_s: float) -> None:
+        """Take back what `export_state` returned (possibly in another process, with another clock)."""
+        if state:
+            raise ConfigError(f"autoscale: {type(self).__name__} keeps no state, got {sorted(state)}")
+
 
 AUTOSCALE: Registry[AutoscalePolicy] = Registry("autoscale")
 
@@ -233,6 +243,30 @@ class Hysteresis(AutoscalePolicy):
         self.params = params or HysteresisParams()
         self._streaks: dict[tuple[Any, ...], int] = {}  # condition → consecutive decisions it has held
         self._last_action_s: dict[tuple[Any, ...], float] = {}  # cooldown target → time of its last action
+
+    def export_state(self, now_s: float) -> dict[str, Any]:
+        """{"streaks": [[condition, count]], "cooldown_ages_s": [[target, seconds since its last action]]}."""
+        return {"streaks": [[list(c), n] for c, n in self._streaks.items()],
+                "cooldown_ages_s": [[list(t), now_s - at] for t, at in self._last_action_s.items()]}
+
+    def restore_state(self, state: dict[str, Any], now_s: float) -> None:
+        def pairs(name: str, ok: Any) -> list[tuple[tuple[Any, ...], Any]]:
+            items = state.get(name, [])
+            if not isinstance(items, list) or not all(
+                    isinstance(i, list) and len(i) == 2 and isinstance(i[0], list) and ok(i[1]) for i in items):
+                raise ConfigError(f"autoscale.hysteresis state.{name}: expected [[key, value], ...], got {items!r}")
+            return [(tuple(k), v) for k, v in items]
+
+        def is_count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        def is_age(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        streaks = dict(pairs("streaks", is_count))
+        ages = dict(pairs("cooldown_ages_s", is_age))
+        self._streaks = streaks
+        self._last_action_s = {t: now_s - age for t, age in ages.items()}
 
     def decide(self, signals: Signals, table: PlacementTable, now_s: float) -> list[Action]:
         signals.check(table)

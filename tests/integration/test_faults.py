@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -139,6 +140,10 @@ def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session) ->
     cluster = launch(cfg, layers, detached=False)
     try:
         ray.kill(cluster.routers[0], no_restart=True)
+        for i in range(4):  # the async client path (Serve ingress) retries the same way
+            x = torch.randn(5, D, generator=torch.Generator().manual_seed(i))
+            out = asyncio.run(cluster.forward_wire(i % 2, x.numpy()))
+            torch.testing.assert_close(tensor_view(out), layers[i % 2](x), atol=1e-5, rtol=0)
         _exact(cluster, layers, 8)  # requests that hit the dead router go to the live one
         status = cluster.status()  # never raises because a router died
         assert len(status["routers"]) + len(status["routers_down"]) == 2
@@ -195,10 +200,13 @@ def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_a
     cluster = launch(cfg, layers, detached=True)
     try:
         cluster.replicate(0, 3)
+        cluster.autoscale(True)
         before = cluster.table()
         ray.kill(cluster.controller, no_restart=False)
         info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
         assert info["restored"] and not info["degraded"] and cluster.table() == before
+        assert cluster.autoscale()["on"] is True  # the autoscaler's on/off and its state were persisted
+        cluster.autoscale(False)
         # now corrupt the snapshot and restart again: loud, degraded, but serving and healable
         state_dir = Path(info["state_dir"])
         (state_dir / "snapshot.msgpack").write_bytes(b"\x00 not msgpack")

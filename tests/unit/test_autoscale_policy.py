@@ -191,3 +191,25 @@ def test_straggler_slots_moves_several_slots_in_one_decision() -> None:
     assert after.slots_of("c") == []
     assert policy.decide(sig, after, 1.0) == []  # c holds nothing more to move, and it is cooling down
 
+
+
+def test_state_survives_export_and_restore_with_another_clock() -> None:
+    """The controller persists the policy's streaks and cooldowns (issue 12 item 5): a restarted controller
+    neither acts early (cooldown kept) nor forgets a streak."""
+    table = PlacementTable.balanced(1, 6, ["a", "b", "c"])
+    sig = _signals([50, 50, 10, 10, 40, 80], latency_p50_ms={"a": 10.0, "b": 9.0, "c": 30.0})
+    policy = _policy(sustain_checks=1, cooldown_s=10.0)
+    [action] = policy.decide(sig, table, 100.0)
+    state = policy.export_state(103.0)  # 3 s after the action
+    restored = _policy(sustain_checks=1, cooldown_s=10.0)
+    restored.restore_state(state, 5.0)  # a new process: its clock reads 5 s
+    table = action.apply(table)
+    assert restored.decide(sig, table, 8.0) == []  # 6 s after the action: c is still cooling down
+    assert [a.kind for a in restored.decide(sig, table, 13.0)] == ["migrate"]  # 11 s after
+
+
+@pytest.mark.parametrize("state", [{"streaks": "x"}, {"streaks": [[["hot", 0, 1], -1]]},
+                                   {"cooldown_ages_s": [[["actor", "c"], "NaN"]]}])
+def test_bad_policy_state_is_refused(state: dict) -> None:
+    with pytest.raises(ConfigError, match="autoscale.hysteresis state"):
+        _policy().restore_state(state, 0.0)
