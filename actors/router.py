@@ -185,9 +185,7 @@ class RouterActor:
             hidden = reqs[0].hidden if len(reqs) == 1 else torch.cat([r.hidden for r in reqs])
             hidden = hidden.float()
             route = self.table.route(layer)
-            policy = self.policy.for_layer(layer)
-            if getattr(policy, "device_aware", False):  # price load per actor holding each expert (first replica)
-                policy = policy.with_expert_groups(route.home_actor)
+            policy = self.policy.for_layer(layer).for_route(route)
             batch = prepare(hidden, layer, self.cfg.layer, self.layers[layer].gate, policy,
                             self.selector,
                             route, len(self.table.actors), expert_load=self.stats_.window_load(layer))

@@ -13,6 +13,7 @@ import torch
 from expertray.capacity import CapacityResult
 from expertray.config import CapacityConfig
 from expertray.gating import GateOutput
+from expertray.placement import LayerRoute
 from expertray.policies.registry import Registry
 
 
@@ -30,6 +31,12 @@ class RoutingPolicy(ABC):
 
     def for_layer(self, layer: int) -> RoutingPolicy:
         """The policy to use at `layer` (policies with per-layer parameters override this)."""
+        return self
+
+    def for_route(self, route: LayerRoute) -> RoutingPolicy:
+        """The policy to use with the live placement of one layer, `route` (the router calls this for every
+        batch, after `for_layer`); a policy that prices load per device builds its expert -> device map from
+        it. The default ignores the placement."""
         return self
 
 
