@@ -140,18 +140,22 @@ class LaserRouting(RoutingPolicy):
         # Candidates in score order: the gate's top-k (best first), then the next best. Working on all rows
         # and then picking the flat ones is cheaper than gathering flat rows of [T, E] tensors.
         cand = torch.cat([gate.experts, next_best(gate.scores, gate.experts, widen)], dim=1)
-        usable = torch.isfinite(gate.scores.gather(1, cand[:, k:]))[idx]
-        mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)[idx]
-        cand = cand[idx]
+        usable = torch.isfinite(gate.scores.gather(1, cand[:, k:]))
+        mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)
+        if idx.numel() < T:
+            usable, mass, cand = usable[idx], mass[idx], cand[idx]
         groups = torch.arange(E) if self.expert_groups is None else torch.tensor(self.expert_groups, dtype=torch.long)
         chosen = self._place(cand, usable, mass, k, load, groups, budget)
         pos = _first_true(chosen, k)  # ascending positions keep the choice best first
         changed = chosen[:, k:].any(dim=1, keepdim=True)
-        top_weights = gate.weights[idx]
-        new_weights = _renormalised(top_weights, mass[:, :k], mass.gather(1, pos))
-        experts, weights = gate.experts.clone(), gate.weights.clone()
-        experts[idx] = cand.gather(1, pos)
-        weights[idx] = torch.where(changed, new_weights, top_weights)
+        top_weights = gate.weights if idx.numel() == T else gate.weights[idx]
+        new_weights = torch.where(changed, _renormalised(top_weights, mass[:, :k], mass.gather(1, pos)), top_weights)
+        if idx.numel() == T:
+            experts, weights = cand.gather(1, pos), new_weights
+        else:
+            experts, weights = gate.experts.clone(), gate.weights.clone()
+            experts[idx] = cand.gather(1, pos)
+            weights[idx] = new_weights
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
     def _place(self, cand: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, k: int, load: torch.Tensor,
@@ -247,8 +251,8 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
                 group_load: torch.Tensor, mean: float, budget: float) -> torch.Tensor:
     """[n, m] bool: the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that bring every
     group down to the lowest level the budget pays for: each group above the level gives up its cheapest
-    ceil(load - level) pairs (to a less loaded group). The level is found on two grids between the mean and
-    the peak of group_load [G]; destinations take pairs while they stay at or below the level."""
+    ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the mean and
+    the peak of group_load [G] that fits; destinations take pairs while they stay at or below the level."""
     take = torch.zeros(ok.numel(), dtype=torch.bool)
     pairs = (ok.reshape(-1) & (group_load[src.reshape(-1)] >= mean + 1)).nonzero().squeeze(1)
     if pairs.numel() == 0:
@@ -272,14 +276,12 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
         room = ((levels.unsqueeze(1) - group_load).clamp_min(0) * receives).sum(dim=1)
         return ((spent[start + out] - spent[start]).sum(dim=1) <= budget) & (out.sum(dim=1) <= room)
 
-    lo, hi = mean, float(group_load.max())
-    for _ in range(2):  # both tests hold from some level up: the first good level of a grid, then refine
-        levels = torch.linspace(lo, hi, 33, dtype=torch.float64)
-        first = int(affordable(levels).to(torch.int8).argmax())
-        lo, hi = float(levels[max(first - 1, 0)]), float(levels[first])
-    level = torch.tensor([hi], dtype=torch.float64)
+    # both tests hold from some level up (the peak always passes): the first good level of a fine grid
+    levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64)
+    first = int(affordable(levels).to(torch.int8).argmax())
+    level = levels[first: first + 1]
     sel = (torch.arange(order.numel()) - start[src_o]) < moves(level)[0][src_o]
-    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < hi - group_load[dst_o])
+    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < level - group_load[dst_o])
     return take.view_as(ok)
 
 
