@@ -63,7 +63,7 @@ class LaserRouting(RoutingPolicy):
     mass_budget: float = 0.03
     balance_weight: float | None = None
     max_mass_loss: float = 0.25
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 2048
     layer_overrides: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     expert_groups: tuple[int, ...] | None = None
     device_aware: bool = False
@@ -254,34 +254,26 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the mean and
     the peak of group_load [G] that fits; destinations take pairs while they stay at or below the level."""
     take = torch.zeros(ok.numel(), dtype=torch.bool)
-    pairs = (ok.reshape(-1) & (group_load[src.reshape(-1)] >= mean + 1)).nonzero().squeeze(1)
+    src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
+    pairs = (ok.reshape(-1) & (group_load[src] >= mean + 1)).nonzero().squeeze(1)
     if pairs.numel() == 0:
         return take.view_as(ok)
-    pair_cost = cost.reshape(-1)[pairs].clamp_min(0)
-    key = (src.reshape(-1)[pairs] << 32) | pair_cost.view(torch.int32).long()  # by group, then cheapest first
+    key = (src[pairs] << 32) | cost[pairs].view(torch.int32).long()  # by group, then cheapest first
     order = pairs[key.sort().indices]
-    src_o, dst_o = src.reshape(-1)[order], dst.reshape(-1)[order]
+    src_o, dst_o = src[order], dst[order]
     available = torch.bincount(src_o, minlength=group_load.numel())
     start = available.cumsum(0) - available
-    spent = torch.cat([torch.zeros(1, dtype=torch.float64), cost.reshape(-1)[order].clamp_min(0).double().cumsum(0)])
-
-    def moves(levels: torch.Tensor) -> torch.Tensor:  # [P] levels -> [P, G] pairs each group gives up
-        return torch.minimum((group_load - levels.unsqueeze(1)).ceil().clamp_min(0).long(), available)
-
-    receives = torch.zeros(group_load.numel(), dtype=torch.bool)
-    receives[dst_o] = True
-
-    def affordable(levels: torch.Tensor) -> torch.Tensor:  # [P] -> [P] the budget pays and destinations absorb
-        out = moves(levels)
-        room = ((levels.unsqueeze(1) - group_load).clamp_min(0) * receives).sum(dim=1)
-        return ((spent[start + out] - spent[start]).sum(dim=1) <= budget) & (out.sum(dim=1) <= room)
-
-    # both tests hold from some level up (the peak always passes): the first good level of a fine grid
-    levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64)
-    first = int(affordable(levels).to(torch.int8).argmax())
-    level = levels[first: first + 1]
-    sel = (torch.arange(order.numel()) - start[src_o]) < moves(level)[0][src_o]
-    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < level - group_load[dst_o])
+    spent = torch.cat([torch.zeros(1, dtype=torch.float64), cost[order].double().cumsum(0)])
+    receives = torch.zeros(group_load.numel(), dtype=torch.float64).index_fill_(0, dst_o, 1.0)
+    # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
+    # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
+    levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64).unsqueeze(1)
+    moves = torch.minimum((group_load - levels).ceil().clamp_min(0).long(), available)
+    room = ((levels - group_load).clamp_min(0) * receives).sum(dim=1)
+    fits = ((spent[start + moves] - spent[start]).sum(dim=1) <= budget) & (moves.sum(dim=1) <= room)
+    first = int(fits.to(torch.int8).argmax())
+    sel = (torch.arange(order.numel()) - start[src_o]) < moves[first][src_o]
+    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < float(levels[first]) - group_load[dst_o])
     return take.view_as(ok)
 
 
