@@ -63,7 +63,7 @@ class LaserRouting(RoutingPolicy):
     mass_budget: float = 0.03
     balance_weight: float | None = None
     max_mass_loss: float = 0.25
-    chunk_tokens: int = 2048
+    chunk_tokens: int = 1024
     layer_overrides: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     expert_groups: tuple[int, ...] | None = None
     device_aware: bool = False
@@ -165,63 +165,62 @@ class LaserRouting(RoutingPolicy):
         cand [n, k + w]: each token's top-k, then its next w candidates (usable where `out_usable` [n, w]);
         mass [n, k + w]: their gate probs; load [E]: projected load per expert; groups [E]: group (device) of
         each expert, load is priced per group; budget: gate mass the n tokens may give up in all.
-        Per chunk, each token pairs its top-k sorted by group load (busiest first) with other candidates:
-        with a budget, those on groups below the mean, best score first (`_take_level` picks the pairs);
-        with a fixed price, those sorted by group load, idlest first (`_take_priced`). A token never gives up
-        more than `max_mass_loss` of its top-k mass.
+        Each token pairs its top-k sorted by group load (busiest first) with other candidates: with a budget,
+        those on groups below the mean, best score first; with a fixed price, those sorted by group load,
+        idlest first. Chunk by chunk, `_take_level` (budget) or `_take_priced` (price) picks pairs against
+        the loads so far. A token never gives up more than `max_mass_loss` of its top-k mass.
         """
         n, K = cand.shape
         m = min(k, K - k)
         chosen = torch.zeros(n, K, dtype=torch.bool)
         chosen[:, :k] = True
-        if m == 0 or n == 0:
+        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, load.double())
+        mean = float(group_load.mean())
+        if m == 0 or n == 0 or mean <= 0:
             return chosen
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)
         guard = self.max_mass_loss * top_mass
-        unit = top_mass.squeeze(1) / k  # the token's average top-k expert mass
-        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, load.double())
-        cand_group = groups[cand]
-        budget_left, mass_left = budget, float(top_mass.sum(dtype=torch.float64))
-        out_order = torch.arange(K - k).expand(n, K - k)
-        for s in range(0, n, self.chunk_tokens):
+        # The pairs, from the projected loads: top-k busiest first against the other candidates.
+        g = groups[cand]
+        rel = (group_load / mean).to(torch.float32)[g]
+        in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
+        if self.balance_weight is None:  # score order, colder than the mean first
+            order = torch.arange(K - k).expand(n, K - k)
+            out_pos = torch.where(out_usable & (rel[:, k:] < 1), order, K + order).sort(dim=1).indices
+            out_rel = rel[:, k:].gather(1, out_pos).masked_fill(~out_usable.gather(1, out_pos), math.inf)
+        else:
+            out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
+        in_pos, out_pos, gap = in_pos[:, :m], out_pos[:, :m] + k, in_rel[:, :m] - out_rel[:, :m]
+        cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
+        src, dst = g.gather(1, in_pos), g.gather(1, out_pos)
+        if self.balance_weight is None:
+            ok = (gap > 0) & (cost <= guard)
+        else:
+            unit = top_mass / k  # the token's average top-k expert mass
+            price = torch.where(gap > 0, cost.clamp_min(0) / (unit * gap.clamp_min(1e-12)), math.inf)
+            price = price.cummax(dim=1).values  # pair j only after pairs 1..j-1
+            ok = ((cost.cumsum(dim=1) <= guard) & (price <= self.balance_weight)).cumprod(dim=1).bool()
+        # Chunk by chunk, the pairs taken against the loads so far, each chunk with its pro-rata budget.
+        chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
+            0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
+        budget_left, mass_left = budget, sum(chunk_masses)
+        take = torch.zeros(n, m, dtype=torch.bool)
+        for s, chunk_mass in zip(range(0, n, self.chunk_tokens), chunk_masses, strict=True):
             c = slice(s, s + self.chunk_tokens)
-            chunk_mass = float(top_mass[c].sum(dtype=torch.float64))
-            share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))  # pro-rata share of what is left
+            share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
             mass_left -= chunk_mass
             mean = float(group_load.mean())
-            if mean <= 0:
-                continue
-            rel = (group_load / mean).to(torch.float32)
-            g = cand_group[c]
-            rel_c = rel[g]
-            in_rel, in_pos = rel_c[:, :k].sort(dim=1, descending=True)
-            if self.balance_weight is None:  # score order, colder than the mean first
-                out_key = torch.where(out_usable[c] & (rel_c[:, k:] < 1), out_order[c], K + out_order[c])
-                out_pos = out_key.sort(dim=1).indices
-                out_rel = rel_c[:, k:].gather(1, out_pos).masked_fill(~out_usable[c].gather(1, out_pos), math.inf)
-            else:
-                out_rel, out_pos = rel_c[:, k:].masked_fill(~out_usable[c], math.inf).sort(dim=1)
-            in_pos, out_pos, gap = in_pos[:, :m], out_pos[:, :m] + k, in_rel[:, :m] - out_rel[:, :m]
-            mc = mass[c]
-            cost = mc.gather(1, in_pos) - mc.gather(1, out_pos)
-            src, dst = g.gather(1, in_pos), g.gather(1, out_pos)
             if self.balance_weight is None:
-                ok = (gap > 0) & (cost <= guard[c])
-                take = _take_level(cost, ok, src, dst, group_load, mean, share)
-                take &= (cost * take).cumsum(dim=1) <= guard[c]
+                t = _take_level(cost[c], ok[c], src[c], dst[c], group_load, mean, share)
+                t &= (cost[c] * t).cumsum(dim=1) <= guard[c]
             else:
-                price = torch.where(gap > 0, cost.clamp_min(0) / (unit[c].unsqueeze(1) * gap.clamp_min(1e-12)),
-                                    math.inf).cummax(dim=1).values  # pair j only after pairs 1..j-1
-                ok = ((cost.cumsum(dim=1) <= guard[c]) & (price <= self.balance_weight)).cumprod(dim=1).bool()
-                take = _take_priced(price, ok, src, dst, group_load, mean).cumprod(dim=1).bool()
-            if not bool(take.any()):
-                continue
-            sel = chosen[c]
-            sel.scatter_(1, in_pos, ~take)
-            sel.scatter_(1, out_pos, take)
-            moved = take.reshape(-1).to(torch.float64)
-            group_load.index_add_(0, src.reshape(-1), -moved).index_add_(0, dst.reshape(-1), moved)
-            budget_left -= float((cost.reshape(-1) * moved).sum())
+                t = _take_priced(price[c], ok[c], src[c], dst[c], group_load, mean).cumprod(dim=1).bool()
+            take[c] = t
+            moved = t.reshape(-1).to(torch.float64)
+            group_load.index_add_(0, src[c].reshape(-1), -moved).index_add_(0, dst[c].reshape(-1), moved)
+            budget_left -= float((cost[c].reshape(-1) * moved).sum())
+        chosen.scatter_(1, in_pos, ~take)
+        chosen.scatter_(1, out_pos, take)
         return chosen
 
 
