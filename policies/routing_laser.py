@@ -204,6 +204,8 @@ class LaserRouting(RoutingPolicy):
         chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
             0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
         budget_left, mass_left = budget, sum(chunk_masses)
+        if self.balance_weight is None:  # the level the whole batch can reach bounds what any chunk fills
+            ceiling = _take_level(cost, ok, src, dst, group_load, mean, budget)[1]
         take = torch.zeros(n, m, dtype=torch.bool)
         for s, chunk_mass in zip(range(0, n, self.chunk_tokens), chunk_masses, strict=True):
             c = slice(s, s + self.chunk_tokens)
@@ -211,7 +213,7 @@ class LaserRouting(RoutingPolicy):
             mass_left -= chunk_mass
             mean = float(group_load.mean())
             if self.balance_weight is None:
-                t = _take_level(cost[c], ok[c], src[c], dst[c], group_load, mean, share)
+                t = _take_level(cost[c], ok[c], src[c], dst[c], group_load, mean, share, ceiling)[0]
                 t &= (cost[c] * t).cumsum(dim=1) <= guard[c]
             else:
                 t = _take_priced(price[c], ok[c], src[c], dst[c], group_load, mean).cumprod(dim=1).bool()
@@ -247,16 +249,19 @@ def _take_priced(price: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: 
 
 
 def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                group_load: torch.Tensor, mean: float, budget: float) -> torch.Tensor:
-    """[n, m] bool: the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that bring every
-    group down to the lowest level the budget pays for: each group above the level gives up its cheapest
-    ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the mean and
-    the peak of group_load [G] that fits; destinations take pairs while they stay at or below the level."""
+                group_load: torch.Tensor, mean: float, budget: float,
+                ceiling: float = math.inf) -> tuple[torch.Tensor, float]:
+    """([n, m] bool, level): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
+    bring every group down to the lowest level the budget pays for: each group above the level gives up its
+    cheapest ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the
+    mean and the peak of group_load [G] that fits; destinations take pairs while they stay at or below both
+    the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
+    later chunks must bring down again)."""
     take = torch.zeros(ok.numel(), dtype=torch.bool)
     src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
     pairs = (ok.reshape(-1) & (group_load[src] >= mean + 1)).nonzero().squeeze(1)
     if pairs.numel() == 0:
-        return take.view_as(ok)
+        return take.view_as(ok), mean
     key = (src[pairs] << 32) | cost[pairs].view(torch.int32).long()  # by group, then cheapest first
     order = pairs[key.sort().indices]
     src_o, dst_o = src[order], dst[order]
@@ -268,12 +273,13 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
     levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64).unsqueeze(1)
     moves = torch.minimum((group_load - levels).ceil().clamp_min(0).long(), available)
-    room = ((levels - group_load).clamp_min(0) * receives).sum(dim=1)
+    room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
     fits = ((spent[start + moves] - spent[start]).sum(dim=1) <= budget) & (moves.sum(dim=1) <= room)
     first = int(fits.to(torch.int8).argmax())
+    level = float(levels[first])
     sel = (torch.arange(order.numel()) - start[src_o]) < moves[first][src_o]
-    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < float(levels[first]) - group_load[dst_o])
-    return take.view_as(ok)
+    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < min(level, ceiling) - group_load[dst_o])
+    return take.view_as(ok), level
 
 
 def _rank_within(ids: torch.Tensor) -> torch.Tensor:
