@@ -165,10 +165,9 @@ class LaserRouting(RoutingPolicy):
         cand [n, k + w]: each token's top-k, then its next w candidates (usable where `out_usable` [n, w]);
         mass [n, k + w]: their gate probs; load [E]: projected load per expert; groups [E]: group (device) of
         each expert, load is priced per group; budget: gate mass the n tokens may give up in all.
-        Each token pairs its top-k sorted by group load (busiest first) with other candidates: with a budget,
-        those on groups below the mean, best score first; with a fixed price, those sorted by group load,
-        idlest first. Chunk by chunk, `_take_level` (budget) or `_take_priced` (price) picks pairs against
-        the loads so far. A token never gives up more than `max_mass_loss` of its top-k mass.
+        Chunk by chunk, each token's swap pairs (`_pairs`) are built from the loads so far and `_take_level`
+        (budget) or `_take_priced` (price) picks among them. A token never gives up more than
+        `max_mass_loss` of its top-k mass.
         """
         n, K = cand.shape
         m = min(k, K - k)
@@ -180,11 +179,43 @@ class LaserRouting(RoutingPolicy):
             return chosen
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)
         guard = self.max_mass_loss * top_mass
-        # The pairs, from the projected loads: top-k busiest first against the other candidates.
         g = groups[cand]
-        rel = (group_load / mean).to(torch.float32)[g]
+        chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
+            0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
+        budget_left, mass_left = budget, sum(chunk_masses)
+        ceiling = math.inf
+        if self.balance_weight is None:  # the level the whole batch can reach bounds what any chunk fills
+            every = self._pairs(g, out_usable, mass, guard, group_load, k, m)
+            ceiling = _take_level(every.cost, every.ok, every.src, every.dst, group_load, mean, budget)[1]
+        # Chunk by chunk: pairs from the loads so far, taken with the chunk's pro-rata share of the budget.
+        for s, chunk_mass in zip(range(0, n, self.chunk_tokens), chunk_masses, strict=True):
+            c = slice(s, s + self.chunk_tokens)
+            share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
+            mass_left -= chunk_mass
+            mean = float(group_load.mean())
+            p = self._pairs(g[c], out_usable[c], mass[c], guard[c], group_load, k, m)
+            if self.balance_weight is None:
+                take = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling)[0]
+                take &= (p.cost * take).cumsum(dim=1) <= guard[c]
+            else:
+                take = _take_priced(p.price, p.ok, p.src, p.dst, group_load, mean).cumprod(dim=1).bool()
+            sel = chosen[c]
+            sel.scatter_(1, p.in_pos, ~take)
+            sel.scatter_(1, p.out_pos, take)
+            moved = take.reshape(-1).to(torch.float64)
+            group_load.index_add_(0, p.src.reshape(-1), -moved).index_add_(0, p.dst.reshape(-1), moved)
+            budget_left -= float((p.cost.reshape(-1) * moved).sum())
+        return chosen
+
+    def _pairs(self, g: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, guard: torch.Tensor,
+               group_load: torch.Tensor, k: int, m: int) -> _Pairs:
+        """Each token's m swap pairs: its top-k by group load (g [n, k + w] groups, group_load [G]), busiest
+        first, against its other candidates — with a budget those on groups below the mean in score order,
+        with a fixed price the idlest first — and what each pair costs (mass [n, k + w]) and allows."""
+        n, K = g.shape
+        rel = (group_load / group_load.mean()).to(torch.float32)[g]
         in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
-        if self.balance_weight is None:  # score order, colder than the mean first
+        if self.balance_weight is None:
             order = torch.arange(K - k).expand(n, K - k)
             out_pos = torch.where(out_usable & (rel[:, k:] < 1), order, K + order).sort(dim=1).indices
             out_rel = rel[:, k:].gather(1, out_pos).masked_fill(~out_usable.gather(1, out_pos), math.inf)
@@ -192,38 +223,30 @@ class LaserRouting(RoutingPolicy):
             out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
         in_pos, out_pos, gap = in_pos[:, :m], out_pos[:, :m] + k, in_rel[:, :m] - out_rel[:, :m]
         cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
-        src, dst = g.gather(1, in_pos), g.gather(1, out_pos)
+        price = None
         if self.balance_weight is None:
             ok = (gap > 0) & (cost <= guard)
         else:
-            unit = top_mass / k  # the token's average top-k expert mass
+            unit = mass[:, :k].sum(dim=1, keepdim=True) / k  # the token's average top-k expert mass
             price = torch.where(gap > 0, cost.clamp_min(0) / (unit * gap.clamp_min(1e-12)), math.inf)
             price = price.cummax(dim=1).values  # pair j only after pairs 1..j-1
             ok = ((cost.cumsum(dim=1) <= guard) & (price <= self.balance_weight)).cumprod(dim=1).bool()
-        # Chunk by chunk, the pairs taken against the loads so far, each chunk with its pro-rata budget.
-        chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
-            0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
-        budget_left, mass_left = budget, sum(chunk_masses)
-        if self.balance_weight is None:  # the level the whole batch can reach bounds what any chunk fills
-            ceiling = _take_level(cost, ok, src, dst, group_load, mean, budget)[1]
-        take = torch.zeros(n, m, dtype=torch.bool)
-        for s, chunk_mass in zip(range(0, n, self.chunk_tokens), chunk_masses, strict=True):
-            c = slice(s, s + self.chunk_tokens)
-            share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
-            mass_left -= chunk_mass
-            mean = float(group_load.mean())
-            if self.balance_weight is None:
-                t = _take_level(cost[c], ok[c], src[c], dst[c], group_load, mean, share, ceiling)[0]
-                t &= (cost[c] * t).cumsum(dim=1) <= guard[c]
-            else:
-                t = _take_priced(price[c], ok[c], src[c], dst[c], group_load, mean).cumprod(dim=1).bool()
-            take[c] = t
-            moved = t.reshape(-1).to(torch.float64)
-            group_load.index_add_(0, src[c].reshape(-1), -moved).index_add_(0, dst[c].reshape(-1), moved)
-            budget_left -= float((cost[c].reshape(-1) * moved).sum())
-        chosen.scatter_(1, in_pos, ~take)
-        chosen.scatter_(1, out_pos, take)
-        return chosen
+        return _Pairs(in_pos, out_pos, cost, g.gather(1, in_pos), g.gather(1, out_pos), ok, price)
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """m swap pairs of n tokens, all [n, m]: positions (into the k + w candidates) of the top-k expert given
+    up and of the one taken, mass given up, source and destination groups, eligibility, price (fixed-price
+    mode only)."""
+
+    in_pos: torch.Tensor
+    out_pos: torch.Tensor
+    cost: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    ok: torch.Tensor
+    price: torch.Tensor | None
 
 
 def _candidate_pairs(ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
