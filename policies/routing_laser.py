@@ -184,9 +184,6 @@ class LaserRouting(RoutingPolicy):
             0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
         budget_left, mass_left = budget, sum(chunk_masses)
         ceiling = math.inf
-        if self.balance_weight is None:  # the level the whole batch can reach bounds what any chunk fills
-            every = self._pairs(g, out_usable, mass, guard, group_load, k, m)
-            ceiling = _take_level(every.cost, every.ok, every.src, every.dst, group_load, mean, budget)[1]
         # Chunk by chunk: pairs from the loads so far, taken with the chunk's pro-rata share of the budget.
         for s, chunk_mass in zip(range(0, n, self.chunk_tokens), chunk_masses, strict=True):
             c = slice(s, s + self.chunk_tokens)
@@ -194,6 +191,11 @@ class LaserRouting(RoutingPolicy):
             mass_left -= chunk_mass
             mean = float(group_load.mean())
             p = self._pairs(g[c], out_usable[c], mass[c], guard[c], group_load, k, m)
+            if self.balance_weight is None and s == 0:
+                # the level the whole batch can reach, estimated from the first chunk's pairs as a sample of
+                # the batch's; no later chunk fills a destination above it (it would become the next peak)
+                scale = n / p.cost.shape[0]
+                ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, budget, scale=scale)[1]
             if self.balance_weight is None:
                 take = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling)[0]
                 take &= (p.cost * take).cumsum(dim=1) <= guard[c]
@@ -272,14 +274,15 @@ def _take_priced(price: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: 
 
 
 def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                group_load: torch.Tensor, mean: float, budget: float,
-                ceiling: float = math.inf) -> tuple[torch.Tensor, float]:
+                group_load: torch.Tensor, mean: float, budget: float, ceiling: float = math.inf,
+                scale: float = 1.0) -> tuple[torch.Tensor, float]:
     """([n, m] bool, level): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
     bring every group down to the lowest level the budget pays for: each group above the level gives up its
     cheapest ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the
     mean and the peak of group_load [G] that fits; destinations take pairs while they stay at or below both
     the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
-    later chunks must bring down again)."""
+    later chunks must bring down again). With `scale` s > 1 the pairs stand for s times as many (a sample):
+    only the level is meaningful then."""
     take = torch.zeros(ok.numel(), dtype=torch.bool)
     src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
     pairs = (ok.reshape(-1) & (group_load[src] >= mean + 1)).nonzero().squeeze(1)
@@ -295,12 +298,13 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
     levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64).unsqueeze(1)
-    moves = torch.minimum((group_load - levels).ceil().clamp_min(0).long(), available)
+    moves = torch.minimum((group_load - levels).ceil().clamp_min(0), available * scale)
+    sampled = (moves / scale).ceil().long()  # the sample's cheapest pairs standing for them
     room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
-    fits = ((spent[start + moves] - spent[start]).sum(dim=1) <= budget) & (moves.sum(dim=1) <= room)
+    fits = ((spent[start + sampled] - spent[start]).sum(dim=1) * scale <= budget) & (moves.sum(dim=1) <= room)
     first = int(fits.to(torch.int8).argmax())
     level = float(levels[first])
-    sel = (torch.arange(order.numel()) - start[src_o]) < moves[first][src_o]
+    sel = (torch.arange(order.numel()) - start[src_o]) < sampled[first][src_o]
     take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < min(level, ceiling) - group_load[dst_o])
     return take.view_as(ok), level
 
