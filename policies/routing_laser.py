@@ -179,7 +179,7 @@ class LaserRouting(RoutingPolicy):
             return chosen
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)
         guard = self.max_mass_loss * top_mass
-        g = groups[cand]
+        g = _lookup(groups, cand)
         chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
             0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
         budget_left, mass_left = budget, sum(chunk_masses)
@@ -215,7 +215,7 @@ class LaserRouting(RoutingPolicy):
         first, against its other candidates — with a budget those on groups below the mean in score order,
         with a fixed price the idlest first — and what each pair costs (mass [n, k + w]) and allows."""
         n, K = g.shape
-        rel = (group_load / group_load.mean()).to(torch.float32)[g]
+        rel = _lookup((group_load / group_load.mean()).to(torch.float32), g)
         in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
         if self.balance_weight is None:
             order = torch.arange(K - k).expand(n, K - k)
@@ -285,15 +285,15 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     only the level is meaningful then."""
     take = torch.zeros(ok.numel(), dtype=torch.bool)
     src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
-    pairs = (ok.reshape(-1) & (group_load[src] >= mean + 1)).nonzero().squeeze(1)
+    pairs = (ok.reshape(-1) & (_lookup(group_load, src) >= mean + 1)).nonzero().squeeze(1)
     if pairs.numel() == 0:
         return take.view_as(ok), mean
-    key = (src[pairs] << 32) | cost[pairs].view(torch.int32).long()  # by group, then cheapest first
-    order = pairs[key.sort().indices]
-    src_o, dst_o = src[order], dst[order]
+    key = (_lookup(src, pairs) << 32) | _lookup(cost, pairs).view(torch.int32).long()  # by group, then cheapest
+    order = _lookup(pairs, key.sort().indices)
+    src_o, dst_o = _lookup(src, order), _lookup(dst, order)
     available = torch.bincount(src_o, minlength=group_load.numel())
     start = available.cumsum(0) - available
-    spent = torch.cat([torch.zeros(1, dtype=torch.float64), cost[order].double().cumsum(0)])
+    spent = torch.cat([torch.zeros(1, dtype=torch.float64), _lookup(cost, order).double().cumsum(0)])
     receives = torch.zeros(group_load.numel(), dtype=torch.float64).index_fill_(0, dst_o, 1.0)
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
@@ -301,12 +301,20 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     moves = torch.minimum((group_load - levels).ceil().clamp_min(0), available * scale)
     sampled = (moves / scale).ceil().long()  # the sample's cheapest pairs standing for them
     room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
-    fits = ((spent[start + sampled] - spent[start]).sum(dim=1) * scale <= budget) & (moves.sum(dim=1) <= room)
+    fits = ((_lookup(spent, start + sampled) - _lookup(spent, start)).sum(dim=1) * scale <= budget) \
+        & (moves.sum(dim=1) <= room)
     first = int(fits.to(torch.int8).argmax())
     level = float(levels[first])
-    sel = (torch.arange(order.numel()) - start[src_o]) < sampled[first][src_o]
-    take[order] = sel & (_rank_within(torch.where(sel, dst_o, -1)) < min(level, ceiling) - group_load[dst_o])
+    sel = (torch.arange(order.numel()) - _lookup(start, src_o)) < _lookup(sampled[first], src_o)
+    room_left = min(level, ceiling) - _lookup(group_load, dst_o)
+    take.index_copy_(0, order, sel & (_rank_within(torch.where(sel, dst_o, -1)) < room_left))
     return take.view_as(ok), level
+
+
+def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index] for 1-D values and an index of any shape (index_select: much cheaper on CPU than
+    advanced indexing for the small tensors here)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def _rank_within(ids: torch.Tensor) -> torch.Tensor:
