@@ -248,3 +248,17 @@ def test_device_aware_laser_rejects_wrong_groups() -> None:
         LaserRouting(expert_groups=(0, 1, 2)).route(g, CapacityConfig(overflow="dropless"))
     with pytest.raises(ConfigError, match="expert_groups"):
         LaserRouting(expert_groups=(0, -1))
+
+
+def test_for_route_hook_prices_per_actor_only_when_device_aware() -> None:
+    """The router calls `policy.for_layer(layer).for_route(route)`: the base policy ignores the placement,
+    device-aware laser takes each expert's first-replica actor from the live route."""
+    from expertray.placement import PlacementTable
+
+    route = PlacementTable.balanced(1, 8, ["a", "b", "c"]).route(0)
+    topk = ROUTING.create("topk")
+    assert topk.for_route(route) is topk
+    plain = LaserRouting()
+    assert plain.for_route(route) is plain
+    aware = LaserRouting(device_aware=True).for_route(route)
+    assert aware.expert_groups == route.home_actor and len(set(route.home_actor)) == 3
