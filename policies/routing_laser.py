@@ -1,17 +1,19 @@
 """`laser`: score-distribution-adaptive, load-aware routing (LASER-style) under a gate-mass budget.
 
-A token whose gate distribution is peaked keeps its top-k: swapping would cost real gate mass. A token with
-a flat distribution may swap some of its top-k experts for its next `widen` candidates. Each possible swap
-has a price at which it pays off: the gate mass it gives up (in units of the token's average top-k expert)
-over the load it moves off (the out-going expert's load minus the incoming one's, in units of the mean).
-Per chunk of flat tokens the policy takes the swaps in ascending price until the batch has spent its
-`mass_budget` (a share of the batch's top-k gate mass) — so the load price is found per chunk, not fixed —
-or, with a fixed `balance_weight`, every swap cheaper than that price. Swaps never move load past the mean
-(the out-going device stays at or above it, the incoming one at or below), and no token gives up more than
-`max_mass_loss` of its own top-k mass. Capacity is then applied to the new choice as `apply_capacity` would.
+A token whose gate distribution is peaked (its top-k hold >= `mass_threshold` of its mass) keeps its top-k.
+A flat token may swap some of its top-k experts for its next `widen` candidates: its experts on the busiest
+devices (or experts) are paired with candidates on less loaded ones, and each pair costs the gate mass it
+gives up. With a budget (`mass_budget`, the default) the price of load is found per chunk of tokens rather
+than fixed: the chunk brings every device down to the lowest load *level* its pro-rata share of the budget
+pays for, each device above the level giving up its cheapest swaps, and destinations fill only up to the
+level (and to the level the whole batch can reach, so early chunks do not create the next peak). With a
+fixed `balance_weight` every swap whose mass per unit of load moved is below that price is taken instead,
+never past the mean. No token gives up more than `max_mass_loss` of its own top-k mass. Capacity is then
+applied to the new choice as `apply_capacity` would.
 
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
-every swap taken, so the first chunk already sees the batch's hot spots.
+every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
+k chosen, w = widen, G groups (devices).
 """
 
 from __future__ import annotations
