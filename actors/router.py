@@ -153,9 +153,7 @@ class RouterActor:
 
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
-        policy = self.policy.for_layer(layer)
-        if getattr(policy, "device_aware", False):  # price load per actor holding each expert (first replica)
-            policy = policy.with_expert_groups(self.table.route(layer).home_actor)
+        policy = self.policy.for_layer(layer).for_route(self.table.route(layer))
         result = await run_layer(hidden.float(), layer, self.cfg.layer, self.layers[layer], policy, self.selector,
                                  self.table, self.transport, expert_load=self.stats_.window_load(layer))
         self._record(layer, result)

@@ -34,6 +34,12 @@ class RoutingPolicy(ABC):
         """The policy to use at `layer` (policies with per-layer parameters override this)."""
         return self
 
+    def for_route(self, route: LayerRoute) -> RoutingPolicy:
+        """The policy to use with the live placement of one layer, `route` (the router calls this for every
+        batch, after `for_layer`); a policy that prices load per device builds its expert -> device map from
+        it. The default ignores the placement."""
+        return self
+
 
 class ReplicaSelector(ABC):
     """Which physical copy (destination) of its logical expert each assignment goes to."""

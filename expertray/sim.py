@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,12 @@ class _Totals:
             setattr(self, name, np.zeros(self.num_layers))
 
 
+Progress = Callable[[str], None]  # receives one line per finished stage (e.g. to print on stderr)
+
+
 def plan_tables(policies: Sequence[str], coactivation: Coactivation, topology: Topology, config: SimConfig,
-                policy_params: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[PlacementTable, float]]:
+                policy_params: dict[str, dict[str, Any]] | None = None,
+                progress: Progress | None = None) -> dict[str, tuple[PlacementTable, float]]:
     """{policy: (table, seconds to plan)} from the calibration counts. `topology_aware` also gets the
     co-selection counts, and the layer affinity when tokens follow their experts (origin="follow")."""
     out = {}
@@ -158,6 +162,8 @@ def plan_tables(policies: Sequence[str], coactivation: Coactivation, topology: T
         start = time.perf_counter()
         table = policy.plan(load, topology, None, config.expert_bytes).table
         out[name] = (table, time.perf_counter() - start)
+        if progress is not None:
+            progress(f"planned {name} ({load.shape[0]} layers) in {out[name][1]:.1f} s")
     return out
 
 
@@ -186,8 +192,10 @@ def _replay_step(step: Step, arrays: PlacementArrays, topo: TopologyArrays, topo
 
 
 def simulate(source: RoutingSource, topology: Topology, policies: Sequence[str] = DEFAULT_POLICIES,
-             config: SimConfig | None = None, policy_params: dict[str, dict[str, Any]] | None = None) -> SimResult:
-    """Plan with every policy from source.calibration(), replay source.evaluation() through each table."""
+             config: SimConfig | None = None, policy_params: dict[str, dict[str, Any]] | None = None,
+             progress: Progress | None = None) -> SimResult:
+    """Plan with every policy from source.calibration(), replay source.evaluation() through each table;
+    `progress` (optional) gets a line after calibration, each policy's plan and each replayed step."""
     config = config or SimConfig()
     if not policies or len(set(policies)) != len(policies):
         raise ConfigError(f"sim.policies: name at least one placement policy, each once (got {list(policies)})")
@@ -197,7 +205,9 @@ def simulate(source: RoutingSource, topology: Topology, policies: Sequence[str] 
     if coactivation.tokens == 0:
         raise ConfigError("sim: the routing source's calibration window holds no tokens")
     calibration_s = time.perf_counter() - start
-    tables = plan_tables(policies, coactivation, topology, config, policy_params)
+    if progress is not None:
+        progress(f"calibrated on {coactivation.tokens} tokens in {calibration_s:.1f} s")
+    tables = plan_tables(policies, coactivation, topology, config, policy_params, progress)
     topo = TopologyArrays.of(topology)
     arrays = {name: PlacementArrays.of(table, topology) for name, (table, _) in tables.items()}
     totals = {name: _Totals(L) for name in policies}
@@ -209,6 +219,8 @@ def simulate(source: RoutingSource, topology: Topology, policies: Sequence[str] 
             t0 = time.perf_counter()
             _replay_step(step, arrays[name], topo, topology, config, totals[name])
             totals[name].replay_s += time.perf_counter() - t0
+            if progress is not None:
+                progress(f"replayed step {steps} through {name} ({time.perf_counter() - start:.1f} s so far)")
     if steps == 0:
         raise ConfigError("sim: the routing source's evaluation stream holds no steps")
     results = [PolicyResult(name, tables[name][1], t.replay_s, t.intra / steps, t.inter / steps,

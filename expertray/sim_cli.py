@@ -64,6 +64,7 @@ def sim(
     origin: Annotated[str, typer.Option(help="even (tokens return home) or follow (next layer starts "
                                         "where the first expert ran)")] = "even",
     as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
     plot: Annotated[Path | None, typer.Option(help="PNG of inter-node bytes and balancedness per layer")] = None,
 ) -> None:
     """Simulate placement policies over a cluster: all-to-all bytes within / across nodes, dispatch time,
@@ -86,7 +87,7 @@ def sim(
         config = SimConfig(d_model, bytes_per_elem, 3 * d_model * expert_intermediate * bytes_per_elem,
                            selector, dispatch, origin)
         result = simulate(source, topology, [p.strip() for p in policies.split(",") if p.strip()], config,
-                          _params(policy_params))
+                          _params(policy_params), None if quiet else _progress)
         if plot is not None:
             write_plot(result, plot)
     except (ExpertRayError, OSError) as exc:
@@ -96,6 +97,10 @@ def sim(
         print(json.dumps(result.to_dict(), indent=2))
     else:
         _print_table(result)
+
+
+def _progress(line: str) -> None:
+    typer.echo(f"sim: {line}", err=True)
 
 
 def _print_table(result: SimResult) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from expertray.coactivation import trace_steps
-from expertray.errors import ConfigError
+from expertray.errors import require
 from expertray.trace import Trace
 from expertray.workload import Workload, WorkloadConfig
 
@@ -48,7 +49,7 @@ class SyntheticRouting:
     calibration_tokens tokens (co-activation counts converge long before the replayed batch's size). Tokens of one topic therefore pick the same groups
     together within a layer and from one layer to the next, as inter-layer affinity studies find in trained
     MoEs (ExFlow, arXiv 2401.08383). zipf_exponent 0.25 puts the busiest of 256 experts near 3× the mean
-    load, as OLMoE measures on C4 (/work/shared/data/expert_counts_c4.json: 2.5-3.0).
+    load, as OLMoE measures on C4 (expertray/data/expert_counts_c4.json: 2.5-3.0).
     """
 
     num_layers: int = 60
@@ -62,10 +63,7 @@ class SyntheticRouting:
     calibration_tokens: int = 16384
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"sim.routing.{name}: {msg}")
-
+        need = partial(require, prefix="sim.routing")
         need(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
         need(1 <= self.num_experts <= 32767, "num_experts", f"must be in [1, 32767], got {self.num_experts}")
         need(1 <= self.top_k <= self.num_experts, "top_k", f"must be in [1, {self.num_experts}], got {self.top_k}")

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from expertray.errors import ConfigError
+from expertray.errors import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"workload.{name}: {msg}")
-
+        need = partial(require, prefix="workload")
         need(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
         need(self.tokens_per_batch >= 1, "tokens_per_batch", f"must be >= 1, got {self.tokens_per_batch}")
         need(math.isfinite(self.zipf_exponent) and self.zipf_exponent >= 0, "zipf_exponent",
@@ -139,17 +136,8 @@ class Workload:
             yield b
 
 
-def default_counts_file() -> Path:
-    """Where the measured C4 expert counts live: $EXPERTRAY_COUNTS_FILE, else the project's shared/ folder
-    beside the checkout (<repo>/../shared/data/expert_counts_c4.json)."""
-    env = os.environ.get("EXPERTRAY_COUNTS_FILE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "expert_counts_c4.json"
-
-
 def popularity_from_counts(path: str | Path, model: str = "olmoe_c4", layer: int = 0) -> tuple[float, ...]:
-    """A routing distribution [E] from measured per-expert counts (e.g. /work/shared/data/expert_counts_c4.json).
+    """A routing distribution [E] from measured per-expert counts (e.g. expertray.data.counts_file()).
 
     The file maps model → {"layers": [...], "counts": [[per-expert counts] per layer]}; `layer` indexes
     the measured layers list. Zero counts get half a token so every expert stays reachable.
@@ -162,3 +150,81 @@ def popularity_from_counts(path: str | Path, model: str = "olmoe_c4", layer: int
         raise ConfigError(f"popularity file {path}: no counts for model {model!r} layer index {layer} ({exc!r})") from exc
     total = float(sum(max(float(c), 0.5) for c in counts))
     return tuple(max(float(c), 0.5) / total for c in counts)
+
+
+def gumbel_logits(popularity: torch.Tensor, tokens: int, temperature: float, g: torch.Generator) -> torch.Tensor:
+    """[tokens, E] float32 logits (log popularity [E] + Gumbel noise) / temperature: each token's top-1 expert
+    is distributed as `popularity`, the temperature only shapes the scores (as `Workload.batch`)."""
+    E = popularity.numel()
+    gumbel = -torch.log(-torch.log(torch.rand(tokens, E, generator=g, dtype=torch.float64).clamp_min(1e-300)))
+    return ((popularity.double().clamp_min(1e-300).log().unsqueeze(0) + gumbel) / temperature).float()
+
+
+class TopicalTraffic:
+    """Router logits of hidden states drawn from a mixture of topical clusters, through a fixed random gate.
+
+    The model (seeded): `topics` cluster centres [topics, d_model] of Zipf(topic_zipf) popularity and a gate
+    [E, d_model]. A token is its topic's centre plus isotropic noise of relative size `spread`; its logits are
+    the gate's scores scaled to the spread of Gumbel noise (std π/√6) and divided by the temperature. Expert
+    popularity thus comes from the geometry (which experts the popular topics point at), not from a prior.
+    """
+
+    def __init__(self, num_experts: int, d_model: int = 64, topics: int = 16, topic_zipf: float = 1.0,
+                 spread: float = 0.7, seed: int = 0) -> None:
+        if num_experts < 1 or d_model < 1 or topics < 1:
+            raise ConfigError(f"topical traffic: num_experts, d_model and topics must be >= 1, "
+                              f"got {num_experts}, {d_model}, {topics}")
+        if not (math.isfinite(spread) and spread >= 0 and math.isfinite(topic_zipf) and topic_zipf >= 0):
+            raise ConfigError(f"topical traffic: spread and topic_zipf must be >= 0, got {spread}, {topic_zipf}")
+        g = torch.Generator().manual_seed(seed)
+        self.seed, self.spread, self.num_experts = seed, spread, num_experts
+        self.centres = torch.randn(topics, d_model, generator=g, dtype=torch.float64)
+        self.gate = torch.randn(num_experts, d_model, generator=g, dtype=torch.float64) / math.sqrt(d_model)
+        weights = (torch.arange(topics, dtype=torch.float64) + 1) ** -topic_zipf
+        self.topic_popularity = weights[torch.randperm(topics, generator=g)] / weights.sum()
+
+    def logits(self, batch: int, tokens: int, temperature: float) -> torch.Tensor:
+        """[tokens, E] float32 logits of batch `batch` (deterministic in the seed and batch)."""
+        if tokens < 1 or not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"topical traffic: tokens must be >= 1 and temperature > 0, got {tokens}, {temperature}")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + batch + 1)
+        topic = torch.multinomial(self.topic_popularity, tokens, replacement=True, generator=g)
+        hidden = self.centres[topic] + self.spread * torch.randn(tokens, self.centres.shape[1], generator=g,
+                                                                 dtype=torch.float64)
+        scores = hidden @ self.gate.T
+        scores = scores / scores.std().clamp_min(1e-12) * (math.pi / math.sqrt(6))
+        return (scores / temperature).float()
+
+
+class HotspotTraffic:
+    """Bursty, shifting hot spots over a mild Zipf(`zipf_exponent`) background: every `period` batches a new
+    random set of `hot` experts is drawn; each batch is a burst with probability `burst_probability`, during
+    which the hot set's popularity is multiplied by a factor drawn from [boost / 2, boost]. Logits as
+    `gumbel_logits`."""
+
+    def __init__(self, num_experts: int, hot: int = 4, period: int = 2, boost: float = 12.0,
+                 burst_probability: float = 0.7, zipf_exponent: float = 0.3, seed: int = 0) -> None:
+        if not 1 <= hot <= num_experts:
+            raise ConfigError(f"hotspot traffic: hot must be in [1, {num_experts}], got {hot}")
+        if period < 1 or not boost >= 1 or not 0 <= burst_probability <= 1:
+            raise ConfigError(f"hotspot traffic: period >= 1, boost >= 1, burst_probability in [0, 1]; "
+                              f"got {period}, {boost}, {burst_probability}")
+        self.num_experts, self.hot, self.period, self.boost = num_experts, hot, period, boost
+        self.burst_probability, self.zipf_exponent, self.seed = burst_probability, zipf_exponent, seed
+
+    def popularity(self, batch: int) -> torch.Tensor:
+        """[E] float64 routing distribution of batch `batch`."""
+        E = self.num_experts
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + batch // self.period)
+        base = ((torch.arange(E, dtype=torch.float64) + 1) ** -self.zipf_exponent)[torch.randperm(E, generator=g)]
+        hot = torch.randperm(E, generator=g)[: self.hot]
+        b = torch.Generator().manual_seed(self.seed * 7_919 + batch + 1)
+        draw = torch.rand(2, generator=b, dtype=torch.float64)
+        if float(draw[0]) < self.burst_probability:
+            base[hot] *= self.boost * (0.5 + 0.5 * float(draw[1]))
+        return base / base.sum()
+
+    def logits(self, batch: int, tokens: int, temperature: float) -> torch.Tensor:
+        """[tokens, E] float32 logits of batch `batch`."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_033 + batch + 1)
+        return gumbel_logits(self.popularity(batch), tokens, temperature, g)

@@ -35,6 +35,7 @@ the autoscaler can use to replicate a hot expert without a re-plan, and it moves
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,19 +53,24 @@ Bins = list[set[int]]  # per device (topology order), the logical experts of one
 class BalancedPlacement(PlacementPolicy):
     """Parameters.
 
-    search_steps: bisection steps on the per-device target (each halves the remaining interval).
+    search_steps: bisection steps on the per-device target (each halves the remaining interval), at most.
+    search_precision: the bisection stops once its interval is within this fraction of the target (a finer
+        target moves the peak by less than that; 0 leaves only search_steps).
     max_refine_moves: local-search moves per layer and candidate, at most.
     balance_slack: a candidate moving fewer slots wins if its peak device load is within this fraction of
         the best candidate's (0 keeps slots only where that costs no balance at all).
     """
 
     search_steps: int = 24
+    search_precision: float = 1e-4
     max_refine_moves: int = 500
     balance_slack: float = 0.01
 
     def __post_init__(self) -> None:
         if self.search_steps < 0:
             raise ConfigError(f"placement.balanced.search_steps: must be >= 0, got {self.search_steps}")
+        if not 0.0 <= self.search_precision < 1.0:
+            raise ConfigError(f"placement.balanced.search_precision: must be in [0, 1), got {self.search_precision}")
         if self.max_refine_moves < 0:
             raise ConfigError(f"placement.balanced.max_refine_moves: must be >= 0, got {self.max_refine_moves}")
         if not 0.0 <= self.balance_slack < 1.0:
@@ -107,7 +113,7 @@ class BalancedPlacement(PlacementPolicy):
         best_peak = _peak(load, best)
         lo, hi = float(load.sum()) / len(node_of), best_peak
         for _ in range(self.search_steps):
-            if hi - lo <= _tol(hi):
+            if hi - lo <= max(_tol(hi), self.search_precision * hi):
                 break
             mid = (lo + hi) / 2
             bins = _fit(load, mid, node_of, home, slots)
@@ -148,33 +154,87 @@ def _home_nodes(load: np.ndarray, node_of: np.ndarray, slots: int) -> np.ndarray
 
 
 def _fit(load: np.ndarray, target: float, node_of: np.ndarray, home: np.ndarray, slots: int) -> Bins | None:
-    """Pack every expert, heaviest first, with the fewest replicas that fit under `target`; None if one can't."""
+    """Pack every expert, heaviest first, with the fewest replicas that fit under `target`; None if one can't.
+
+    Each expert's devices by preference: home node first, then best fit (big gaps stay for big shares), then
+    more free slots (spreading them), then the lower index. Per expert the work is a partition of the D open
+    rooms plus the home node's few devices, in numpy; other nodes are searched only when home is full."""
     num_devices, tol = node_of.size, _tol(target)
     room = np.full(num_devices, target)
+    open_room = room.copy()  # room of devices with a free slot, -inf for full ones
     free = np.full(num_devices, slots)
-    free_total = num_devices * slots
+    free_total, open_count = num_devices * slots, num_devices
+    untouched = num_devices  # devices holding nothing yet: their room is the whole target, the largest
+    node_devices = np.split(np.argsort(node_of, kind="stable"), np.cumsum(np.bincount(node_of))[:-1])
     bins: Bins = [set() for _ in range(num_devices)]
-    order = np.argsort(-load, kind="stable")
-    for i, e in enumerate(order):
-        open_devices = np.flatnonzero(free > 0)
-        largest_room = np.sort(room[open_devices])[::-1]
-        max_replicas = min(open_devices.size, free_total - (load.size - i - 1))  # a slot for each expert left
-        r = next((k for k in range(1, max_replicas + 1) if largest_room[k - 1] >= load[e] / k - tol), 0)
+    for i, e in enumerate(np.argsort(-load, kind="stable")):
+        max_replicas = min(open_count, free_total - (load.size - i - 1))  # a slot for each expert still to place
+        r = _replicas(open_room, float(load[e]), max_replicas, tol, target, untouched)
         if r == 0:
             return None
         share = load[e] / r
-        fitting = open_devices[room[open_devices] >= share - tol]
-
-        def preference(d: int, e: int = e) -> tuple:
-            # home node first, then best fit (big gaps stay for big shares); on ties spread the slots
-            return (node_of[d] != home[e], room[d], -free[d], d)
-
-        for d in sorted(fitting.tolist(), key=preference)[:r]:
+        home_devices = node_devices[home[e]]
+        chosen = _best_fit(home_devices[open_room[home_devices] >= share - tol], room, free, r)
+        if chosen.size < r:
+            others = (open_room >= share - tol) & (node_of != home[e])
+            chosen = np.concatenate([chosen, _best_fit_split(others, room, free, r - chosen.size, target, slots)])
+        for d in chosen.tolist():
             bins[d].add(int(e))
-            room[d] -= share
-            free[d] -= 1
+        room[chosen] -= share
+        free[chosen] -= 1
+        open_room[chosen] = np.where(free[chosen] > 0, room[chosen], -np.inf)
         free_total -= r
+        open_count -= int((free[chosen] == 0).sum())
+        untouched -= int((free[chosen] == slots - 1).sum())
     return bins
+
+
+def _replicas(open_room: np.ndarray, load: float, max_replicas: int, tol: float, target: float,
+              untouched: int) -> int:
+    """The fewest r <= max_replicas whose share load / r fits the r-th largest of open_room [D] (-inf = no
+    free slot); 0 if none. The `untouched` largest rooms equal `target`, which settles most calls."""
+    r = max(1, math.ceil(load / (target + tol)))
+    while r > 1 and target >= load / (r - 1) - tol:
+        r -= 1
+    while target < load / r - tol:
+        r += 1
+    if r <= min(untouched, max_replicas):
+        return r
+    looked = 0
+    for width in (8, max_replicas):  # nearly always the answer is among the few largest rooms
+        width = min(width, max_replicas)
+        if width <= looked:
+            continue
+        negated = np.partition(-open_room, width - 1)[:width] if width < open_room.size else -open_room
+        largest = -np.sort(negated)[:width]  # descending
+        fits = largest >= load / np.arange(1, width + 1) - tol
+        if fits.any():
+            return int(fits.argmax()) + 1
+        looked = width
+    return 0
+
+
+def _best_fit_split(mask: np.ndarray, room: np.ndarray, free: np.ndarray, r: int, target: float,
+                    slots: int) -> np.ndarray:
+    """`_best_fit` over the devices in mask [D], cheaply: devices holding load (room below the target) come
+    first and are few; the rest have the whole target as room, and the empty ones among them go by index."""
+    used = mask & (room < target)
+    chosen = _best_fit(np.flatnonzero(used), room, free, r)
+    if chosen.size == r:
+        return chosen
+    rest = mask & ~used
+    empty = np.flatnonzero(rest & (free == slots))[: r - chosen.size]
+    if empty.size == r - chosen.size:
+        return np.concatenate([chosen, empty])
+    return np.concatenate([chosen, _best_fit(np.flatnonzero(rest), room, free, r - chosen.size)])
+
+
+def _best_fit(devices: np.ndarray, room: np.ndarray, free: np.ndarray, r: int) -> np.ndarray:
+    """Up to r of `devices` [n]: least room first, then most free slots, then lowest index."""
+    if devices.size > r:  # only devices with room up to the r-th smallest can be among the r first
+        cut = np.partition(room[devices], r - 1)[r - 1]
+        devices = devices[room[devices] <= cut]
+    return devices[np.lexsort((devices, -free[devices], room[devices]))][:r]
 
 
 def _repair(load: np.ndarray, held: Bins, slots: int) -> Bins | None:
@@ -238,11 +298,11 @@ def _count_first(load: np.ndarray, node_of: np.ndarray, home: np.ndarray, slots:
 
 def _device_loads(load: np.ndarray, bins: Bins) -> tuple[np.ndarray, np.ndarray]:
     """(per-device tokens [D], replicas per expert [E]) of a layer's bins."""
-    replicas = np.zeros(load.size)
-    for b in bins:
-        replicas[list(b)] += 1
+    sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    experts = np.fromiter((e for b in bins for e in b), dtype=np.int64, count=int(sizes.sum()))
+    replicas = np.bincount(experts, minlength=load.size).astype(np.float64)
     share = load / np.maximum(replicas, 1)
-    return np.array([share[list(b)].sum() for b in bins]), replicas
+    return np.bincount(np.repeat(np.arange(len(bins)), sizes), weights=share[experts], minlength=len(bins)), replicas
 
 
 def _peak(load: np.ndarray, bins: Bins) -> float:

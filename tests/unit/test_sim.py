@@ -175,10 +175,21 @@ def test_sim_cli(tmp_path: Path) -> None:
             "--tokens", "256", "--d-model", "32"]
     out = runner.invoke(app, [*args, "--json", "--plot", str(tmp_path / "p.png")])
     assert out.exit_code == 0, out.output
-    doc = json.loads(out.output)
+    doc = json.loads(out.stdout)  # progress lines go to stderr
+    assert "sim: planned balanced (2 layers)" in out.stderr
     assert [p["policy"] for p in doc["policies"]] == ["round_robin", "balanced", "topology_aware"]
     assert len(doc["policies"][2]["per_layer"]["inter_node_bytes"]) == 2
     assert (tmp_path / "p.png").stat().st_size > 0
     assert runner.invoke(app, args).exit_code == 0
     bad = runner.invoke(app, [*args, "--policies", "nope"])
     assert bad.exit_code == 2 and "placement policy 'nope' is unknown" in bad.output
+
+
+def test_simulate_reports_progress_per_stage() -> None:
+    """Long simulations say what they finished: calibration, each policy's plan, each replayed step."""
+    lines: list[str] = []
+    source = SyntheticRouting(2, 16, 2, 64, 0.5, 4, 0.5, 0)
+    simulate(source, Topology.uniform(2, 2, 5), ["round_robin", "balanced"], progress=lines.append)
+    assert lines[0].startswith("calibrated on ")
+    assert [line.split()[1] for line in lines[1:3]] == ["round_robin", "balanced"]
+    assert any(line.startswith("replayed step 1 through balanced") for line in lines)

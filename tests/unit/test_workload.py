@@ -9,12 +9,19 @@ import pytest
 import torch
 
 from expertray.config import GateConfig
+from expertray.data import counts_file
 from expertray.errors import ConfigError
 from expertray.gating import gate_from_logits
 from expertray.loadstats import imbalance
-from expertray.workload import Workload, WorkloadConfig, default_counts_file, popularity_from_counts
+from expertray.workload import (
+    HotspotTraffic,
+    TopicalTraffic,
+    Workload,
+    WorkloadConfig,
+    popularity_from_counts,
+)
 
-SHARED_COUNTS = default_counts_file()
+SHARED_COUNTS = counts_file()
 
 
 def test_deterministic_in_the_seed_and_batch_index() -> None:
@@ -102,8 +109,40 @@ def test_popularity_from_counts(tmp_path: Path) -> None:
     assert sorted(wl.popularity(0).tolist()) == pytest.approx([0.5 / 3.5, 3 / 3.5])
 
 
-@pytest.mark.skipif(not SHARED_COUNTS.exists(), reason="shared expert counts not present")
 def test_measured_olmoe_popularity_matches_its_published_imbalance() -> None:
     pop = popularity_from_counts(SHARED_COUNTS, "olmoe_c4", 0)
     assert len(pop) == 64 and sum(pop) == pytest.approx(1.0)
     assert imbalance(torch.tensor(pop)) == pytest.approx(3.02, abs=0.01)  # the data README's max/mean
+
+
+def test_topical_traffic_popularity_comes_from_the_topics() -> None:
+    """Same seed and batch → same logits; one topic → tokens crowd onto the experts its centre points at;
+    the temperature only shapes the scores (top-k unchanged, top-k share of the gate mass rises as it falls)."""
+    t = TopicalTraffic(32, topics=8, seed=4)
+    assert torch.equal(t.logits(3, 64, 1.0), TopicalTraffic(32, topics=8, seed=4).logits(3, 64, 1.0))
+    assert not torch.equal(t.logits(3, 64, 1.0), t.logits(4, 64, 1.0))
+    single = TopicalTraffic(32, topics=1, spread=0.1, seed=4).logits(0, 2048, 1.0)
+    top1 = torch.bincount(single.argmax(1), minlength=32)
+    assert int(top1.topk(2).values.sum()) > 0.95 * 2048  # one topic, little spread: its one or two experts
+    cfg = GateConfig("qwen_moe", 32, 4)
+    hot, cold = (gate_from_logits(t.logits(0, 1024, temp), cfg) for temp in (0.5, 2.0))
+    assert torch.equal(hot.experts, cold.experts)
+    assert float(hot.probs.gather(1, hot.experts).sum(1).mean()) > float(cold.probs.gather(1, cold.experts).sum(1).mean())
+    with pytest.raises(ConfigError, match="topical traffic"):
+        TopicalTraffic(0)
+    with pytest.raises(ConfigError, match="temperature"):
+        t.logits(0, 8, 0.0)
+
+
+def test_hotspot_traffic_bursts_on_a_set_that_moves() -> None:
+    h = HotspotTraffic(64, hot=4, period=2, boost=12.0, burst_probability=1.0, seed=1)
+    p0, p1, p2 = h.popularity(0), h.popularity(1), h.popularity(2)
+    hot0, hot2 = set(p0.topk(4).indices.tolist()), set(p2.topk(4).indices.tolist())
+    assert set(p1.topk(4).indices.tolist()) == hot0 != hot2  # the set holds for `period` batches, then moves
+    assert float(p0.topk(4).values.sum()) > 0.3  # 4 of 64 experts carry a burst's share
+    calm = HotspotTraffic(64, hot=4, burst_probability=0.0, seed=1).popularity(0)
+    assert float(calm.max() / calm.min()) < 64 ** 0.3 + 1e-9  # only the mild Zipf background
+    top1 = torch.bincount(h.logits(0, 4096, 1.0).argmax(1), minlength=64).double() / 4096
+    assert float((top1 - p0).abs().max()) < 0.03  # Gumbel-max: top-1 follows the popularity
+    with pytest.raises(ConfigError, match="hotspot traffic"):
+        HotspotTraffic(8, hot=9)
