@@ -18,7 +18,6 @@ import asyncio
 import logging
 import math
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,13 +27,14 @@ import numpy as np
 import ray
 
 from expertray.actors.expert import ExpertActor
+from expertray.actors.pools import RayActorPool, RayRouterPool, bounded, default_state_dir, expert_blob
 from expertray.actors.router import LayerParams, RouterActor
 from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, ExpertRayError
 from expertray.layer import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
 from expertray.placement import PlacementTable
-from expertray.runtime.control import ExpertKey, PlacementControl
+from expertray.runtime.control import PlacementControl
 from expertray.runtime.weights import load_weights, save_weights
 from expertray.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot
 
@@ -44,107 +44,6 @@ NAMESPACE = "expertray"
 CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
 LIVENESS_INTERVAL_S = 2.0
 LIVENESS_BACKOFF_MAX_S = 30.0
-
-
-def _expert_blob(layers: list[MoELayer], keys: list[ExpertKey]) -> dict[ExpertKey, tuple[np.ndarray, np.ndarray]]:
-    return {(layer, e): (layers[layer].experts.gate_up[e].numpy(), layers[layer].experts.down[e].numpy())
-            for layer, e in keys}
-
-
-def default_state_dir() -> Path:
-    """A per-cluster directory: <Ray session dir>/expertray (the session dir is one per running Ray cluster)."""
-    import ray._private.worker as worker  # the session dir has no public accessor in Ray 2.x
-
-    node = worker._global_node
-    base = Path(node.get_session_dir_path()) if node is not None else Path(tempfile.gettempdir())
-    return base / "expertray"
-
-
-async def _bounded(ref: Any, timeout_s: float, what: str) -> Any:
-    try:
-        return await asyncio.wait_for(ref, timeout_s)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
-
-
-class _Actors:
-    """ActorPool over Ray expert actors (see expertray/runtime/control.py)."""
-
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
-
-    def has(self, actor: str) -> bool:
-        return actor in self.ctl.handles
-
-    def create(self) -> str:
-        return self.ctl._new_actor()
-
-    async def ping(self, actor: str) -> bool:
-        handle = self.ctl.handles.get(actor)
-        if handle is None:
-            return False
-        try:
-            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
-            return True
-        except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
-            return False
-
-    async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
-        if source is not None:
-            blob = self.ctl.handles[source].export.remote(keys)
-        elif self.ctl.layers is not None:
-            blob = ray.put(_expert_blob(self.ctl.layers, keys))
-        else:
-            raise ExpertRayError(f"experts {keys} have no live replica and the weight store is unavailable "
-                                 f"({self.ctl.weights_error}); relaunch the cluster with its weights")
-        await _bounded(self.ctl.handles[actor].load.remote(blob), self.ctl.cfg.control_timeout_s,
-                       f"loading {len(keys)} expert(s) into {actor}")
-
-    async def unload(self, actor: str, keys: list[ExpertKey]) -> None:
-        await _bounded(self.ctl.handles[actor].unload.remote(keys), self.ctl.cfg.control_timeout_s,
-                       f"unloading from {actor}")
-
-    def kill(self, actor: str) -> None:
-        handle = self.ctl.handles.pop(actor, None)
-        if handle is not None:
-            ray.kill(handle, no_restart=True)
-
-
-class _Routers:
-    """RouterPool over Ray router actors (see expertray/runtime/control.py)."""
-
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
-
-    def ids(self) -> list[str]:
-        return list(self.ctl.routers)
-
-    async def ping(self, router: str) -> bool:
-        handle = self.ctl.routers.get(router)
-        if handle is None:
-            return False
-        try:
-            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
-            return True
-        except Exception:  # noqa: BLE001 - dead, hung or unreachable
-            return False
-
-    async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
-        handle = self.ctl.routers.get(router)
-        if handle is None:
-            raise ExpertRayError(f"router {router} is not running")
-        return await _bounded(handle.set_table.remote(table.to_dict(), self.ctl.handles, reopen),
-                              self.ctl.cfg.control_timeout_s, f"router {router} switching to v{table.version}")
-
-    async def replace(self, router: str, table: PlacementTable) -> str:
-        old = self.ctl.routers.get(router)
-        if old is not None:
-            ray.kill(old, no_restart=True)
-        new_id, handle = await self.ctl._start_router(table)
-        self.ctl.routers = {(new_id if r == router else r): (handle if r == router else h)
-                            for r, h in self.ctl.routers.items()}
-        self.ctl._save()
-        return new_id
 
 
 @ray.remote
@@ -220,7 +119,7 @@ class Controller:
                       "and actors", exc)
             table, history = self._discover(), []
         self.handles = {a: h for a in table.actors if (h := self._lookup(f"expertray-{a}")) is not None}
-        self.control = PlacementControl(table, _Actors(self), _Routers(self), self._save)
+        self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
         self.control.history = history
         self._start_background()
         log.info("controller restored placement v%d (%d routers)", table.version, len(self.routers))
@@ -281,7 +180,7 @@ class Controller:
                                      ).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
                                               max(1, math.floor(self.cfg.router_num_cpus)))
         try:
-            transport = await _bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
+            transport = await bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
                                        self.cfg.control_timeout_s, f"starting {router_id}")
         except BaseException:
             ray.kill(handle, no_restart=True)
@@ -304,13 +203,13 @@ class Controller:
         await asyncio.to_thread(save_weights, self.weights_path, layers)
         ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
         table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
-        await asyncio.gather(*[_bounded(self.handles[a].load.remote(
-            _expert_blob(layers, [(s.layer, s.expert) for s in table.slots_of(a)])),
+        await asyncio.gather(*[bounded(self.handles[a].load.remote(
+            expert_blob(layers, [(s.layer, s.expert) for s in table.slots_of(a)])),
             self.cfg.control_timeout_s, f"loading {a}") for a in ids])
         for _ in range(self.cfg.num_routers):
             router_id, handle = await self._start_router(table)
             self.routers[router_id] = handle
-        self.control = PlacementControl(table, _Actors(self), _Routers(self), self._save)
+        self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
         self._save()
         self._start_background()
         log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
@@ -361,7 +260,7 @@ class Controller:
         """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and
         {"router", "error"} for those that did not."""
         ids = list(self.routers)
-        replies = await asyncio.gather(*[_bounded(getattr(self.routers[r], method).remote(),
+        replies = await asyncio.gather(*[bounded(getattr(self.routers[r], method).remote(),
                                                   self.cfg.ping_timeout_s, f"{r}.{method}") for r in ids],
                                        return_exceptions=True)
         ok = [(r, x) for r, x in zip(ids, replies) if not isinstance(x, BaseException)]
@@ -376,7 +275,7 @@ class Controller:
             handle = self.handles.get(a)
             if handle is None:
                 raise ExpertRayError(f"{a} is not running")
-            return await _bounded(handle.stats.remote(), self.cfg.ping_timeout_s, f"{a}.stats")
+            return await bounded(handle.stats.remote(), self.cfg.ping_timeout_s, f"{a}.stats")
 
         replies = await asyncio.gather(*[one(a) for a in ids], return_exceptions=True)
         return {a: {"alive": False, "error": str(r).splitlines()[0]} if isinstance(r, BaseException)
@@ -580,7 +479,7 @@ class Controller:
     async def set_actor_slowdown(self, actor: str, factor: float) -> None:
         """Fault injection (tests, benchmarks): make one expert actor a `factor`x straggler."""
         self.table.check_actor(actor)
-        await _bounded(self.handles[actor].set_slowdown.remote(factor), self.cfg.control_timeout_s,
+        await bounded(self.handles[actor].set_slowdown.remote(factor), self.cfg.control_timeout_s,
                        f"{actor}.set_slowdown")
 
     async def add_actor(self) -> str:
@@ -592,9 +491,9 @@ class Controller:
         """Start an empty expert actor, wait until it answers, and put it in the table (lock held)."""
         actor_id = self._new_actor()
         try:
-            await _bounded(self.handles[actor_id].ping.remote(), self.cfg.control_timeout_s, f"starting {actor_id}")
+            await bounded(self.handles[actor_id].ping.remote(), self.cfg.control_timeout_s, f"starting {actor_id}")
         except BaseException:
-            _Actors(self).kill(actor_id)
+            RayActorPool(self).kill(actor_id)
             raise
         await self.control.apply(self.table.with_actor(actor_id), f"{reason}: {actor_id}", created=(actor_id,))
         return actor_id

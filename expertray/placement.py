@@ -182,7 +182,6 @@ class PlacementTable:
         """Version + 1 (one change, not two) with `src`'s replica of layer:expert moved to `dst`; src must hold
         it, dst must not."""
         self.check_expert(layer, expert)
-        self.check_actor(src)
         if src == dst:
             raise ConfigError(f"migrate {layer}:{expert}: source and destination are both {src!r}")
         if Slot(src, layer, expert) not in self.slots:

@@ -19,7 +19,7 @@ def test_migrate_moves_the_replica() -> None:
 @pytest.mark.parametrize("src,dst,err,needle", [
     ("b", "a", UnknownExpertError, "actor 'b' holds no replica of expert 0:1 (held by a)"),
     ("a", "a", ConfigError, "source and destination are both 'a'"),
-    ("zz", "b", UnknownExpertError, "unknown actor 'zz'"),
+    ("zz", "b", UnknownExpertError, "actor 'zz' holds no replica of expert 0:1"),
 ])
 def test_migrate_refuses_a_bad_source(src: str, dst: str, err: type, needle: str) -> None:
     with pytest.raises(err) as info:

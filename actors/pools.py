@@ -1,0 +1,125 @@
+"""The controller's ActorPool and RouterPool (expertray/runtime/control.py) over Ray actor handles.
+
+Every call is bounded: pings by `ping_timeout_s`, weight loads, unloads and table switches by
+`control_timeout_s`. `ctl` is the Controller actor's instance: the pools read its handles (`handles`,
+`routers`), weight store (`layers`) and config, and ask it to start actors (`_new_actor`) and routers
+(`_start_router`) and to persist its state (`_save`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from expertray.errors import ExpertRayError
+from expertray.layer import MoELayer
+from expertray.placement import PlacementTable
+from expertray.runtime.control import ExpertKey
+
+
+def expert_blob(layers: list[MoELayer], keys: list[ExpertKey]) -> dict[ExpertKey, tuple[np.ndarray, np.ndarray]]:
+    """Weights of `keys` from the weight store: (layer, expert) -> (gate_up [2F, D], down [D, F]) as numpy."""
+    return {(layer, e): (layers[layer].experts.gate_up[e].numpy(), layers[layer].experts.down[e].numpy())
+            for layer, e in keys}
+
+
+def default_state_dir() -> Path:
+    """A per-cluster directory: <Ray session dir>/expertray (the session dir is one per running Ray cluster)."""
+    import ray._private.worker as worker  # the session dir has no public accessor in Ray 2.x
+
+    node = worker._global_node
+    base = Path(node.get_session_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    return base / "expertray"
+
+
+async def bounded(ref: Any, timeout_s: float, what: str) -> Any:
+    """Await a Ray ref (or coroutine) for at most `timeout_s`; TimeoutError names `what` otherwise."""
+    try:
+        return await asyncio.wait_for(ref, timeout_s)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
+
+
+class RayActorPool:
+    """ActorPool over Ray expert actors (see expertray/runtime/control.py)."""
+
+    def __init__(self, ctl: Any) -> None:
+        self.ctl = ctl
+
+    def has(self, actor: str) -> bool:
+        return actor in self.ctl.handles
+
+    def create(self) -> str:
+        return self.ctl._new_actor()
+
+    async def ping(self, actor: str) -> bool:
+        handle = self.ctl.handles.get(actor)
+        if handle is None:
+            return False
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
+            return False
+
+    async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
+        if source is not None:
+            blob = self.ctl.handles[source].export.remote(keys)
+        elif self.ctl.layers is not None:
+            blob = ray.put(expert_blob(self.ctl.layers, keys))
+        else:
+            raise ExpertRayError(f"experts {keys} have no live replica and the weight store is unavailable "
+                                 f"({self.ctl.weights_error}); relaunch the cluster with its weights")
+        await bounded(self.ctl.handles[actor].load.remote(blob), self.ctl.cfg.control_timeout_s,
+                       f"loading {len(keys)} expert(s) into {actor}")
+
+    async def unload(self, actor: str, keys: list[ExpertKey]) -> None:
+        await bounded(self.ctl.handles[actor].unload.remote(keys), self.ctl.cfg.control_timeout_s,
+                       f"unloading from {actor}")
+
+    def kill(self, actor: str) -> None:
+        handle = self.ctl.handles.pop(actor, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+
+class RayRouterPool:
+    """RouterPool over Ray router actors (see expertray/runtime/control.py)."""
+
+    def __init__(self, ctl: Any) -> None:
+        self.ctl = ctl
+
+    def ids(self) -> list[str]:
+        return list(self.ctl.routers)
+
+    async def ping(self, router: str) -> bool:
+        handle = self.ctl.routers.get(router)
+        if handle is None:
+            return False
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - dead, hung or unreachable
+            return False
+
+    async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
+        handle = self.ctl.routers.get(router)
+        if handle is None:
+            raise ExpertRayError(f"router {router} is not running")
+        return await bounded(handle.set_table.remote(table.to_dict(), self.ctl.handles, reopen),
+                              self.ctl.cfg.control_timeout_s, f"router {router} switching to v{table.version}")
+
+    async def replace(self, router: str, table: PlacementTable) -> str:
+        old = self.ctl.routers.get(router)
+        if old is not None:
+            ray.kill(old, no_restart=True)
+        new_id, handle = await self.ctl._start_router(table)
+        self.ctl.routers = {(new_id if r == router else r): (handle if r == router else h)
+                            for r, h in self.ctl.routers.items()}
+        self.ctl._save()
+        return new_id
