@@ -198,7 +198,10 @@ def test_table_switch_during_a_stream_lands_between_batches() -> None:
     xs = [torch.randn(4, D, generator=torch.Generator().manual_seed(100 + i)) for i in range(40)]
 
     async def switch():
-        await asyncio.sleep(0.01)
+        for _ in range(5000):  # after the first batch ran, whatever the machine's speed (bounded: ~5 s)
+            if model.versions_seen:
+                break
+            await asyncio.sleep(0.001)
         async with batcher.lane:  # what RouterActor.set_table does
             model.table = model.table.replicate(0, 3, "a").replicate(1, 5, "c").bump(7)
 
