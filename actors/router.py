@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError
 
 from expertray.actors.transport import CollectiveTransport, ObjectStoreTransport
 from expertray.config import ClusterConfig
-from expertray.errors import BackpressureError, ExpertUnavailableError, TransportError, UnknownExpertError
+from expertray.errors import BackpressureError, ExpertUnavailableError, TransportError
 from expertray.experts import SharedExpert
 from expertray.gating import GateWeights
 from expertray.loadstats import LoadStats, balancedness
@@ -29,7 +29,7 @@ from expertray.pipeline import finish, prepare
 from expertray.placement import PlacementTable
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
-from expertray.validation import check_hidden
+from expertray.validation import check_hidden, check_layer
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class RouterActor:
     # --- requests ------------------------------------------------------------------------------------
     async def forward(self, layer: int, hidden: np.ndarray) -> np.ndarray:
         """Hidden states [T, D] for one MoE layer → that layer's output [T, D] (same dtype)."""
-        if not isinstance(layer, int) or not (0 <= layer < self.cfg.num_layers):
-            raise UnknownExpertError(f"unknown layer {layer!r} (cluster serves layers 0..{self.cfg.num_layers - 1})")
+        layer = check_layer(layer, self.cfg.num_layers)
         x = check_hidden(hidden, self.cfg.layer.d_model, self.cfg.max_request_tokens)
         if self.queued_tokens + x.shape[0] > self.cfg.max_queue_tokens:
             raise BackpressureError(f"router {self.router_id} queue is full ({self.queued_tokens} tokens queued, "
