@@ -189,14 +189,16 @@ def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:
     else at the head `expertray up` started (its record: expertray.localhead). Raises ConfigError saying what
     to do when there is no cluster or its controller does not answer within `timeout_s`."""
     if not ray.is_initialized():
-        if address is None:
-            from expertray.localhead import read_state
+        from expertray.localhead import read_state, use_head
 
-            state = read_state()
+        state = read_state()
+        if address is None:
             if state is None:
                 raise ConfigError("no expertray cluster is up on this machine: start one with `expertray up`, or "
                                   "pass address='HOST:PORT' (CLI: --address) for an existing Ray cluster")
             address = state.address
+        if state is not None and state.address == address:
+            use_head(state)
         init_ray(address)
     where = f"at {address!r}" if address else "in this Ray"
     try:

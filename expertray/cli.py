@@ -125,7 +125,7 @@ def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON)
 
         with progress(f"launching expertray ({cfg.num_expert_actors} expert actors, {cfg.num_routers} router(s)) "
                       f"on {state.address}"):
-            cluster = launch(cfg, address=state.address)
+            cluster = launch(cfg, address=localhead.use_head(state) if state.pid is not None else state.address)
     except BaseException:
         if state.pid is not None:
             _disconnect()

@@ -10,7 +10,7 @@ the machine (no /tmp/ray/ray_current_cluster). It records the head in a small JS
 state dir: $EXPERTRAY_STATE_DIR, else $XDG_STATE_HOME/expertray, else ~/.local/state/expertray.
 `down` signals exactly that pid (after checking /proc that it is still that `ray start` on that port): Ray's
 SIGTERM handler stops the head's own processes; never `ray stop`, which would stop every Ray on the machine.
-No Ray import here: the head is a child process, driven through its CLI.
+The head is a child process driven through Ray's CLI; only `use_head` touches Ray in this process.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class HeadState:
     log: str
     dashboard: str | None = None
     started_at: float = 0.0
+    auth: str = "disabled"
 
     @property
     def port(self) -> int:
@@ -106,6 +107,20 @@ def is_running(state: HeadState) -> bool:
     return True
 
 
+def use_head(state: HeadState) -> str:
+    """Prepare this process to drive the recorded head (its auth mode, before `ray.init`); returns its address.
+
+    Ray turns token auth on in a driver only for a local cluster it found itself, not for an explicit address,
+    and caches the mode at import: do what it does for the clusters it finds (set the variable, refresh its
+    config) unless the user set RAY_AUTH_MODE.
+    """
+    if state.auth == "token" and "RAY_AUTH_MODE" not in os.environ:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+    return state.address
+
+
 def start_head(num_cpus: float, dashboard: bool = False, timeout_s: float = 90.0,
                progress: Callable[[str], None] = lambda _: None) -> HeadState:
     """Start a loopback Ray head in its own session and wait (with a deadline) until it serves."""
@@ -124,12 +139,16 @@ def start_head(num_cpus: float, dashboard: bool = False, timeout_s: float = 90.0
     cmd += [f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}"]
     url = f"http://127.0.0.1:{dash_port}" if dashboard else None
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    auth = os.environ.get("RAY_AUTH_MODE", "token")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": auth}
     env.pop("RAY_ADDRESS", None)
+    if auth == "token":  # Ray's own token file; the token is never printed
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=60)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
-    state = HeadState(f"127.0.0.1:{port}", proc.pid, str(temp_dir), str(log_path), url, time.time())
+    state = HeadState(f"127.0.0.1:{port}", proc.pid, str(temp_dir), str(log_path), url, time.time(), auth)
     write_state(state)  # before waiting: a failed or interrupted `up` can still be cleaned up by `down`
     deadline = time.monotonic() + timeout_s
     last = time.monotonic()
@@ -163,4 +182,6 @@ def stop_head(state: HeadState, timeout_s: float = 30.0) -> bool:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(state.pid, signal.SIGKILL)  # its own session: only the head's processes
     clear_state()
+    if state.log and not is_running(state):
+        Path(state.log).unlink(missing_ok=True)
     return running
