@@ -79,6 +79,12 @@ def _count_rejection(status: int) -> None:
     _rejected_metric.inc(tags={"code": str(status)})
 
 
+def rejected_counts() -> dict[str, int]:
+    """This process's error replies by status code. (A module function, not a read of REJECTED in the ingress
+    class: Serve ships the class by value, with copies of the globals it names.)"""
+    return {str(code): n for code, n in sorted(REJECTED.items())}
+
+
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     """The one error shape of the API: {"error": message}; every error reply is counted."""
     _count_rejection(status)
@@ -229,7 +235,7 @@ class ExpertRayIngress:
                              "actors": len(status["actors"]), "routers": len(status["routers"]),
                              "transport": status["transport"], "weights": self.weights,
                              "ingress": {"replica": self.replica,
-                                         "rejected": {str(code): n for code, n in sorted(REJECTED.items())}}})
+                                         "rejected": rejected_counts()}})
 
 
 app = ExpertRayIngress.bind()
