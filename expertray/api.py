@@ -204,8 +204,8 @@ def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:
     try:
         controller = ray.get_actor(CONTROLLER, namespace=NAMESPACE)
     except ValueError:
-        raise ConfigError(f"no expertray controller found in the Ray cluster {where}; "
-                          "start one with `expertray up` or expertray.launch()") from None
+        raise ConfigError(f"no expertray controller found in the Ray cluster {where} (never started, stopped or "
+                          "died): `expertray down` then `expertray up`, or expertray.launch(), starts one") from None
     try:
         ray.get(controller.info.remote(), timeout=timeout_s)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:

@@ -151,6 +151,7 @@ def _stop_actors(address: str | None) -> str:
     """Shut the expertray cluster down through its controller; if the controller is gone, kill the expertray
     actors left in the namespace by name. Returns what happened."""
     import ray
+    from ray.util import list_named_actors
 
     from expertray.api import CONTROLLER, NAMESPACE, init_ray
 
@@ -160,7 +161,7 @@ def _stop_actors(address: str | None) -> str:
     except ConfigError as exc:
         if not ray.is_initialized():
             init_ray(address)
-        left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+        left = [a["name"] for a in list_named_actors(all_namespaces=True)
                 if a["namespace"] == NAMESPACE and (a["name"] == CONTROLLER or a["name"].startswith("expertray-"))]
         for name in left:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))
@@ -372,3 +373,7 @@ def demo(seconds: float = typer.Option(20.0, help="How long to serve traffic."),
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
