@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import typer
@@ -33,8 +35,18 @@ def test_state_round_trips_and_malformed_record_is_named(state_dir) -> None:
     assert localhead.read_state() is None
 
 
+def _fake_head(port: int) -> subprocess.Popen:
+    """A process whose command line looks like `ray start --port=PORT` (returned once it has exec'd)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "start", f"--port={port}"],
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while b"start" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
 def test_is_running_needs_the_recorded_ray_start_on_the_recorded_port(state_dir) -> None:
-    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "start", "--port=6391"])
+    fake = _fake_head(6391)
     try:
         assert localhead.is_running(localhead.HeadState("127.0.0.1:6391", fake.pid, "", ""))
         assert not localhead.is_running(localhead.HeadState("127.0.0.1:6392", fake.pid, "", ""))  # other port
@@ -46,9 +58,7 @@ def test_is_running_needs_the_recorded_ray_start_on_the_recorded_port(state_dir)
 
 
 def test_stop_head_signals_only_the_recorded_process(state_dir) -> None:
-    cmd = [sys.executable, "-c", "import time; time.sleep(60)", "start"]
-    ours = subprocess.Popen([*cmd, "--port=6393"], start_new_session=True)
-    other = subprocess.Popen([*cmd, "--port=6394"], start_new_session=True)
+    ours, other = _fake_head(6393), _fake_head(6394)
     try:
         state = localhead.HeadState("127.0.0.1:6393", ours.pid, "", "")
         localhead.write_state(state)
