@@ -337,6 +337,22 @@ def test_cli_rejects_with_exit_2(live, args: list[str], needle: str) -> None:
     _still_exact(cluster, layers)
 
 
+def test_cli_migrate_from_an_actor_without_the_expert_changes_nothing(live) -> None:
+    from expertray.cli import app
+
+    cluster, layers, _ = live
+    table = cluster.table()
+    holders = {s.actor for s in table.replicas(0, 1)}
+    src = next(a for a in table.actors if a not in holders)
+    dst = next(a for a in table.actors if a not in holders and a != src) if len(holders) < len(table.actors) - 1 \
+        else src
+    result = runner.invoke(app, ["migrate", "0:1", "--to", dst, "--from", src])
+    assert result.exit_code == 2, result.output
+    assert f"{src!r} holds no replica of expert 0:1" in result.output and "Traceback" not in result.output
+    assert cluster.table().version == table.version, "a refused migrate changed the placement"
+    _still_exact(cluster, layers)
+
+
 UP_CASES = [
     ("unknown-field", "num_expert_actor: 3\n", "cluster.num_expert_actor: unknown field"),
     ("nested-unknown-field", "layer:\n  gate:\n    famly: mixtral\n", "cluster.layer.gate.famly: unknown field"),

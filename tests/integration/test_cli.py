@@ -132,6 +132,7 @@ def test_up_status_load_down_touch_only_what_up_started(ray_session, tmp_path) -
                    "num_expert_actors: 2\nactor_num_cpus: 0.25\nrouter_num_cpus: 0.25\nmetrics_port: -1\n")
     _one_line_exit_2(_cli(["status"], env), "no expertray cluster is up on this machine")
     _one_line_exit_2(_cli(["down"], env), "nothing to stop")
+    _one_line_exit_2(_cli(["status", "--address", "127.0.0.1:1"], env), "no Ray cluster answers at '127.0.0.1:1'")
     up = _cli(["up", "--config", str(cfg)], env)
     assert up.returncode == 0, up.stderr
     started = json.loads(up.stdout)
