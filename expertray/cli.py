@@ -193,8 +193,9 @@ def down(address: str | None = ADDRESS) -> None:
         return
     if ours:
         localhead.clear_state()
-    typer.echo(f"down: {actors}" + ("" if ours else f"; the Ray cluster at {target} was not started by expertray "
-                                                     "and keeps running"))
+    started_head = ours and state.pid is not None
+    typer.echo(f"down: {actors}" + ("" if started_head else f"; the Ray cluster at {target} was not started by "
+                                                             "expertray and keeps running"))
     if actors.startswith("no cluster") or actors.startswith("its Ray head"):
         raise typer.Exit(EXIT_USAGE)
 
