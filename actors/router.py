@@ -31,7 +31,7 @@ from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
 from expertray.runtime.datapath import BatchResult, LayerParams, run_layer
 from expertray.runtime.rate import RateWindow
-from expertray.validation import check_hidden
+from expertray.validation import check_hidden, check_layer
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ class RouterActor:
         return out
 
     async def _forward(self, layer: int, hidden: np.ndarray) -> np.ndarray:
-        if not isinstance(layer, int) or not (0 <= layer < self.cfg.num_layers):
-            raise UnknownExpertError(f"unknown layer {layer!r} (cluster serves layers 0..{self.cfg.num_layers - 1})")
+        layer = check_layer(layer, self.cfg.num_layers)
         x = check_hidden(hidden, self.cfg.layer.d_model, self.cfg.max_request_tokens)
         out = await self.batcher.submit(layer, x)
         return out.to(x.dtype).numpy() if out.dtype != x.dtype else out.numpy()

@@ -6,7 +6,7 @@ answer against the in-process layer. When it connects to a running cluster, the 
 serves `random_model(cfg)` weights (what `expertray up` and `expertray.launch(cfg)` do). This script starts
 and stops Ray Serve itself: do not point it at a Ray cluster whose Serve apps you need.
 
-    python examples/http_client.py [--tokens 1024 --d-model 256 --repeats 10] [--address auto]
+    python examples/http_client.py [--tokens 1024 --d-model 256 --repeats 10] [--address 127.0.0.1:PORT]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ APP = "expertray-http-example"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--address", default=None, help="Ray address to join (default: start or reuse a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster HOST:PORT to join, e.g. the one `expertray up` printed (default: start a Ray of its own)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per msgpack request")
     p.add_argument("--repeats", type=int, default=10, help="msgpack requests to time")
     p.add_argument("--json-tokens", type=int, default=8, help="tokens in the JSON request")

@@ -1,23 +1,34 @@
-"""The Python API: `launch` a cluster from a config (and weights) or `connect` to a running one."""
+"""The Python API: `launch` a cluster from a config (and weights) or `connect` to a running one.
+
+Where Ray runs: `address=None` starts a Ray of this process's own, bound to 127.0.0.1 (never a guess at
+another Ray on the machine); `address="HOST:PORT"` attaches to that existing cluster (`expertray up`, `ray up`,
+KubeRay, `ray start`) exactly, and this driver binds the address that reaches it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import time
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-import ray
-import torch
+# Ray reads this once, at `import ray`: local Rays bind loopback unless the user chose otherwise. Attaching to a
+# multi-node cluster passes the driver's real address explicitly (init_ray), so it does not depend on this.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import socket  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
 
 from expertray.config import ClusterConfig, check_policy_names
-from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError, UnknownExpertError
+from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError
 from expertray.layer import MoELayer
 from expertray.placement import PlacementTable
-from expertray.validation import check_hidden
+from expertray.validation import check_hidden, check_layer
 
 NAMESPACE = "expertray"
 CONTROLLER = "controller"
@@ -27,13 +38,46 @@ CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join (or start) Ray in the expertray namespace; local clusters bind loopback, no dashboard."""
+def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
+    """Ray in the expertray namespace: a new local one on 127.0.0.1 (no dashboard; `num_cpus` logical CPUs,
+    default the machine's) when `address` is None, else the existing cluster at `address`, exactly.
+    Does nothing when this process already runs Ray (e.g. inside an actor or a Serve replica)."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, num_cpus=num_cpus,
-             logging_level="WARNING", configure_logging=True)
+    opts: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": "WARNING", "configure_logging": True}
+    if address is None:  # "local": never the Ray that $RAY_ADDRESS or /tmp/ray/ray_current_cluster names
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                 **opts)
+        return
+    if num_cpus is not None:
+        raise ConfigError(f"num_cpus={num_cpus} applies only to a local Ray this process starts; the cluster at "
+                          f"{address!r} already has its resources")
+    node_ip = _driver_ip(address)
+    if node_ip is not None:
+        opts["_node_ip_address"] = node_ip
+    ray.init(address=address, **opts)
+
+
+def _driver_ip(address: str) -> str | None:
+    """The address of this host on the route to the Ray head at HOST:PORT (loopback for a local head), or None
+    for addresses Ray resolves itself (`auto`, `ray://`). Raises ConfigError when nothing listens there."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return None
+    try:
+        head = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0][4][0]
+    except OSError as exc:
+        raise ConfigError(f"Ray address {address!r}: cannot resolve {host!r} ({exc})") from None
+    try:  # fail now, with a clear error, instead of Ray retrying an address where nothing listens
+        socket.create_connection((head, int(port)), timeout=5.0).close()
+    except OSError as exc:
+        raise ConfigError(f"no Ray cluster answers at {address!r} ({exc}); start one (`expertray up`, "
+                          "`ray start --head`) or check the address") from None
+    if head.startswith("127.") or head == "::1":
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET6 if ":" in head else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((head, int(port)))  # UDP: no packet is sent, the kernel only picks the route
+        return s.getsockname()[0]
 
 
 def random_model(cfg: ClusterConfig) -> list[MoELayer]:
@@ -41,7 +85,7 @@ def random_model(cfg: ClusterConfig) -> list[MoELayer]:
     return [MoELayer.random(cfg.layer, seed=cfg.seed + 1000 * layer) for layer in range(cfg.num_layers)]
 
 
-def _wire(x: torch.Tensor) -> np.ndarray:
+def to_wire(x: torch.Tensor) -> np.ndarray:
     """A validated [T, D] tensor as the numpy array sent to a router (bf16 has no numpy dtype: fp32)."""
     x = x.detach()
     return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
@@ -74,14 +118,14 @@ class Cluster:
             if failed is not None and len(self.routers) > 1:
                 self.routers = [r for r in self.routers if r != failed]
 
-    def _check(self, layer: int, hidden: Any) -> torch.Tensor:
-        if not isinstance(layer, int) or not (0 <= layer < self.cfg.num_layers):
-            raise UnknownExpertError(f"unknown layer {layer!r} (cluster serves layers 0..{self.cfg.num_layers - 1})")
+    def validate(self, layer: object, hidden: Any) -> torch.Tensor:
+        """Validate a request (layer: any integer type, not bool; hidden: [..., D]) → hidden as [T, D]."""
+        check_layer(layer, self.cfg.num_layers)
         return check_hidden(hidden, self.cfg.layer.d_model, self.cfg.max_request_tokens)
 
     def forward_ref(self, layer: int, hidden: torch.Tensor | np.ndarray) -> ray.ObjectRef:
         """Submit [T, D] hidden states for `layer`; returns a Ray ref to the [T, D] numpy output."""
-        return self._router().forward.remote(layer, _wire(self._check(layer, hidden)))
+        return self._router().forward.remote(layer, to_wire(self.validate(layer, hidden)))
 
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out.
@@ -89,8 +133,8 @@ class Cluster:
         By `request_timeout_s` it returns the answer or raises: the router's error (e.g. ExpertUnavailableError),
         RequestTimeoutError, or RouterUnavailableError when routers kept dying. A request whose router died is
         sent again to a live router (the router list is refreshed from the controller)."""
-        x = self._check(layer, hidden)
-        wire = _wire(x)
+        x = self.validate(layer, hidden)
+        wire = to_wire(x)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while True:
             router = self._router()
@@ -208,12 +252,31 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     return Cluster(controller)
 
 
-def connect(address: str | None = "auto") -> Cluster:
-    """Attach to the running cluster's controller."""
-    init_ray(address)
+def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:
+    """Attach to the running cluster's controller: in the Ray this process already runs, else at `address`,
+    else at the head `expertray up` started (its record: expertray.localhead). Raises ConfigError saying what
+    to do when there is no cluster or its controller does not answer within `timeout_s`."""
+    if not ray.is_initialized():
+        from expertray.localhead import read_state, use_head
+
+        state = read_state()
+        if address is None:
+            if state is None:
+                raise ConfigError("no expertray cluster is up on this machine: start one with `expertray up`, or "
+                                  "pass address='HOST:PORT' (CLI: --address) for an existing Ray cluster")
+            address = state.address
+        if state is not None and state.address == address:
+            use_head(state)
+        init_ray(address)
+    where = f"at {address!r}" if address else "in this Ray"
     try:
         controller = ray.get_actor(CONTROLLER, namespace=NAMESPACE)
     except ValueError:
-        raise ConfigError(f"no expertray controller found in the Ray cluster at {address!r}; "
-                          "start one with `expertray up` or expertray.launch()") from None
+        raise ConfigError(f"no expertray controller found in the Ray cluster {where} (never started, stopped or "
+                          "died): `expertray down` then `expertray up`, or expertray.launch(), starts one") from None
+    try:
+        ray.get(controller.info.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+        raise ConfigError(f"the expertray controller in the Ray cluster {where} does not answer "
+                          f"({type(exc).__name__}); `expertray down` then `expertray up` restarts it") from None
     return Cluster(controller)

@@ -1,27 +1,35 @@
-"""The `expertray` command line: run a local cluster, inspect it, move experts, benchmark, trace, simulate.
+"""The `expertray` command line: run a local cluster, inspect it, move experts, put load on it, benchmark,
+trace, simulate.
 
-Commands that talk to a cluster connect with --address (default: the local Ray cluster). Errors that name
-an unknown expert/actor or a bad value print one clear line and exit with status 2.
+Where the cluster is: `expertray up` starts a Ray head of its own on 127.0.0.1 and records it
+(expertray.localhead); every other command connects to exactly that address, or to `--address HOST:PORT` (an
+existing Ray cluster: `ray up`, KubeRay, `ray start`; `expertray up --address` launches expertray there).
+`expertray down` stops the expertray actors and only the head `up` started. Expected failures (unknown
+expert/actor, bad value, no cluster, dead controller) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from collections.abc import Callable
-from functools import wraps
-from pathlib import Path
-from typing import Any
+import os
 
-import typer
-from rich.console import Console
-from rich.table import Table
+# Ray reads this at `import ray` (which the subcommands trigger): local Rays bind loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from expertray import sim_cli
-from expertray.bench.cli import bench_app
-from expertray.errors import ConfigError, ExpertRayError
-from expertray.trace_cli import trace_app
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from expertray import sim_cli  # noqa: E402
+from expertray.bench.cli import bench_app  # noqa: E402
+from expertray.cli_common import EXIT_USAGE, friendly, progress, say  # noqa: E402
+from expertray.errors import ConfigError  # noqa: E402
+from expertray.trace_cli import trace_app  # noqa: E402
 
 app = typer.Typer(help="expertray: elastic expert-parallel MoE inference on Ray.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -31,27 +39,9 @@ autoscale_app = typer.Typer(help="Turn the controller's autoscaler on or off, or
                             no_args_is_help=True)
 app.add_typer(autoscale_app, name="autoscale")
 console = Console()
-ADDRESS = typer.Option("auto", "--address", help="Ray cluster address (default: the local one).")
+ADDRESS = typer.Option(None, "--address", help="Ray cluster address HOST:PORT (default: the head `expertray up` "
+                                                "started on this machine).")
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
-
-
-def _clean(exc: BaseException) -> str:
-    """The message of the original error (not Ray's remote-traceback wrapper), on one line."""
-    cause = getattr(exc, "cause", None) or exc
-    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-    return text or type(cause).__name__
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expertray errors (local or raised inside an actor) into one line on stderr and exit code 2."""
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ExpertRayError, ValueError, KeyError) as exc:
-            typer.echo(f"error: {_clean(exc)}", err=True)
-            raise typer.Exit(2) from None
-    return wrapper
 
 
 def parse_expert(spec: str) -> tuple[int, int]:
@@ -87,48 +77,156 @@ def load_config(path: Path | None):  # noqa: ANN201 - ClusterConfig
     return cfg
 
 
+def _connect(address: str | None):  # noqa: ANN202 - expertray.api.Cluster
+    from expertray.api import connect
+
+    return connect(address)
+
+
 # --- cluster lifecycle ----------------------------------------------------------------------------------
+def _head_cpus(cfg: Any) -> float:
+    """Logical CPUs for the local head: the machine's, or enough for every actor and router plus one for
+    Serve and the driver when the config asks for more (logical CPUs may oversubscribe cores)."""
+    needed = cfg.num_expert_actors * cfg.actor_num_cpus + cfg.num_routers * cfg.router_num_cpus + 1
+    return max(float(os.cpu_count() or 1), float(math.ceil(needed)))
+
+
 @app.command()
 @friendly
 def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON); default: embedded."),
-       num_cpus: int = typer.Option(8, help="Logical CPUs for the local Ray head (oversubscribe small boxes)."),
+       num_cpus: float | None = typer.Option(None, help="Logical CPUs for the local Ray head (default: the "
+                                                         "machine's, raised to what the config needs)."),
+       dashboard: bool = typer.Option(False, "--dashboard", help="Also run Ray's dashboard on 127.0.0.1 (what "
+                                                                  "`serve deploy` talks to)."),
+       address: str | None = typer.Option(None, "--address", help="Launch on this existing Ray cluster "
+                                                                  "(HOST:PORT) instead of starting a head."),
        as_json: bool = JSON) -> None:
-    """Start a local Ray head (loopback, no dashboard) and an expertray cluster on it."""
-    import os
-
-    from expertray.api import launch
+    """Start a local Ray head (127.0.0.1) and an expertray cluster on it, or launch one on --address."""
+    from expertray import localhead
 
     cfg = load_config(config)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--num-cpus={num_cpus}",
-                    "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
-    cluster = launch(cfg, address="auto")
-    _print({"status": "up", "actors": list(cluster.table().actors), "routers": len(cluster.routers)}, True)
+    state = localhead.read_state()
+    if state is not None:
+        if state.pid is None or localhead.is_running(state):
+            raise localhead.HeadError(f"expertray is already up at {state.address}: use it (`expertray status`) "
+                                      "or stop it first (`expertray down`)")
+        say(f"forgetting the head recorded at {state.address}: it is no longer running")
+        localhead.clear_state()
+    if address is None:
+        cpus = num_cpus if num_cpus is not None else _head_cpus(cfg)
+        with progress(f"starting a Ray head on 127.0.0.1 ({cpus:g} logical CPUs)"):
+            state = localhead.start_head(cpus, dashboard, progress=say)
+    elif num_cpus is not None or dashboard:
+        raise ConfigError("--num-cpus and --dashboard apply to a head `up` starts, not to --address clusters")
+    else:
+        state = localhead.HeadState(address, None, "", "")
+    try:
+        from expertray.api import launch
+
+        with progress(f"launching expertray ({cfg.num_expert_actors} expert actors, {cfg.num_routers} router(s)) "
+                      f"on {state.address}"):
+            cluster = launch(cfg, address=localhead.use_head(state) if state.pid is not None else state.address)
+    except BaseException:
+        if state.pid is not None:
+            _disconnect()
+            localhead.stop_head(state)
+        raise
+    localhead.write_state(state)
+    doc = {"status": "up", "address": state.address, "actors": list(cluster.table().actors),
+           "routers": len(cluster.routers), "ray_head_started": state.pid is not None}
+    if state.dashboard:
+        doc["dashboard"] = state.dashboard
+    _print(doc, True)
+
+
+def _disconnect() -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _stop_actors(address: str | None) -> str:
+    """Shut the expertray cluster down through its controller; if the controller is gone, kill the expertray
+    actors left in the namespace by name. Returns what happened."""
+    import ray
+    from ray.util import list_named_actors
+
+    from expertray.api import CONTROLLER, NAMESPACE, init_ray
+
+    try:
+        _connect(address).shutdown()
+        return "expertray actors stopped"
+    except ConfigError as exc:
+        if not ray.is_initialized():
+            init_ray(address)
+        left = [a["name"] for a in list_named_actors(all_namespaces=True)
+                if a["namespace"] == NAMESPACE and (a["name"] == CONTROLLER or a["name"].startswith("expertray-"))]
+        for name in left:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        return f"killed {len(left)} expertray actor(s) left by a dead controller" if left else f"no cluster ({exc})"
 
 
 @app.command()
 @friendly
-def down(address: str = ADDRESS) -> None:
-    """Shut the expertray cluster down and stop the local Ray head."""
-    from expertray.api import connect
+def down(address: str | None = ADDRESS) -> None:
+    """Stop the expertray cluster, and the Ray head if `expertray up` started it (no other Ray)."""
+    from expertray import localhead
 
-    try:
-        connect(address).shutdown()
-    finally:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], capture_output=True)
-    typer.echo("down")
+    state = localhead.read_state()
+    if address is None and state is None:
+        raise localhead.HeadError("nothing to stop: `expertray up` has no cluster recorded on this machine (pass "
+                                  "--address HOST:PORT to stop expertray on another Ray cluster)")
+    target = address or state.address
+    ours = state is not None and state.address == target
+    head_alive = ours and state.pid is not None and localhead.is_running(state)
+    if ours and state.pid is not None and not head_alive:
+        actors = "its Ray head is no longer running"
+    else:
+        actors = _stop_actors(target)
+    _disconnect()
+    if head_alive:
+        with progress(f"stopping the Ray head at {target} (pid {state.pid})"):
+            localhead.stop_head(state)
+        typer.echo(f"down: {actors}; Ray head {target} stopped")
+        return
+    if ours:
+        localhead.clear_state()
+    started_head = ours and state.pid is not None
+    typer.echo(f"down: {actors}" + ("" if started_head else f"; the Ray cluster at {target} was not started by "
+                                                             "expertray and keeps running"))
+    if actors.startswith("no cluster") or actors.startswith("its Ray head"):
+        raise typer.Exit(EXIT_USAGE)
 
 
 # --- inspection -----------------------------------------------------------------------------------------
+def _tokens_per_s(cluster: Any, st: dict[str, Any], sample_s: float = 1.0) -> float:
+    """The routers' current tokens/s: their own `tokens_per_s` when they report it, else measured from two
+    status samples `sample_s` apart."""
+    rates = [r.get("tokens_per_s") for r in st["routers"]]
+    if all(r is not None for r in rates):
+        return float(sum(rates))
+    time.sleep(sample_s)
+    later = cluster.status()
+    before = {r["router"]: r for r in st["routers"]}
+    total = 0.0
+    for r in later["routers"]:
+        prev = before.get(r["router"])
+        if prev is not None and r["uptime_s"] > prev["uptime_s"]:
+            total += (r["tokens"] - prev["tokens"]) / (r["uptime_s"] - prev["uptime_s"])
+    return total
+
+
 @app.command()
 @friendly
-def status(address: str = ADDRESS, as_json: bool = JSON) -> None:
-    """Placement version, transport, per-actor slots/memory/latency, per-router counters."""
-    from expertray.api import connect
-
-    st = connect(address).status()
-    t = Table(title=f"expertray — table v{st['table']['version']}, transport {st['transport']}")
+def status(address: str | None = ADDRESS, as_json: bool = JSON) -> None:
+    """Placement version, transport, tokens/s now, per-actor slots/memory/latency, per-router counters."""
+    cluster = _connect(address)
+    st = cluster.status()
+    st["tokens_per_s"] = _tokens_per_s(cluster, st)
+    t = Table(title=f"expertray — table v{st['table']['version']}, transport {st['transport']}, "
+                    f"{st['tokens_per_s']:.0f} tokens/s")
     for col in ("actor", "slots", "memory MiB", "calls", "compute p50 ms", "compute p99 ms", "slowdown"):
         t.add_column(col)
     for a, s in st["actors"].items():
@@ -146,19 +244,17 @@ def status(address: str = ADDRESS, as_json: bool = JSON) -> None:
 
 @app.command()
 @friendly
-def experts(address: str = ADDRESS, layer: int | None = typer.Option(None, help="Only this layer."),
+def experts(address: str | None = ADDRESS, layer: int | None = typer.Option(None, help="Only this layer."),
             as_json: bool = JSON) -> None:
-    """Per logical expert: replicas, the actors holding them, window tokens, share, tokens/s."""
-    from expertray.api import connect
-
-    st = connect(address).status()
+    """Per logical expert: replicas, the actors holding them, window tokens, share, tokens/s since start."""
     from expertray.placement import PlacementTable
+    from expertray.validation import check_layer
 
+    st = _connect(address).status()
     table = PlacementTable.from_dict(st["table"])
+    layers = range(table.num_layers) if layer is None else [check_layer(layer, table.num_layers)]
     rows = []
-    for lyr in range(table.num_layers):
-        if layer is not None and lyr != layer:
-            continue
+    for lyr in layers:
         load = [sum(r["layers"][lyr]["expert_load"][e] for r in st["routers"]) for e in range(table.num_experts)]
         total = [sum(r["layers"][lyr]["expert_tokens_total"][e] for r in st["routers"])
                  for e in range(table.num_experts)]
@@ -168,8 +264,6 @@ def experts(address: str = ADDRESS, layer: int | None = typer.Option(None, help=
             reps = table.replicas(lyr, e)
             rows.append({"expert": f"{lyr}:{e}", "replicas": len(reps), "actors": [s.actor for s in reps],
                          "tokens_per_batch": load[e], "share": load[e] / denom, "tokens_per_s": total[e] / uptime})
-    if layer is not None and not rows:
-        raise ConfigError(f"unknown layer {layer} (cluster serves layers 0..{table.num_layers - 1})")
     t = Table(title="experts")
     for col in ("expert", "replicas", "actors", "tokens/batch (window)", "share", "tokens/s"):
         t.add_column(col)
@@ -184,12 +278,10 @@ def experts(address: str = ADDRESS, layer: int | None = typer.Option(None, help=
 @friendly
 def replicate(expert: str = typer.Argument(..., help="LAYER:EXPERT"),
               to: str | None = typer.Option(None, "--to", help="Target actor (default: least-loaded)."),
-              address: str = ADDRESS) -> None:
+              address: str | None = ADDRESS) -> None:
     """Add a replica of a logical expert."""
-    from expertray.api import connect
-
     layer, e = parse_expert(expert)
-    _print(connect(address).replicate(layer, e, to), True)
+    _print(_connect(address).replicate(layer, e, to), True)
 
 
 @app.command()
@@ -197,72 +289,84 @@ def replicate(expert: str = typer.Argument(..., help="LAYER:EXPERT"),
 def migrate(expert: str = typer.Argument(..., help="LAYER:EXPERT"),
             to: str = typer.Option(..., "--to", help="Target actor."),
             src: str | None = typer.Option(None, "--from", help="Source actor (default: its first replica)."),
-            address: str = ADDRESS) -> None:
+            address: str | None = ADDRESS) -> None:
     """Move one replica of a logical expert to another actor."""
-    from expertray.api import connect
-
     layer, e = parse_expert(expert)
-    _print(connect(address).migrate(layer, e, to, src), True)
+    _print(_connect(address).migrate(layer, e, to, src), True)
 
 
 @app.command()
 @friendly
-def drain(actor: str, address: str = ADDRESS) -> None:
+def drain(actor: str, address: str | None = ADDRESS) -> None:
     """Move every slot off an actor (weights copied first, no token lost), then remove it."""
-    from expertray.api import connect
-
-    _print(connect(address).drain(actor), True)
+    _print(_connect(address).drain(actor), True)
 
 
 @app.command()
 @friendly
 def rebalance(policy: str = typer.Option("balanced", help="Placement policy (round_robin, balanced, ...)."),
               slots: int = typer.Option(0, help="Slots per actor per layer (0: experts/actors + 1)."),
-              address: str = ADDRESS) -> None:
+              address: str | None = ADDRESS) -> None:
     """Re-plan replica counts and packing from the observed load; weights move before the switch."""
-    from expertray.api import connect
-
-    _print(connect(address).rebalance(policy, slots), True)
+    _print(_connect(address).rebalance(policy, slots), True)
 
 
 @app.command("add-actor")
 @friendly
-def add_actor(address: str = ADDRESS) -> None:
+def add_actor(address: str | None = ADDRESS) -> None:
     """Start one more (empty) expert actor; the autoscaler or `migrate` fills it."""
-    from expertray.api import connect
-
-    typer.echo(connect(address).add_actor())
+    typer.echo(_connect(address).add_actor())
 
 
 @autoscale_app.command("on")
 @friendly
-def autoscale_on(address: str = ADDRESS) -> None:
-    from expertray.api import connect
-
-    _print(connect(address).autoscale(True), True)
+def autoscale_on(address: str | None = ADDRESS) -> None:
+    _print(_connect(address).autoscale(True), True)
 
 
 @autoscale_app.command("off")
 @friendly
-def autoscale_off(address: str = ADDRESS) -> None:
-    from expertray.api import connect
-
-    _print(connect(address).autoscale(False), True)
+def autoscale_off(address: str | None = ADDRESS) -> None:
+    _print(_connect(address).autoscale(False), True)
 
 
 @autoscale_app.command("status")
 @friendly
-def autoscale_status(address: str = ADDRESS) -> None:
-    from expertray.api import connect
+def autoscale_status(address: str | None = ADDRESS) -> None:
+    _print(_connect(address).autoscale(None), True)
 
-    _print(connect(address).autoscale(None), True)
+
+@app.command()
+@friendly
+def load(seconds: float = typer.Option(10.0, min=0.0, help="How long to send traffic."),
+         skew: float = typer.Option(1.2, min=0.0, help="Zipf exponent of expert popularity (0: uniform)."),
+         tokens: int = typer.Option(128, min=1, help="Tokens per request."),
+         concurrency: int = typer.Option(8, min=1, help="Requests in flight."),
+         check: bool = typer.Option(False, "--check", help="Check answers against random_model(cfg): only for "
+                                                           "clusters serving random weights (expertray up)."),
+         address: str | None = ADDRESS, as_json: bool = JSON) -> None:
+    """Put the demo's skewed, shifting traffic on a running cluster (hidden states are shaped through the gates
+    of random_model(cfg), the weights `expertray up` serves; on other weights the skew is approximate)."""
+    from expertray.api import random_model
+    from expertray.demo import drive
+
+    cluster = _connect(address)
+    cfg = cluster.cfg
+    say(f"load: {seconds:g} s of skew-{skew:g} traffic, {tokens} tokens x {concurrency} requests in flight, on "
+        f"{cfg.num_layers} layers x {cfg.layer.num_experts} experts")
+    summary = drive(cluster, random_model(cfg), seconds, skew, tokens, concurrency, check,
+                    show=(lambda _: None) if as_json else console.print)
+    _print(summary, True)
+    if summary["errors"]:
+        raise typer.Exit(1)
 
 
 @app.command()
 @friendly
 def demo(seconds: float = typer.Option(20.0, help="How long to serve traffic."),
          config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON); default: embedded.")) -> None:
-    """The main job: a local Ray cluster serving a multi-layer MoE with live balancing."""
+    """The main job: a Ray of its own serving a multi-layer MoE with live balancing (any cluster that is up is
+    left alone; `expertray load` drives that one)."""
     from expertray.demo import run_demo
 
     run_demo(load_config(config), seconds)
@@ -270,3 +374,7 @@ def demo(seconds: float = typer.Option(20.0, help="How long to serve traffic."),
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,15 @@
-"""msgpack wire format for tensors: {"dtype": "float32", "shape": [T, D], "data": <raw little-endian bytes>}.
+"""Wire formats of the HTTP API, decoded with limits and errors that name the problem.
 
-Used by the HTTP API (application/msgpack) and its clients; decoding checks everything it is sent.
+application/msgpack: {"hidden": {"dtype": "float32", "shape": [..., D], "data": <raw little-endian bytes>}}.
+application/json:    {"hidden": [...[[x, ...], ...]...]} — nested lists of numbers, shape [..., D]; for small
+                     inputs (at most MAX_JSON_BYTES, MAX_JSON_TOKENS tokens, MAX_JSON_DEPTH levels of nesting).
+Anything else is refused (`media_type`). Used by the Serve app and its clients (expertray.client).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import msgpack
@@ -14,6 +19,27 @@ from expertray.errors import InputError, OversizeError
 
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 MAX_WIRE_BYTES = 512 * 2**20
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_TOKENS = 4096
+MAX_JSON_DEPTH = 32  # the whole document; json.loads itself recurses (RecursionError near depth 1000)
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+
+
+class MediaTypeError(InputError):
+    """A request body in a content type the API does not speak (HTTP 415)."""
+
+
+def media_type(content_type: str | None) -> str:
+    """The documented media type a Content-Type header names (parameters such as charset ignored)."""
+    name = (content_type or "").split(";", 1)[0].strip().lower()
+    if name not in (JSON, MSGPACK):
+        shown = repr(name) if name else "none"
+        raise MediaTypeError(f"content type {shown} is not supported: send {JSON} or {MSGPACK}")
+    return name
 
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
@@ -59,3 +85,47 @@ def unpack(payload: bytes) -> Any:
         return msgpack.unpackb(payload, raw=False, max_bin_len=MAX_WIRE_BYTES, strict_map_key=True)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
         raise InputError(f"malformed msgpack body ({type(exc).__name__}: {exc})") from exc
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of arrays/objects in a JSON text, brackets inside strings ignored.
+
+    Escapes go first (so an escaped quote cannot end a string), then everything but brackets and quotes, then
+    strings: what is left is the bracket skeleton, small enough to scan with numpy even for a 64 MiB body.
+    """
+    skeleton = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", body).translate(None, _NOT_STRUCTURE))
+    text = np.frombuffer(skeleton, dtype=np.uint8)
+    step = ((text == ord("[")) | (text == ord("{"))).astype(np.int32) - ((text == ord("]")) | (text == ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def decode_json_hidden(body: bytes) -> np.ndarray:
+    """A JSON request body to its hidden states, float32 of shape [..., D] (at least 2-D)."""
+    if len(body) > MAX_JSON_BYTES:
+        raise OversizeError(f"JSON body of {len(body)} bytes is over the {MAX_JSON_BYTES}-byte limit for JSON; "
+                            f"send {MSGPACK}")
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise InputError(f"JSON body is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"malformed JSON body: {exc}") from exc
+    if not isinstance(doc, dict) or "hidden" not in doc:
+        raise InputError("JSON body must be an object with key 'hidden' (a [tokens][d_model] array)")
+    rows = doc["hidden"]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise InputError("hidden must be a non-empty list of rows, each a list of numbers")
+    try:
+        hidden = np.asarray(rows, dtype=np.float32)
+    except ValueError as exc:
+        if "inhomogeneous" in str(exc):
+            raise InputError("hidden rows have different lengths") from exc
+        raise InputError(f"hidden must contain only numbers: {exc}") from exc
+    except TypeError as exc:
+        raise InputError(f"hidden must contain only numbers: {exc}") from exc
+    tokens = int(np.prod(hidden.shape[:-1]))
+    if tokens > MAX_JSON_TOKENS:
+        raise OversizeError(f"JSON request of {tokens} tokens is over the {MAX_JSON_TOKENS}-token limit for JSON; "
+                            f"send {MSGPACK}")
+    return hidden

@@ -1,19 +1,27 @@
-"""`expertray demo` / `make demo`: a local single-node Ray cluster serving a multi-layer MoE under skewed,
-shifting traffic, with the controller's autoscaler balancing it live. Prints per-expert load as it goes
-and checks every answer against the in-process layer."""
+"""`expertray demo` / `make demo` and `expertray load`: skewed, shifting traffic on an expertray cluster.
+
+`drive` is the traffic: per layer, a Zipf(skew) workload over experts whose hot spot rotates, realised as
+hidden states through the layer's gate (LogitInverter), sent `concurrency` requests at a time; it prints
+per-expert load as it goes and, with reference layers, checks answers against the in-process layer.
+`run_demo` starts its own local Ray and cluster (autoscaler on) and drives it; `expertray load` drives any
+running cluster.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ray
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from expertray.api import init_ray, launch, random_model
+from expertray.api import Cluster, init_ray, launch, random_model
 from expertray.config import ClusterConfig
+from expertray.layer import MoELayer
 from expertray.traffic import LogitInverter
 from expertray.workload import Workload, WorkloadConfig
 
@@ -38,8 +46,50 @@ def _load_table(status: dict, num_layers: int) -> Table:
     return t
 
 
+def drive(cluster: Cluster, gates: list[MoELayer], seconds: float, skew: float = 1.2,
+          tokens_per_request: int = 128, concurrency: int = 8, check: bool = False,
+          show: Callable[[Any], None] = console.print, every_s: float = 4.0) -> dict[str, Any]:
+    """Send skewed traffic to `cluster` for `seconds`; returns counts, tokens/s and the largest deviation
+    from `gates`' in-process answers (checked on every 16th request when `check`; then `gates` must be the
+    weights the cluster serves — otherwise they only shape the traffic through their gates)."""
+    cfg = cluster.cfg
+    inverters = [LogitInverter(m.gate_weights.weight) for m in gates]
+    work = [Workload(WorkloadConfig(num_experts=cfg.layer.num_experts, tokens_per_batch=tokens_per_request,
+                                    zipf_exponent=skew, hotspot_period=400, seed=layer))
+            for layer in range(cfg.num_layers)]
+    start = last_print = time.monotonic()
+    sent = tokens = errors = 0
+    max_err = 0.0
+    i = 0
+    while time.monotonic() - start < seconds:
+        reqs = []
+        for _ in range(concurrency):
+            layer = i % cfg.num_layers
+            x = inverters[layer].hidden(work[layer].batch(i).logits, seed=i)
+            reqs.append((layer, x, cluster.forward_ref(layer, x)))
+            i += 1
+        for layer, x, ref in reqs:
+            try:
+                out = torch.from_numpy(ray.get(ref).copy())
+            except Exception as exc:  # noqa: BLE001 - counted and shown, the traffic goes on
+                errors += 1
+                show(f"[red]request failed:[/] {exc}")
+                continue
+            if check and sent % 16 == 0:
+                max_err = max(max_err, float((out - gates[layer](x)).abs().max()))
+            sent += 1
+            tokens += x.shape[0]
+        if time.monotonic() - last_print > every_s:
+            last_print = time.monotonic()
+            show(_load_table(cluster.status(), cfg.num_layers))
+    elapsed = time.monotonic() - start
+    return {"requests": sent, "tokens": tokens, "errors": errors, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "max_abs_diff_vs_in_process": max_err if check else None}
+
+
 def run_demo(cfg: ClusterConfig, seconds: float = 20.0, tokens_per_request: int = 128,
              concurrency: int = 8) -> dict:
+    """A Ray of its own (8 logical CPUs: the default config fits on 2 cores), a cluster, `seconds` of traffic."""
     init_ray(num_cpus=8)
     if not cfg.autoscale_params:  # react within seconds in a 20-second demo (production default: 30 s cooldown)
         cfg = dataclasses.replace(cfg, autoscale_params={"cooldown_s": 4.0, "sustain_checks": 2})
@@ -49,43 +99,12 @@ def run_demo(cfg: ClusterConfig, seconds: float = 20.0, tokens_per_request: int 
     cluster = launch(cfg, layers, detached=False)
     try:
         console.print(f"transport: {cluster.status()['transport']}; autoscaler: {cluster.autoscale(True)}")
-        inverters = [LogitInverter(m.gate_weights.weight) for m in layers]
-        work = [Workload(WorkloadConfig(num_experts=cfg.layer.num_experts, tokens_per_batch=tokens_per_request,
-                                        zipf_exponent=1.2, hotspot_period=400, seed=layer))
-                for layer in range(cfg.num_layers)]
-        start = last_print = time.monotonic()
-        sent = tokens = errors = 0
-        max_err = 0.0
-        i = 0
-        while time.monotonic() - start < seconds:
-            reqs = []
-            for _ in range(concurrency):
-                layer = i % cfg.num_layers
-                x = inverters[layer].hidden(work[layer].batch(i).logits, seed=i)
-                reqs.append((layer, x, cluster.forward_ref(layer, x)))
-                i += 1
-            for layer, x, ref in reqs:
-                try:
-                    out = torch.from_numpy(ray.get(ref).copy())
-                except Exception as exc:  # noqa: BLE001 - counted and shown, the demo goes on
-                    errors += 1
-                    console.print(f"[red]request failed:[/] {exc}")
-                    continue
-                if sent % 16 == 0:
-                    max_err = max(max_err, float((out - layers[layer](x)).abs().max()))
-                sent += 1
-                tokens += x.shape[0]
-            if time.monotonic() - last_print > 4.0:
-                last_print = time.monotonic()
-                console.print(_load_table(cluster.status(), cfg.num_layers))
+        summary = drive(cluster, layers, seconds, 1.2, tokens_per_request, concurrency, check=True)
         status = cluster.status()
         console.print(_load_table(status, cfg.num_layers))
-        elapsed = time.monotonic() - start
         for event in status["history"]:
             console.print(f"  placement v{event['version']}: {event['reason']}")
-        summary = {"requests": sent, "tokens": tokens, "errors": errors, "seconds": elapsed,
-                   "tokens_per_s": tokens / elapsed, "max_abs_diff_vs_in_process": max_err,
-                   "placement_changes": len(status["history"])}
+        summary["placement_changes"] = len(status["history"])
         console.print(summary)
         return summary
     finally:

@@ -1,130 +1,222 @@
 """Ray Serve application: HTTP front door of an expertray cluster (`serve run expertray.serve:app`).
 
-POST /v1/layers/{layer}/forward  — JSON {"hidden": [[...], ...]} for small inputs, or application/msgpack
-                                   {"hidden": {"dtype", "shape", "data"}} for real sizes; the reply uses the
-                                   request's format.
+POST /v1/layers/{layer}/forward  — JSON {"hidden": [...]} for small inputs, or application/msgpack
+                                   {"hidden": {"dtype", "shape", "data"}} for real sizes; hidden states have
+                                   shape [..., d_model] and the output has the same shape; the reply uses the
+                                   request's format. Other content types → 415 (see expertray.codec).
 GET  /v1/experts, /v1/placement, /healthz.
-The ingress connects to the running cluster's controller (or launches one from $EXPERTRAY_CONFIG / the
-default config when none runs). Backpressure: over `max_inflight_tokens` → 503 with Retry-After.
+Every error reply, FastAPI's own 404/405/422 included, is {"error": "<message>"}.
+
+The ingress connects to the running cluster's controller, or launches one from $EXPERTRAY_CONFIG / the default
+config when none runs — with random weights (said in the log and in /healthz "weights") and its CPU asks
+shrunk to what the Ray cluster has free, so `serve run` on a 2-core machine does not wait forever.
+Backpressure: over `max_inflight_tokens` → 503 with Retry-After.
+
+Rejections the ingress answers itself (400/404/413/415/422/503, before or instead of a router) are counted
+per ingress replica: /healthz "rejected" (by status code) and the Ray metric
+`expertray_ingress_rejected_total{code}` (exported with Ray's metrics; summed over replicas by Prometheus).
+Requests a router refuses are counted by the router (`expertray status`, `expertray_requests_total{outcome}`).
 """
 
-
 import asyncio
-import json
+import collections
+import dataclasses
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from expertray.codec import decode_tensor, encode_tensor, pack, unpack
+from expertray.api import to_wire
+from expertray.codec import (
+    MAX_JSON_BYTES,
+    MAX_WIRE_BYTES,
+    MSGPACK,
+    MediaTypeError,
+    decode_json_hidden,
+    decode_tensor,
+    encode_tensor,
+    media_type,
+    pack,
+    unpack,
+)
+from expertray.config import ClusterConfig
 from expertray.errors import (
     BackpressureError,
     ExpertUnavailableError,
     InputError,
     OversizeError,
+    RequestTimeoutError,
+    RouterUnavailableError,
     UnknownExpertError,
 )
 
+__all__ = ["ExpertRayIngress", "app", "fit_to_cpus", "run_app"]
+
 log = logging.getLogger(__name__)
-MSGPACK = "application/msgpack"
-MAX_JSON_TOKENS = 4096
+INGRESS_NUM_CPUS = 0.25
+INGRESS_MAX_REPLICAS = 4
 
 api = FastAPI(title="expertray", version="0.1.0",
               description="Expert-parallel MoE layers served by an expertray cluster on Ray.")
+# Non-2xx replies this process (one ingress replica) answered, by status code.
+REJECTED: collections.Counter[int] = collections.Counter()
+_rejected_metric: Any = None
+
+
+def _count_rejection(status: int) -> None:
+    global _rejected_metric
+    REJECTED[status] += 1
+    if _rejected_metric is None:
+        from ray.util.metrics import Counter
+
+        _rejected_metric = Counter("expertray_ingress_rejected", "Requests the Serve ingress answered with an "
+                                   "error status itself, by HTTP status code.", tag_keys=("code",))
+    _rejected_metric.inc(tags={"code": str(status)})
+
+
+def rejected_counts() -> dict[str, int]:
+    """This process's error replies by status code. (A module function, not a read of REJECTED in the ingress
+    class: Serve ships the class by value, with copies of the globals it names.)"""
+    return {str(code): n for code, n in sorted(REJECTED.items())}
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    """The one error shape of the API: {"error": message}; every error reply is counted."""
+    _count_rejection(status)
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own 404 (no such route) and 405 (wrong method) in the app's error shape."""
+    return _error(exc.status_code, str(exc.detail), **(exc.headers or {}))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A malformed path or query parameter (e.g. /v1/layers/abc/forward): 422 naming the parameter."""
+    problems = ["{}: {} (got {!r})".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg", "invalid"),
+                                           e.get("input")) for e in exc.errors()]
+    return _error(422, "; ".join(problems) or "invalid request")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-@serve.deployment(name="ExpertRayIngress", ray_actor_options={"num_cpus": 0.25},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
+def fit_to_cpus(cfg: ClusterConfig, free_cpus: float, reserve_cpus: float = 0.0) -> ClusterConfig:
+    """`cfg` with its routers' and expert actors' CPU asks shrunk so that all of them fit in
+    `free_cpus - reserve_cpus` (never raised; at least 0.01 each, Ray's fractional resources allow it)."""
+    pieces = cfg.num_expert_actors + cfg.num_routers
+    asked = cfg.num_expert_actors * cfg.actor_num_cpus + cfg.num_routers * cfg.router_num_cpus
+    budget = free_cpus - reserve_cpus
+    if asked <= budget:
+        return cfg
+    share = max(0.01, round(budget / pieces, 2) if budget > 0 else 0.0)
+    return dataclasses.replace(cfg, actor_num_cpus=min(cfg.actor_num_cpus, share),
+                               router_num_cpus=min(cfg.router_num_cpus, share))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with OversizeError as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise OversizeError(f"request body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OversizeError(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(body: bytes, kind: str) -> np.ndarray:
+    if kind == MSGPACK:
+        doc = unpack(body)
+        if not isinstance(doc, dict) or "hidden" not in doc:
+            raise InputError("msgpack body must be a map with key 'hidden'")
+        return decode_tensor(doc["hidden"])
+    return decode_json_hidden(body)
+
+
+@serve.deployment(name="ExpertRayIngress", ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
+                  autoscaling_config={"min_replicas": 1, "max_replicas": INGRESS_MAX_REPLICAS,
+                                      "target_ongoing_requests": 8})
 @serve.ingress(api)
 class ExpertRayIngress:
     def __init__(self, max_inflight_tokens: int = 65536) -> None:
+        import ray
+
         from expertray.api import connect, launch
         from expertray.cli import load_config
         from expertray.errors import ConfigError
 
+        self.weights = "as loaded by the running expertray cluster"
         try:
             self.cluster = connect(None)
         except ConfigError:
             path = os.environ.get("EXPERTRAY_CONFIG")
-            log.info("no expertray cluster running: launching one (%s)", path or "default config")
-            self.cluster = launch(load_config(Path(path) if path else None))
+            free = ray.available_resources().get("CPU", 0.0)
+            cfg = fit_to_cpus(load_config(Path(path) if path else None), free,
+                              reserve_cpus=(INGRESS_MAX_REPLICAS - 1) * INGRESS_NUM_CPUS)
+            self.weights = f"random (seed {cfg.seed}): no expertray cluster was running, this ingress launched one"
+            log.warning("no expertray cluster running: launching one from %s with RANDOM weights (seed %d), "
+                        "%g CPU per expert actor and %g per router (%.2f CPUs free); start your cluster first "
+                        "(`expertray up`, expertray.launch) to serve real weights", path or "the default config",
+                        cfg.seed, cfg.actor_num_cpus, cfg.router_num_cpus, free)
+            self.cluster = launch(cfg)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.max_inflight_tokens = max_inflight_tokens
         self.inflight_tokens = 0
 
-    @api.post("/v1/layers/{layer}/forward", summary="Run one MoE layer on hidden states [T, d_model]")
+    @api.post("/v1/layers/{layer}/forward", summary="Run one MoE layer on hidden states [..., d_model]")
     async def forward(self, layer: int, request: Request) -> Response:
-        wants_msgpack = MSGPACK in request.headers.get("content-type", "")
-        body = await request.body()
         try:
-            hidden = self._parse(body, wants_msgpack)
-            self.cluster._check(layer, hidden)
+            kind = media_type(request.headers.get("content-type"))
+            body = await _read_body(request, MAX_WIRE_BYTES if kind == MSGPACK else MAX_JSON_BYTES)
+            hidden = _decode(body, kind)
+            x = self.cluster.validate(layer, hidden)
         except UnknownExpertError as exc:
             return _error(404, str(exc))
+        except MediaTypeError as exc:
+            return _error(415, str(exc))
         except OversizeError as exc:
             return _error(413, str(exc))
         except InputError as exc:
             return _error(400, str(exc))
-        tokens = hidden.shape[0] if hidden.ndim > 1 else 0
+        tokens = int(np.prod(hidden.shape[:-1]))
         if self.inflight_tokens + tokens > self.max_inflight_tokens:
             return _error(503, f"overloaded: {self.inflight_tokens} tokens in flight", **{"Retry-After": "1"})
         self.inflight_tokens += tokens
         try:
-            out = np.asarray(await self.cluster.forward_ref(layer, hidden))
+            out = np.asarray(await self.cluster.forward_wire(layer, to_wire(x))).reshape(hidden.shape)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below; nothing is swallowed
             cause = _root_cause(exc)
             if isinstance(cause, BackpressureError):
                 return _error(503, str(cause), **{"Retry-After": "1"})
             if isinstance(cause, InputError | UnknownExpertError):
                 return _error(400, str(cause))
-            if isinstance(cause, ExpertUnavailableError):
+            if isinstance(cause, ExpertUnavailableError | RouterUnavailableError):
                 return _error(503, str(cause), **{"Retry-After": "1"})
+            if isinstance(cause, RequestTimeoutError):
+                return _error(504, str(cause))
             log.exception("forward failed")
             return _error(500, f"internal error: {type(cause).__name__}: {cause}")
         finally:
             self.inflight_tokens -= tokens
-        if wants_msgpack:
+        if kind == MSGPACK:
             return Response(pack({"output": encode_tensor(out.astype(hidden.dtype, copy=False))}),
                             media_type=MSGPACK)
         return JSONResponse({"output": out.tolist()})
-
-    def _parse(self, body: bytes, wants_msgpack: bool) -> np.ndarray:
-        if wants_msgpack:
-            doc = unpack(body)
-            if not isinstance(doc, dict) or "hidden" not in doc:
-                raise InputError("msgpack body must be a map with key 'hidden'")
-            return decode_tensor(doc["hidden"])
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"malformed JSON body: {exc}") from exc
-        if not isinstance(doc, dict) or "hidden" not in doc:
-            raise InputError("JSON body must be an object with key 'hidden' (a [tokens][d_model] array)")
-        rows = doc["hidden"]
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-            raise InputError("hidden must be a non-empty list of rows, each a list of numbers")
-        if len(rows) > MAX_JSON_TOKENS:
-            raise OversizeError(f"JSON request of {len(rows)} tokens is over the {MAX_JSON_TOKENS}-token limit for "
-                             "JSON; send application/msgpack")
-        width = len(rows[0])
-        if any(len(r) != width for r in rows):
-            raise InputError("hidden rows have different lengths")
-        try:
-            return np.asarray(rows, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"hidden must contain only numbers: {exc}") from exc
 
     @api.get("/v1/placement", summary="The current placement table")
     async def placement(self) -> dict[str, Any]:
@@ -146,7 +238,9 @@ class ExpertRayIngress:
             return _error(503, f"cluster unreachable: {_root_cause(exc)}")
         return JSONResponse({"status": "ok", "table_version": status["table"]["version"],
                              "actors": len(status["actors"]), "routers": len(status["routers"]),
-                             "transport": status["transport"]})
+                             "transport": status["transport"], "weights": self.weights,
+                             "ingress": {"replica": self.replica,
+                                         "rejected": rejected_counts()}})
 
 
 app = ExpertRayIngress.bind()

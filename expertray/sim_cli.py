@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from expertray.errors import ExpertRayError
+from expertray.cli_common import cli_errors
 from expertray.sim import (
     DEFAULT_POLICIES,
     SimConfig,
@@ -69,7 +69,7 @@ def sim(
 ) -> None:
     """Simulate placement policies over a cluster: all-to-all bytes within / across nodes, dispatch time,
     balancedness and memory per device, per layer."""
-    try:
+    with cli_errors():
         source: RoutingSource
         total_tokens = tokens or 128 * devices
         if trace is not None:
@@ -90,9 +90,6 @@ def sim(
                           _params(policy_params), None if quiet else _progress)
         if plot is not None:
             write_plot(result, plot)
-    except (ExpertRayError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -4,8 +4,6 @@ analyze them. Bad files and bad options exit with code 2 and a one-line message,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from expertray.cli_common import cli_errors, say
 from expertray.config import GATING_FAMILIES, CapacityConfig, GateConfig
-from expertray.errors import ExpertRayError
 from expertray.gating import gate_from_logits
 from expertray.placement import PlacementTable
 from expertray.policies.replica import REPLICA
@@ -24,16 +22,6 @@ from expertray.trace import TraceWriter, analyze, read_trace, replay, write_heat
 from expertray.workload import Workload, WorkloadConfig, popularity_from_counts
 
 trace_app = typer.Typer(help="Routing traces: record, replay through a policy, analyze.", no_args_is_help=True)
-
-
-@contextmanager
-def _clean_errors() -> Iterator[None]:
-    """Turn expected failures (bad files, bad options) into a message and exit code 2."""
-    try:
-        yield
-    except (ExpertRayError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def json_object(text: str | None) -> dict[str, Any]:
@@ -74,7 +62,7 @@ def record(
     seed: int = 0,
 ) -> None:
     """Record a trace from the synthetic workload generator."""
-    with _clean_errors():
+    with cli_errors():
         gate_cfg = GateConfig(family, experts, top_k, normalize=normalize)
         capacity = CapacityConfig(factor=cf, overflow=overflow)
         popularity = (popularity_from_counts(popularity_file, popularity_model, popularity_layer)
@@ -100,18 +88,22 @@ def record(
 def live(
     out: Annotated[Path, typer.Argument(help="trace file to write (one per router if several)")],
     seconds: Annotated[float, typer.Option(min=0.0, help="how long to record")] = 10.0,
-    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address HOST:PORT (default: the head "
+                                                      "`expertray up` started)")] = None,
 ) -> None:
-    """Record the live routing of a running cluster for a while."""
+    """Record the live routing of a running cluster for a while (progress on stderr)."""
     import time
 
     from expertray.api import connect
 
-    with _clean_errors():
+    with cli_errors():
         cluster = connect(address)
         paths = cluster.start_trace(str(out))
         try:
-            time.sleep(seconds)
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                time.sleep(min(left, 2.0))
+                say(f"recording: {seconds - max(end - time.monotonic(), 0.0):.0f} of {seconds:g} s")
         finally:
             sizes = cluster.stop_trace()
         for p, size in zip(paths, sizes, strict=True):
@@ -130,7 +122,7 @@ def replay_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Replay recorded gate probs through a policy and a balanced placement; print loads and measures."""
-    with _clean_errors():
+    with cli_errors():
         tr = read_trace(trace)
         h = tr.header
         placement = PlacementTable.balanced(h.num_layers, h.num_experts,
@@ -162,7 +154,7 @@ def analyze_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary JSON instead of the tables")] = False,
 ) -> None:
     """Per-expert load table, expert x time heatmap PNG and summary JSON of the recorded choices."""
-    with _clean_errors():
+    with cli_errors():
         a = analyze(read_trace(trace), time_bins)
         doc = a.summary()
         heatmap = heatmap or trace.with_name(trace.name + ".heatmap.png")

@@ -8,8 +8,10 @@ good request exactly and its placement table must be unchanged. Cases marked xfa
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import msgpack
@@ -81,6 +83,15 @@ API_CASES = [
     ("unknown-layer", 2, lambda: GOOD, UnknownExpertError, "unknown layer 2 (cluster serves layers 0..1)"),
     ("negative-layer", -1, lambda: GOOD, UnknownExpertError, "unknown layer -1"),
     ("str-layer", "0", lambda: GOOD, UnknownExpertError, "unknown layer '0'"),
+    ("bool-layer", True, lambda: GOOD, UnknownExpertError, "unknown layer True (a layer index must be an integer"),
+    ("numpy-bool-layer", np.bool_(False), lambda: GOOD, UnknownExpertError, "not bool"),
+    ("float-layer", 0.0, lambda: GOOD, UnknownExpertError, "unknown layer 0.0"),
+    ("longdouble", 0, lambda: np.ones((4, D), np.longdouble), InputError, "numpy dtype float128 not supported"),
+    ("big-endian", 0, lambda: np.ones((4, D), ">f4"), InputError, "non-native byte order (numpy dtype >f4)"),
+    ("meta", 0, lambda: torch.empty(4, D, device="meta"), InputError, "meta tensor"),
+    ("sparse", 0, lambda: torch.ones(4, D).to_sparse(), InputError, "layout torch.sparse_coo"),
+    ("quantized", 0, lambda: torch.quantize_per_tensor(torch.ones(4, D), 0.1, 0, torch.qint8), InputError,
+     "quantized tensor"),
 ]
 
 
@@ -110,7 +121,15 @@ DTYPE_CASES = [
     pytest.param(lambda x: x.reshape(1, 5, D), id="3-d"),
     pytest.param(lambda x: x.bfloat16(), id="bfloat16"),
     pytest.param(lambda x: x.clone().requires_grad_(), id="requires-grad"),
+    pytest.param(lambda x: x.reshape(5, 1, 1, D), id="4-d"),
 ]
+
+
+@pytest.mark.parametrize("layer", [np.int64(1), np.uint8(1), torch.tensor(1), np.array(1)],
+                         ids=["numpy-int64", "numpy-uint8", "0-d-tensor", "0-d-array"])
+def test_python_api_accepts_integer_layer_types(live, layer) -> None:
+    cluster, layers, _ = live
+    torch.testing.assert_close(cluster.forward(layer, GOOD), layers[1](GOOD), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("convert", DTYPE_CASES)
@@ -181,10 +200,27 @@ HTTP_CASES = [
     ("negative-layer", "/v1/layers/-1/forward", _wire([1, D]), MP, 404, "unknown layer -1"),
     ("non-int-layer", "/v1/layers/abc/forward", _wire([1, D]), MP, 422, "layer"),
     ("unknown-route", "/v1/nothing", b"{}", JS, 404, "Not Found"),
+    # limits and content types
+    ("json-deeply-nested-3KB", FWD, b"[" * 3000, JS, 400, "nested 3000 levels deep, over the limit of 32"),
+    ("json-nested-in-other-key", FWD, b'{"hidden": [[0]], "x": ' + b"[" * 100 + b"]" * 100 + b"}", JS, 400,
+     "over the limit of 32"),
+    ("text-plain", FWD, json.dumps({"hidden": [[0.0] * D]}).encode(), "text/plain", 415,
+     "content type 'text/plain' is not supported"),
+    ("no-content-type", FWD, json.dumps({"hidden": [[0.0] * D]}).encode(), "", 415, "content type none"),
+    ("form-encoded", FWD, b"hidden=1", "application/x-www-form-urlencoded", 415, "x-www-form-urlencoded"),
 ]
 
 
 def _request(url: str, body: bytes | None, content_type: str, method: str = "POST") -> tuple[int, bytes]:
+    if not content_type:  # urllib would add a form content type to a body without one
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            conn.request(method, parts.path, body=body)
+            reply = conn.getresponse()
+            return reply.status, reply.read()
+        finally:
+            conn.close()
     req = urllib.request.Request(url, data=body, method=method, headers={"content-type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -199,6 +235,7 @@ def test_http_rejects(live, path: str, body: bytes, ctype: str, code: int, needl
     status, payload = _request(base + path, body, ctype)
     assert status == code, payload[:300]
     assert needle in payload.decode(errors="replace")
+    assert list(json.loads(payload)) == ["error"], "every error reply has the one shape {'error': ...}"
     good = pack({"hidden": encode_tensor(GOOD.numpy())})
     status, payload = _request(base + FWD, good, MP)
     assert status == 200
@@ -209,6 +246,37 @@ def test_http_wrong_method_is_405(live) -> None:
     _, _, base = live
     assert _request(base + FWD, None, JS, method="GET")[0] == 405
     assert _request(base + "/healthz", b"{}", JS, method="POST")[0] == 405
+    status, payload = _request(base + "/healthz", b"{}", JS, method="POST")
+    assert status == 405 and json.loads(payload) == {"error": "Method Not Allowed"}
+
+
+def test_http_n_d_inputs_keep_their_shape(live) -> None:
+    _, layers, base = live
+    x = GOOD.reshape(1, 5, D).numpy()
+    ref = layers[0](GOOD).numpy().reshape(1, 5, D)
+    status, payload = _request(base + FWD, json.dumps({"hidden": x.tolist()}).encode(), JS)
+    assert status == 200
+    np.testing.assert_allclose(np.array(json.loads(payload)["output"], np.float32), ref, atol=1e-5, rtol=0)
+    status, payload = _request(base + FWD, pack({"hidden": encode_tensor(x.reshape(5, 1, 1, D))}), MP)
+    assert status == 200
+    out = decode_tensor(unpack(payload)["output"])
+    assert out.shape == (5, 1, 1, D)
+    np.testing.assert_allclose(out.reshape(1, 5, D), ref, atol=1e-5, rtol=0)
+
+
+def test_http_rejections_are_counted_by_the_ingress(live) -> None:
+    _, _, base = live
+
+    def rejected() -> dict[str, int]:
+        with urllib.request.urlopen(base + "/healthz", timeout=60) as r:
+            return json.load(r)["ingress"]["rejected"]
+
+    before = rejected()
+    assert _request(base + FWD, b"x", "text/plain")[0] == 415
+    assert _request(base + FWD, b"[" * 100, JS)[0] == 400
+    after = rejected()
+    # one ingress replica here; each replica counts what it answered itself
+    assert after.get("415", 0) == before.get("415", 0) + 1 and after.get("400", 0) == before.get("400", 0) + 1
 
 
 # --- CLI -------------------------------------------------------------------------------------------------
@@ -243,6 +311,22 @@ def test_cli_rejects_with_exit_2(live, args: list[str], needle: str) -> None:
     _still_exact(cluster, layers)
 
 
+def test_cli_migrate_from_an_actor_without_the_expert_changes_nothing(live) -> None:
+    from expertray.cli import app
+
+    cluster, layers, _ = live
+    table = cluster.table()
+    holders = {s.actor for s in table.replicas(0, 1)}
+    src = next(a for a in table.actors if a not in holders)
+    dst = next(a for a in table.actors if a not in holders and a != src) if len(holders) < len(table.actors) - 1 \
+        else src
+    result = runner.invoke(app, ["migrate", "0:1", "--to", dst, "--from", src])
+    assert result.exit_code == 2, result.output
+    assert f"{src!r} holds no replica of expert 0:1" in result.output and "Traceback" not in result.output
+    assert cluster.table().version == table.version, "a refused migrate changed the placement"
+    _still_exact(cluster, layers)
+
+
 UP_CASES = [
     ("unknown-field", "num_expert_actor: 3\n", "cluster.num_expert_actor: unknown field"),
     ("nested-unknown-field", "layer:\n  gate:\n    famly: mixtral\n", "cluster.layer.gate.famly: unknown field"),
@@ -263,11 +347,11 @@ UP_CASES = [
 def test_cli_up_rejects_bad_config_before_starting_anything(monkeypatch, tmp_path, yaml_text: str,
                                                             needle: str) -> None:
     import expertray.api
-    import expertray.cli
+    import expertray.localhead
     from expertray.cli import app
 
     started: list[str] = []
-    monkeypatch.setattr(expertray.cli.subprocess, "run", lambda cmd, **kw: started.append(" ".join(cmd)))
+    monkeypatch.setattr(expertray.localhead, "start_head", lambda *a, **kw: started.append("ray head"))
     monkeypatch.setattr(expertray.api, "launch", lambda *a, **kw: started.append("launch"))
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml_text)
@@ -278,10 +362,10 @@ def test_cli_up_rejects_bad_config_before_starting_anything(monkeypatch, tmp_pat
 
 
 def test_cli_up_missing_config_file(monkeypatch, tmp_path) -> None:
-    import expertray.cli
+    import expertray.localhead
     from expertray.cli import app
 
-    monkeypatch.setattr(expertray.cli.subprocess, "run", lambda *a, **kw: pytest.fail("started Ray"))
+    monkeypatch.setattr(expertray.localhead, "start_head", lambda *a, **kw: pytest.fail("started Ray"))
     result = runner.invoke(app, ["up", "--config", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "missing.yaml: cannot read" in result.output
 

@@ -96,7 +96,10 @@ def test_backpressure_answers_503_with_retry_after_and_nothing_else_fails(served
 def test_inspection_endpoints_and_openapi(served) -> None:
     base, _ = served
     with urllib.request.urlopen(f"{base}/healthz") as r:
-        assert json.load(r)["status"] == "ok"
+        health = json.load(r)
+    assert health["status"] == "ok"
+    assert health["weights"] == "as loaded by the running expertray cluster"  # it did not launch random ones
+    assert set(health["ingress"]) == {"replica", "rejected"}
     with urllib.request.urlopen(f"{base}/v1/experts") as r:
         experts = json.load(r)
     assert len(experts) == 12 and all(e["actors"] for e in experts)
@@ -104,3 +107,27 @@ def test_inspection_endpoints_and_openapi(served) -> None:
         assert json.load(r)["num_experts"] == 6
     with urllib.request.urlopen(f"{base}/openapi.json") as r:
         assert "/v1/layers/{layer}/forward" in json.load(r)["paths"]
+
+
+def test_n_d_json_and_msgpack_keep_their_shape(served) -> None:
+    base, layers = served
+    x = np.random.default_rng(2).standard_normal((2, 3, D)).astype(np.float32)
+    ref = layers[0](torch.from_numpy(x.reshape(6, D))).numpy().reshape(2, 3, D)
+    status, body, _ = post(f"{base}/v1/layers/0/forward", json.dumps({"hidden": x.tolist()}).encode(),
+                           "application/json")
+    assert status == 200
+    np.testing.assert_allclose(np.array(json.loads(body)["output"], dtype=np.float32), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(forward(base, 0, x), ref, atol=1e-5, rtol=0)
+
+
+def test_overload_503s_are_counted_by_the_ingress(served) -> None:
+    base, _ = served
+    with urllib.request.urlopen(f"{base}/healthz") as r:
+        before = json.load(r)["ingress"]["rejected"].get("503", 0)
+    body = pack({"hidden": encode_tensor(np.zeros((90, D), np.float32))})  # 90 of the 96 in-flight tokens
+    with cf.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: post(f"{base}/v1/layers/0/forward", body, "application/msgpack")[0],
+                              range(16)))
+    with urllib.request.urlopen(f"{base}/healthz") as r:
+        after = json.load(r)["ingress"]["rejected"].get("503", 0)
+    assert 503 in codes and after - before == codes.count(503), codes
