@@ -157,7 +157,7 @@ def fused_experts_combine(hidden: torch.Tensor, plan: DispatchPlan, weights: tor
     out = torch.zeros(plan.num_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     row_weight = weights[plan.token_index, plan.k_index].to(hidden.dtype)
     start = 0
-    for slot, n in enumerate(plan.counts.tolist()):
+    for slot, n in enumerate(plan.host_counts):
         if n:
             idx = plan.token_index[start:start + n]
             y = swiglu(hidden.index_select(0, idx), experts.gate_up[slot], experts.down[slot])

@@ -101,7 +101,7 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     out = gate(hidden, cfg, gw)
     plan = build_plan(out.experts, experts)
     rows = permute(hidden, plan)
-    counts = plan.counts.tolist()
+    counts = list(plan.host_counts)
     n_rows = rows.shape[0]
 
     def prepare() -> torch.Tensor:
