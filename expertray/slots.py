@@ -114,12 +114,12 @@ class SlotStore:
         if stack is None or not rows.shape[0]:
             return torch.empty_like(rows)
         positions = [stack.index[e] for e in experts]
-        wanted = self.grouped is True or prefer_grouped(counts)  # grouped=True forces it (tests, benches)
-        if stack.grouped and wanted and all(a < b for a, b in zip(positions, positions[1:])):
+        if stack.grouped and all(a < b for a, b in zip(positions, positions[1:])):
             full = [0] * len(stack.experts)
             for s, n in zip(positions, counts):
                 full[s] = n
-            return slots_swiglu(rows, full, stack.gate_up, stack.down, grouped=True)
+            if self.grouped is True or prefer_grouped(full):  # grouped=True forces it (tests, benches)
+                return slots_swiglu(rows, full, stack.gate_up, stack.down, grouped=True)
         out = torch.empty_like(rows)
         start = 0
         for s, n in zip(positions, counts):
