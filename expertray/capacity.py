@@ -41,12 +41,16 @@ def _priority_order(experts: torch.Tensor, weights: torch.Tensor, by_score: bool
 
 
 def _rank_within_expert(expert_in_order: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """For a sequence of expert ids, the 0-based position of each entry among entries of the same expert."""
+    """For a sequence of expert ids, the 0-based position of each entry among entries of the same expert.
+
+    Each expert's first position in the sorted ids comes from a binary search, not `bincount` (which
+    waits for the device on CUDA)."""
     by_expert = torch.argsort(expert_in_order, stable=True)
-    counts = torch.bincount(expert_in_order, minlength=num_experts)
-    starts = torch.cumsum(counts, 0) - counts
+    sorted_ids = expert_in_order[by_expert]
+    starts = torch.searchsorted(sorted_ids, torch.arange(num_experts, dtype=sorted_ids.dtype,
+                                                         device=sorted_ids.device))
     rank = torch.empty_like(expert_in_order)
-    rank[by_expert] = torch.arange(expert_in_order.numel(), device=expert_in_order.device) - starts[expert_in_order[by_expert]]
+    rank[by_expert] = torch.arange(expert_in_order.numel(), device=expert_in_order.device) - starts[sorted_ids]
     return rank
 
 
@@ -64,9 +68,10 @@ def apply_capacity(g: GateOutput, cfg: CapacityConfig) -> CapacityResult:
     keep_flat = torch.empty_like(flat, dtype=torch.bool)
     keep_flat[order] = rank < cap
     kept_experts = torch.where(keep_flat, flat, -1).view(k, T).t().contiguous()
+    overflowed = int((~keep_flat).sum())  # the one scalar the host needs (CapacityResult counts drops)
+    if cfg.overflow == "drop" or overflowed == 0:
+        return CapacityResult(kept_experts, weights, cap, overflowed, 0)
     overflow_in_order = order[~keep_flat[order]]
-    if cfg.overflow == "drop" or overflow_in_order.numel() == 0:
-        return CapacityResult(kept_experts, weights, cap, int(overflow_in_order.numel()), 0)
     rerouted = _reroute(kept_experts, g.scores, overflow_in_order, cap, E)
     dropped = int((rerouted < 0).sum())
     return CapacityResult(rerouted, weights, cap, dropped, int(overflow_in_order.numel()) - dropped)

@@ -3,7 +3,11 @@
 gate_up: [S, 2F, D] (gate rows first, then up rows), down: [S, D, F]; y = down · (silu(gate·x) ⊙ up·x).
 Rows for S slots arrive grouped (counts[s] consecutive rows for slot s). Two ways to run them, equal up to
 rounding: a loop of per-slot GEMMs (any device, any dtype) and one grouped GEMM per projection
-(`torch._grouped_mm`, used where the device has a fast kernel: bf16 on Hopper or newer).
+(`torch._grouped_mm`, used where the device has a fast kernel: bf16 on Hopper or newer, and the call has
+enough non-empty groups to beat the loop: `prefer_grouped`).
+The stacked layout is the one the grouped kernel wants as it is: `gate_up.transpose(-2, -1)` is a view
+([S, D, 2F] with stride 1 along D, i.e. K-major B, the layout torchtitan's MoE passes for its [E, F, D]
+weights), which the CUTLASS kernel takes without a copy; nothing is re-laid out per call.
 Everything keeps the dtype and device it is given.
 """
 
@@ -92,8 +96,13 @@ def grouped_mm_swiglu(rows: torch.Tensor, counts: Sequence[int], gate_up: torch.
                       ) -> torch.Tensor:
     """Two grouped GEMMs for all slots at once (the torchtitan MoE kernel): same contract as looped_swiglu.
 
-    offs [S] int32 are the cumulative row counts; slots with no rows are empty groups."""
-    offs = torch.tensor(list(counts), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(rows.device)
+    offs [S] int32 are the cumulative row counts; slots with no rows are empty groups. On CUDA they travel
+    from pinned memory without blocking (a pageable host→device copy would synchronise the stream)."""
+    offs = torch.tensor(list(counts), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    if rows.device.type == "cuda":
+        offs = offs.pin_memory().to(rows.device, non_blocking=True)
+    else:
+        offs = offs.to(rows.device)
     h = torch._grouped_mm(rows, gate_up.transpose(-2, -1), offs=offs)  # [N, 2F]
     gate, up = h.chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # [N, D]
@@ -106,6 +115,23 @@ def grouped_mm_fast(device: torch.device, dtype: torch.dtype, d_model: int, d_ff
         return False
     aligned = d_model % 8 == 0 and d_ff % 8 == 0
     return aligned and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+# Fewest non-empty groups for which one grouped GEMM beats the per-slot loop on a fast-kernel device.
+# Measured on an H200 (bf16, `expertray bench gpu`, issue 15's first device run): with 8 groups the loop won at
+# both 1024 and 32 rows per group (655 vs 564 and 96 vs 81 TFLOP/s: cuBLAS per expert beats the grouped
+# kernel's tiles, and 8 launches cost little); with 256 groups it lost at 128 and 4 rows per group
+# (202 vs 285 and 4.4 vs 12.7 TFLOP/s: ~4 launches per group dominate). 32 sits between the measured
+# points; the bench measures both paths side by side on every run, so the rule can be checked there.
+GROUPED_MIN_GROUPS = 32
+# torch._grouped_mm's CUTLASS kernel takes fewer than 1024 groups.
+GROUPED_MAX_GROUPS = 1023
+
+
+def prefer_grouped(counts: Sequence[int]) -> bool:
+    """Whether a call with these per-slot row counts should run as one grouped GEMM (given a fast kernel):
+    when it has at least GROUPED_MIN_GROUPS non-empty groups and the kernel can take all of its groups."""
+    return len(counts) <= GROUPED_MAX_GROUPS and sum(1 for n in counts if n) >= GROUPED_MIN_GROUPS
 
 
 def slots_swiglu(rows: torch.Tensor, counts: Sequence[int], gate_up: torch.Tensor, down: torch.Tensor,
@@ -131,7 +157,7 @@ def fused_experts_combine(hidden: torch.Tensor, plan: DispatchPlan, weights: tor
     out = torch.zeros(plan.num_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     row_weight = weights[plan.token_index, plan.k_index].to(hidden.dtype)
     start = 0
-    for slot, n in enumerate(plan.counts.tolist()):
+    for slot, n in enumerate(plan.host_counts):
         if n:
             idx = plan.token_index[start:start + n]
             y = swiglu(hidden.index_select(0, idx), experts.gate_up[slot], experts.down[slot])

@@ -61,26 +61,40 @@ def prepare(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, gate_weights:
     t1 = time.perf_counter()
     routing = policy.route(g, cfg.capacity, expert_load)
     dests = selector.select(routing.experts, route, dest_load, local_actors)
-    plan = build_plan(dests, route.num_dests)
+    plan = build_plan(dests, route.num_dests)  # the batch's one device→host transfer: the slot counts
     rows = permute(hidden, plan)
-    per_actor = plan.group_counts(route.dest_actor, num_actors).tolist()
+    buckets = _buckets(plan.host_counts, route.dest_actor.tolist(), route.dest_expert.tolist(), num_actors)
+    expert_counts = _expert_counts(routing.experts, cfg.num_experts)
+    timings = {"gate": (t1 - t0) * 1e3, "plan": (time.perf_counter() - t1) * 1e3}
+    return PreparedBatch(layer, g, routing, dests, plan, rows, buckets, expert_counts, timings)
+
+
+def _buckets(counts: tuple[int, ...], dest_actor: list[int], dest_expert: list[int], num_actors: int
+             ) -> list[ActorBucket]:
+    """Cut the plan's rows (grouped by destination, destinations contiguous per actor) into per-actor
+    buckets, from host lists only."""
     buckets, start, dest = [], 0, 0
-    counts = plan.counts.tolist()
-    dest_actor = route.dest_actor.tolist()
-    dest_expert = route.dest_expert.tolist()
     for actor in range(num_actors):
-        experts, ecounts = [], []
+        experts, ecounts, rows = [], [], 0
         while dest < len(dest_actor) and dest_actor[dest] == actor:
             if counts[dest]:
                 experts.append(dest_expert[dest])
                 ecounts.append(counts[dest])
+                rows += counts[dest]
             dest += 1
-        buckets.append(ActorBucket(actor, start, per_actor[actor], experts, ecounts))
-        start += per_actor[actor]
-    kept = routing.experts[routing.experts >= 0]
-    expert_counts = torch.bincount(kept, minlength=cfg.num_experts)
-    timings = {"gate": (t1 - t0) * 1e3, "plan": (time.perf_counter() - t1) * 1e3}
-    return PreparedBatch(layer, g, routing, dests, plan, rows, buckets, expert_counts, timings)
+        buckets.append(ActorBucket(actor, start, rows, experts, ecounts))
+        start += rows
+    return buckets
+
+
+def _expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] kept assignments per logical expert from experts [T, k] (-1 = dropped), on experts' device.
+    A scatter-add into E + 1 bins (the last takes the drops) instead of masking and `bincount`, both of
+    which wait for the device on CUDA."""
+    flat = experts.reshape(-1)
+    bins = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    ones = torch.ones(flat.numel(), dtype=torch.long, device=flat.device)
+    return bins.index_add_(0, torch.where(flat >= 0, flat, num_experts), ones)[:num_experts]
 
 
 def finish(batch: PreparedBatch, expert_rows: torch.Tensor, hidden: torch.Tensor,

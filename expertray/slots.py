@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from expertray.errors import UnknownExpertError
-from expertray.experts import grouped_mm_fast, slots_swiglu, swiglu
+from expertray.experts import grouped_mm_fast, prefer_grouped, slots_swiglu, swiglu
 from expertray.validation import tensor_view
 
 ExpertKey = tuple[int, int]  # (layer, logical expert)
@@ -40,7 +40,7 @@ class SlotStore:
         self.owner = owner
         self.device = device
         self.dtype = dtype
-        self.grouped = grouped  # None: decide per layer shape with grouped_mm_fast
+        self.grouped = grouped  # None: grouped_mm_fast per layer shape, then prefer_grouped per call
         self._layers: dict[int, LayerStack] = {}
 
     # --- weights -------------------------------------------------------------------------------------
@@ -101,8 +101,9 @@ class SlotStore:
     def compute(self, layer: int, experts: Sequence[int], counts: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
         """rows [N, D] on this device, grouped by `experts` (counts[i] rows for experts[i]) → outputs [N, D].
 
-        One grouped GEMM when the layer allows it and the experts come in stack order (the dispatch plan
-        sorts them so); the per-slot loop otherwise."""
+        One grouped GEMM when the layer allows it (fast kernel), the experts come in stack order (the
+        dispatch plan sorts them so) and there are enough of them (`prefer_grouped`, unless the store was
+        built with grouped=True); the per-slot loop otherwise."""
         if len(experts) != len(counts):
             raise ValueError(f"actor {self.owner}: {len(experts)} experts but {len(counts)} counts")
         if sum(counts) != rows.shape[0]:
@@ -117,7 +118,8 @@ class SlotStore:
             full = [0] * len(stack.experts)
             for s, n in zip(positions, counts):
                 full[s] = n
-            return slots_swiglu(rows, full, stack.gate_up, stack.down, grouped=True)
+            if self.grouped is True or prefer_grouped(full):  # grouped=True forces it (tests, benches)
+                return slots_swiglu(rows, full, stack.gate_up, stack.down, grouped=True)
         out = torch.empty_like(rows)
         start = 0
         for s, n in zip(positions, counts):

@@ -24,6 +24,14 @@ class ReplicaTable:
 
     padded: torch.Tensor
     count: torch.Tensor
+    _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False,
+                                                                      repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded, count) on `device`, copied there once (routes are long-lived, batches are not)."""
+        if device not in self._on:
+            self._on[device] = (self.padded.to(device), self.count.to(device))
+        return self._on[device]
 
     @classmethod
     def of(cls, replicas: tuple[tuple[int, ...], ...]) -> ReplicaTable:
@@ -67,9 +75,10 @@ def _check(experts: torch.Tensor, table: ReplicaTable) -> None:
 def _by_position(experts: torch.Tensor, table: ReplicaTable) -> torch.Tensor:
     """Replica (token index mod the expert's replica count) of each assignment; -1 stays -1."""
     _check(experts, table)
+    padded, count = table.on(experts.device)
     e = experts.clamp(min=0)
-    tok = torch.arange(experts.shape[0]).unsqueeze(1)
-    dest = table.padded[e, tok % table.count[e]]
+    tok = torch.arange(experts.shape[0], device=experts.device).unsqueeze(1)
+    dest = padded[e, tok % count[e]]
     return torch.where(experts >= 0, dest, -1)
 
 

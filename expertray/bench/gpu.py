@@ -7,7 +7,8 @@ as many of its 256 experts as fit in half the device memory), at prefill (4096 t
   same FLOPs ([N, D] @ [D, 3F]);
 - at decode, bytes of the active experts' weights read per second, as a fraction of a device-to-device
   copy of the same bytes;
-- router work on the device (gate + plan + permute, then combine) against expert compute.
+- router work on the device (gate + plan + permute, then combine) against expert compute;
+- which path the actors' rule (`prefer_grouped`) would pick, and whether it is the faster one measured.
 Medians over repeats; every timed call ends with a device synchronize. Needs no Ray. On a CPU the same
 command runs with small shapes (`--small`, the default there) so CI exercises it.
 """
@@ -28,7 +29,7 @@ from expertray.bench.report import emit, median
 from expertray.config import GateConfig
 from expertray.devices import DEVICE_ENV, resolve_device, synchronize
 from expertray.dispatch import build_plan, combine, permute
-from expertray.experts import grouped_mm_fast, slots_swiglu
+from expertray.experts import grouped_mm_fast, prefer_grouped, slots_swiglu
 from expertray.gating import GateWeights, gate
 
 GOALS = {"prefill_matmul_fraction": 0.6, "decode_copy_fraction": 0.5, "router_over_compute_prefill": 0.10}
@@ -100,7 +101,7 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     out = gate(hidden, cfg, gw)
     plan = build_plan(out.experts, experts)
     rows = permute(hidden, plan)
-    counts = plan.counts.tolist()
+    counts = list(plan.host_counts)
     n_rows = rows.shape[0]
 
     def prepare() -> torch.Tensor:
@@ -124,6 +125,9 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     ms["router_finish"] = timed(finish, device, repeats)
 
     best = min(v for k, v in ms.items() if k.startswith("experts_"))
+    # what an actor would run (SlotStore with grouped=None): the grouped GEMM where it has a fast kernel and
+    # prefer_grouped says so, else the loop; measured_best says whether that rule picked the faster path
+    picked = "experts_grouped" if grouped_mm_fast(device, dtype, D, F) and prefer_grouped(counts) else "experts_loop"
     flops = 6.0 * n_rows * D * F
     tflops = {k: flops / (v / 1e3) / 1e12 for k, v in ms.items() if k.startswith("experts_") or k == "plain_matmul"}
     result: dict[str, Any] = {
@@ -131,6 +135,7 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
         "routed_rows": n_rows, "median_ms": ms, "tflops": tflops,
         "matmul_fraction": {k: v / tflops["plain_matmul"] for k, v in tflops.items() if k != "plain_matmul"},
         "router_over_compute": (ms["router_prepare"] + ms["router_finish"]) / best,
+        "rule_picks": picked, "rule_picked_the_faster": ms[picked] == best,
     }
     if phase == "decode":
         active = sum(1 for c in counts if c)

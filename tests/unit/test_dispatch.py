@@ -1,10 +1,11 @@
 """Dispatch plan and combine: identity round trips and exact counts."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expertray.dispatch import build_plan, combine, permute
+from expertray.dispatch import build_plan, combine, combine_by_gather, combine_by_scatter_add, permute
 
 
 @settings(max_examples=80, deadline=None)
@@ -53,3 +54,31 @@ def test_group_counts_per_actor() -> None:
     plan = build_plan(dest, 4)
     assert plan.group_counts(torch.tensor([0, 0, 1, 1]), 2).tolist() == [3, 3]
     assert plan.offsets.tolist() == [0, 2, 3, 4, 6]
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 40), S=st.integers(1, 10), drop_rate=st.floats(0.0, 1.0), data=st.data())
+def test_combine_by_gather_equals_scatter_add(T: int, S: int, drop_rate: float, data: st.DataObject) -> None:
+    """The atomic-free combine (CUDA's) equals the scatter-add one (the CPU's), drops included, and a
+    dropped assignment contributes zero even when its gate weight is not finite."""
+    k = data.draw(st.integers(1, S))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    dest = torch.stack([torch.randperm(S, generator=gen)[:k] for _ in range(T)])
+    drop = torch.rand(T, k, generator=gen) < drop_rate
+    dest = torch.where(drop, -1, dest)
+    w = torch.rand(T, k, generator=gen, dtype=torch.float64).masked_fill(drop, float("nan"))
+    x = torch.randn(T, 5, generator=gen, dtype=torch.float64)
+    plan = build_plan(dest, S)
+    rows = permute(x, plan) * 2 + 1  # stand-in for expert outputs
+    gathered = combine_by_gather(rows, plan, w)
+    torch.testing.assert_close(gathered, combine_by_scatter_add(rows.clone(), plan, w))
+    assert torch.equal(gathered[drop.all(dim=1)], torch.zeros_like(gathered[drop.all(dim=1)]))
+    assert plan.host_counts == tuple(plan.counts.tolist()) and plan.top_k == k
+
+
+def test_combine_rejects_mismatched_inputs() -> None:
+    plan = build_plan(torch.tensor([[0, 1], [1, -1]]), 2)
+    with pytest.raises(ValueError, match="weights must be"):
+        combine(torch.zeros(3, 4), plan, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="rows for a plan of 3"):
+        combine(torch.zeros(4, 4), plan, torch.ones(2, 2))

@@ -146,16 +146,27 @@ def test_importing_expertray_imports_neither_ray_nor_torch() -> None:
 
 
 def test_public_surface() -> None:
+    """The Ray-free part of the surface (a GPU box without Ray runs it); the Ray entry points are checked
+    by test_public_surface_entry_points_come_from_api."""
     import inspect
 
-    from expertray import api, config, errors
+    from expertray import config, errors
 
     assert len(set(expertray.__all__)) == len(expertray.__all__)
     # every error class and every config class is part of the surface
     errors_ = {n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.ExpertRayError)}
     configs = {n for n, c in vars(config).items() if inspect.isclass(c) and n.endswith("Config")}
     assert not (errors_ | configs) - set(expertray.__all__)
-    assert all(getattr(expertray, name) is not None for name in expertray.__all__)
-    assert (expertray.launch, expertray.connect, expertray.Cluster) == (api.launch, api.connect, api.Cluster)
+    assert all(getattr(expertray, name) is not None for name in expertray.__all__
+               if expertray._LAZY.get(name) != "expertray.api")
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         expertray.nope  # noqa: B018
+
+
+@pytest.mark.ray
+def test_public_surface_entry_points_come_from_api() -> None:
+    """The rest of the surface: every name resolves, and the Ray entry points are expertray.api's."""
+    from expertray import api
+
+    assert all(getattr(expertray, name) is not None for name in expertray.__all__)
+    assert (expertray.launch, expertray.connect, expertray.Cluster) == (api.launch, api.connect, api.Cluster)

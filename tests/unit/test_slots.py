@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from expertray.errors import UnknownExpertError
-from expertray.experts import ExpertWeights, grouped_mm_fast, grouped_swiglu, slots_swiglu, swiglu
+from expertray.experts import (
+    GROUPED_MAX_GROUPS,
+    GROUPED_MIN_GROUPS,
+    ExpertWeights,
+    grouped_mm_fast,
+    grouped_swiglu,
+    prefer_grouped,
+    slots_swiglu,
+    swiglu,
+)
 from expertray.slots import SlotStore
 
 D, F = 32, 48
@@ -107,3 +116,26 @@ def test_slot_store_names_a_missing_slot_and_bad_counts() -> None:
         store.compute(1, [2], [1], torch.zeros(1, D))
     with pytest.raises(ValueError, match="counts sum 3 != 2 rows"):
         store.compute(1, [1], [3], torch.zeros(2, D))
+
+
+def test_prefer_grouped_follows_the_number_of_non_empty_groups() -> None:
+    few = [1024] * 8  # Mixtral-like: 8 large experts, the loop won on the H200
+    many = [128] * 256  # DeepSeek-like: 256 small experts, the grouped GEMM won
+    assert not prefer_grouped(few) and prefer_grouped(many)
+    assert not prefer_grouped([0] * 200 + [4] * (GROUPED_MIN_GROUPS - 1))  # empty groups do not count
+    assert prefer_grouped([0] * 200 + [4] * GROUPED_MIN_GROUPS)
+    assert not prefer_grouped([1] * (GROUPED_MAX_GROUPS + 1))  # more groups than the kernel takes
+
+
+def test_slot_store_automatic_choice_runs_the_loop_for_few_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With grouped=None the store asks prefer_grouped per call, on top of the layer's fast-kernel check."""
+    store = _store(torch.device("cpu"), torch.float32, None, [1, 4, 9])
+    store.layer(1).grouped = True  # as on a fast-kernel device
+    calls: list[bool] = []
+    monkeypatch.setattr("expertray.slots.slots_swiglu", lambda *a, grouped: calls.append(grouped) or a[0])
+    rows = torch.randn(10, D, generator=torch.Generator().manual_seed(9))
+    store.compute(1, [4, 9], [6, 4], rows)  # 2 groups: the loop, not the grouped GEMM
+    assert calls == []
+    monkeypatch.setattr("expertray.experts.GROUPED_MIN_GROUPS", 2)
+    store.compute(1, [4, 9], [6, 4], rows)  # now enough groups: one grouped call over the whole stack
+    assert calls == [True]
