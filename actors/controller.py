@@ -33,7 +33,7 @@ from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, ExpertRayError
 from expertray.layer import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.runtime.control import PlacementControl
 from expertray.runtime.weights import load_weights, save_weights
 from expertray.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot

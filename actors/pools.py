@@ -18,7 +18,7 @@ import ray
 
 from expertray.errors import ExpertRayError
 from expertray.layer import MoELayer
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.runtime.control import ExpertKey
 
 

@@ -24,7 +24,7 @@ from expertray.config import ClusterConfig
 from expertray.devices import assigned_device
 from expertray.errors import InputError, TransportError, UnknownExpertError
 from expertray.loadstats import LoadStats, balancedness
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING

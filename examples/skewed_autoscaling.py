@@ -22,8 +22,8 @@ import torch
 
 from expertray.api import init_ray, launch, random_model
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
-from expertray.placement import PlacementTable
-from expertray.traffic import LogitInverter
+from expertray.hidden_from_logits import LogitInverter
+from expertray.placement_table import PlacementTable
 from expertray.workload import Workload, WorkloadConfig
 
 matplotlib.use("Agg")

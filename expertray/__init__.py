@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from expertray.api import Cluster, connect, launch
     from expertray.checkpoint.model import from_pretrained
     from expertray.layer import MoELayer
-    from expertray.placement import PlacementTable
+    from expertray.placement_table import PlacementTable
 
 __version__ = "0.1.0"
 
@@ -42,7 +42,7 @@ _LAZY = {
     "connect": "expertray.api",
     "Cluster": "expertray.api",
     "MoELayer": "expertray.layer",
-    "PlacementTable": "expertray.placement",
+    "PlacementTable": "expertray.placement_table",
     "from_pretrained": "expertray.checkpoint.model",
 }
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError
 from expertray.layer import MoELayer
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.validation import check_hidden, check_layer
 
 NAMESPACE = "expertray"

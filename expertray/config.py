@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from expertray.errors import ConfigError
@@ -273,3 +274,19 @@ class ClusterConfig:
 
 
 _NESTED["ClusterConfig"] = ClusterConfig
+
+
+def load_config(path: str | Path | None) -> ClusterConfig:
+    """A ClusterConfig from a YAML/JSON file (unknown or bad fields are named), or the embedded default."""
+    if path is None:
+        return ClusterConfig()
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc})") from exc
+    cfg = from_dict(ClusterConfig, data or {}, "cluster")
+    check_policy_names(cfg)
+    return cfg

@@ -21,8 +21,8 @@ from rich.table import Table
 
 from expertray.api import Cluster, init_ray, launch, random_model
 from expertray.config import ClusterConfig
+from expertray.hidden_from_logits import LogitInverter
 from expertray.layer import MoELayer
-from expertray.traffic import LogitInverter
 from expertray.workload import Workload, WorkloadConfig
 
 console = Console()
@@ -33,7 +33,7 @@ def _load_table(status: dict, num_layers: int) -> Table:
     t.add_column("layer")
     t.add_column("balancedness")
     t.add_column("tokens per expert (x replicas)")
-    from expertray.placement import PlacementTable
+    from expertray.placement_table import PlacementTable
 
     table = PlacementTable.from_dict(status["table"])
     for layer in range(num_layers):

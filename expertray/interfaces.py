@@ -14,7 +14,7 @@ import torch
 from expertray.capacity import CapacityResult
 from expertray.config import CapacityConfig
 from expertray.gating import GateOutput
-from expertray.placement import LayerRoute
+from expertray.placement_table import LayerRoute
 
 
 class RoutingPolicy(ABC):

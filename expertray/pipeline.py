@@ -17,7 +17,7 @@ from expertray.dispatch import DispatchPlan, build_plan, combine, permute
 from expertray.experts import SharedExpert
 from expertray.gating import GateOutput, GateWeights, gate
 from expertray.interfaces import ReplicaSelector, RoutingPolicy
-from expertray.placement import LayerRoute
+from expertray.placement_table import LayerRoute
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ class ExpertRayIngress:
         import ray
 
         from expertray.api import connect, launch
-        from expertray.cli import load_config
+        from expertray.config import load_config
         from expertray.errors import ConfigError
 
         self.weights = "as loaded by the running expertray cluster"
@@ -224,7 +224,7 @@ class ExpertRayIngress:
 
     @api.get("/v1/experts", summary="Per logical expert: replicas and their actors")
     async def experts(self) -> list[dict[str, Any]]:
-        from expertray.placement import PlacementTable
+        from expertray.placement_table import PlacementTable
 
         table = PlacementTable.from_dict(await self.cluster.controller.get_table.remote())
         return [{"layer": layer, "expert": e, "actors": [s.actor for s in table.replicas(layer, e)]}

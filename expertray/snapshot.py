@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 from expertray.errors import ExpertRayError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 
 FORMAT = "expertray-snapshot"
 VERSION = 1

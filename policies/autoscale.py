@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from expertray.errors import ConfigError, UnknownExpertError, require
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.placement import device_loads
 from expertray.policies.registry import Registry
 

@@ -25,7 +25,7 @@ import torch
 
 from expertray.errors import ConfigError
 from expertray.loadstats import balancedness
-from expertray.placement import PlacementTable, Slot
+from expertray.placement_table import PlacementTable, Slot
 from expertray.policies.registry import Registry
 from expertray.topology import Topology
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertray.errors import ConfigError
-from expertray.placement import PlacementTable, Slot
+from expertray.placement_table import PlacementTable, Slot
 from expertray.policies.placement import PLACEMENT, PlacementPlan, PlacementPolicy, check_inputs, finish_plan
 from expertray.topology import Topology
 

@@ -13,7 +13,7 @@ import torch
 
 from expertray.errors import ConfigError, InputError
 from expertray.interfaces import ReplicaSelector
-from expertray.placement import LayerRoute
+from expertray.placement_table import LayerRoute
 from expertray.policies.registry import Registry
 
 

@@ -31,7 +31,7 @@ from expertray.capacity import CapacityResult, apply_capacity
 from expertray.config import CapacityConfig
 from expertray.errors import ConfigError, InputError, require
 from expertray.gating import GateOutput
-from expertray.placement import LayerRoute
+from expertray.placement_table import LayerRoute
 from expertray.policies.routing import ROUTING, RoutingPolicy
 
 _SCALARS = ("mass_threshold", "entropy_threshold", "widen", "mass_budget", "balance_weight", "max_mass_loss",

@@ -46,7 +46,7 @@ echo "== pytest -m 'not ray' on EXPERTRAY_DEVICE=$EXPERTRAY_DEVICE"
 TEST_RC=${PIPESTATUS[0]}
 
 echo "== expertray bench gpu"
-"$PY" -c "import sys; from expertray.cli import main; sys.argv[0] = 'expertray'; main()" \
+"$PY" -c "import sys; from expertray.cli.main import main; sys.argv[0] = 'expertray'; main()" \
   bench gpu --json --out "$DIR/bench_gpu.json" >"$DIR/bench.log" 2>&1
 BENCH_RC=$?
 tail -5 "$DIR/bench.log"

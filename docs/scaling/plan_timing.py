@@ -14,8 +14,8 @@ import numpy as np
 import expertray.policies.placement as placement
 from expertray.coactivation import Coactivation
 from expertray.policies.placement_balanced import BalancedPlacement
-from expertray.sim import default_slots_per_device
-from expertray.sim_routing import SyntheticRouting
+from expertray.sim.routing import SyntheticRouting
+from expertray.sim.simulator import default_slots_per_device
 from expertray.topology import Topology
 
 EXPERTS = 256

@@ -22,7 +22,7 @@ import typer
 from expertray.api import init_ray, launch, random_model
 from expertray.bench.report import emit, median, quantile
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
-from expertray.traffic import LogitInverter
+from expertray.hidden_from_logits import LogitInverter
 
 
 def _hot_logits(num_tokens: int, num_experts: int, hot: int, skew: float, gen: torch.Generator) -> torch.Tensor:

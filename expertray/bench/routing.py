@@ -31,7 +31,7 @@ from expertray.bench.report import emit, median
 from expertray.config import CapacityConfig, GateConfig
 from expertray.gating import GateOutput, gate_from_logits
 from expertray.loadstats import BATCH_MEASURES, batch_measures
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.routing import ROUTING, RoutingPolicy
 from expertray.policies.routing_laser import LaserRouting
 from expertray.workload import (

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from expertray.errors import ConfigError, ExpertRayError, NoChangeError
-from expertray.placement import PlacementTable, Slot
+from expertray.placement_table import PlacementTable, Slot
 
 log = logging.getLogger(__name__)
 

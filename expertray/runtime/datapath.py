@@ -16,7 +16,7 @@ from expertray.config import MoELayerConfig
 from expertray.experts import ExpertWeights, SharedExpert, swiglu
 from expertray.gating import GateWeights
 from expertray.pipeline import PreparedBatch, ReplicaSelector, RoutingPolicy, finish, prepare
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 
 
 @dataclass

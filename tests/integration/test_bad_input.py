@@ -25,7 +25,7 @@ from expertray.client import free_port
 from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig, from_dict
 from expertray.errors import ConfigError, InputError, OversizeError, UnknownExpertError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.snapshot import SnapshotError, load_snapshot, save_snapshot
 
 pytestmark = pytest.mark.ray
@@ -299,7 +299,7 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("args,needle", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
 def test_cli_rejects_with_exit_2(live, args: list[str], needle: str) -> None:
-    from expertray.cli import app
+    from expertray.cli.main import app
 
     cluster, layers, _ = live
     version = cluster.table().version
@@ -312,7 +312,7 @@ def test_cli_rejects_with_exit_2(live, args: list[str], needle: str) -> None:
 
 
 def test_cli_migrate_from_an_actor_without_the_expert_changes_nothing(live) -> None:
-    from expertray.cli import app
+    from expertray.cli.main import app
 
     cluster, layers, _ = live
     table = cluster.table()
@@ -348,7 +348,7 @@ def test_cli_up_rejects_bad_config_before_starting_anything(monkeypatch, tmp_pat
                                                             needle: str) -> None:
     import expertray.api
     import expertray.localhead
-    from expertray.cli import app
+    from expertray.cli.main import app
 
     started: list[str] = []
     monkeypatch.setattr(expertray.localhead, "start_head", lambda *a, **kw: started.append("ray head"))
@@ -363,7 +363,7 @@ def test_cli_up_rejects_bad_config_before_starting_anything(monkeypatch, tmp_pat
 
 def test_cli_up_missing_config_file(monkeypatch, tmp_path) -> None:
     import expertray.localhead
-    from expertray.cli import app
+    from expertray.cli.main import app
 
     monkeypatch.setattr(expertray.localhead, "start_head", lambda *a, **kw: pytest.fail("started Ray"))
     result = runner.invoke(app, ["up", "--config", str(tmp_path / "missing.yaml")])

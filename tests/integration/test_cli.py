@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from expertray.api import launch, random_model
-from expertray.cli import app
+from expertray.cli.main import app
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 
 pytestmark = pytest.mark.ray

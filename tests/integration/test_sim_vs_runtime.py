@@ -13,7 +13,7 @@ import torch
 
 from expertray.api import launch, random_model
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
-from expertray.sim_traffic import simulate_layer_bytes
+from expertray.sim.traffic import simulate_layer_bytes
 from expertray.topology import Topology
 from expertray.trace import read_trace
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from expertray.errors import ConfigError, UnknownExpertError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.autoscale import AUTOSCALE, Action, Hysteresis, HysteresisParams, Signals
 
 

@@ -16,7 +16,7 @@ from expertray.errors import (
     TransportError,
 )
 from expertray.layer import MoELayer
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits

@@ -31,7 +31,7 @@ def test_bench_gpu_reports_compute_copy_and_router_figures(device: torch.device)
 
 
 def test_bench_gpu_cli_writes_json(tmp_path: Path, device: torch.device) -> None:
-    from expertray.cli import app
+    from expertray.cli.main import app
 
     out = tmp_path / "gpu.json"
     result = CliRunner().invoke(app, ["bench", "gpu", "--small", "--device", str(device), "--repeats", "1",

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from expertray.errors import ExpertRayError, NoChangeError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.runtime.control import PlacementControl
 
 

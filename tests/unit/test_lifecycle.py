@@ -12,7 +12,7 @@ import pytest
 import typer
 
 from expertray import localhead
-from expertray.cli_common import cli_errors
+from expertray.cli.common import cli_errors
 from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, UnknownExpertError
 

@@ -4,7 +4,7 @@
 import pytest
 
 from expertray.errors import ConfigError, UnknownExpertError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 
 
 def _table() -> PlacementTable:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from expertray.data import counts_file
 from expertray.errors import ConfigError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.placement import PLACEMENT, device_loads
 from expertray.topology import Topology
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from expertray.errors import ConfigError, UnknownExpertError
-from expertray.placement import PlacementTable, Slot
+from expertray.placement_table import PlacementTable, Slot
 
 
 def test_balanced_uneven_split_and_route() -> None:

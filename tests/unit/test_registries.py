@@ -27,7 +27,7 @@ from expertray.gating import GateOutput
 from expertray.interfaces import ReplicaSelector, RoutingPolicy
 from expertray.layer import MoELayer
 from expertray.pipeline import prepare
-from expertray.placement import LayerRoute, PlacementTable, Slot
+from expertray.placement_table import LayerRoute, PlacementTable, Slot
 from expertray.policies.autoscale import AUTOSCALE, Action, AutoscalePolicy, Signals
 from expertray.policies.placement import PLACEMENT, PlacementPlan, PlacementPolicy, check_inputs, finish_plan
 from expertray.policies.registry import Registry
@@ -114,7 +114,7 @@ def test_a_new_placement_policy_plans_by_name(scratch: None) -> None:
                                topology, current, expert_bytes)
 
     from expertray.coactivation import Coactivation
-    from expertray.sim import SimConfig, plan_tables
+    from expertray.sim.simulator import SimConfig, plan_tables
 
     counts = Coactivation.empty(2, 4)
     counts.load[:] = 1

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from expertray.errors import ConfigError, InputError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.replica import REPLICA, replica_table
 
 

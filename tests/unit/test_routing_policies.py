@@ -249,7 +249,7 @@ def test_device_aware_laser_rejects_wrong_groups() -> None:
 def test_for_route_hook_prices_per_actor_only_when_device_aware() -> None:
     """The router calls `policy.for_layer(layer).for_route(route)`: the base policy ignores the placement,
     device-aware laser takes each expert's first-replica actor from the live route."""
-    from expertray.placement import PlacementTable
+    from expertray.placement_table import PlacementTable
 
     route = PlacementTable.balanced(1, 8, ["a", "b", "c"]).route(0)
     topk = ROUTING.create("topk")

@@ -11,13 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from expertray.cli import app
+from expertray.cli.main import app
 from expertray.errors import ConfigError, InputError
-from expertray.placement import PlacementTable, Slot
+from expertray.placement_table import PlacementTable, Slot
 from expertray.policies.replica import REPLICA
-from expertray.sim import SimConfig, simulate
-from expertray.sim_routing import SyntheticRouting, TraceRouting
-from expertray.sim_traffic import PlacementArrays, TopologyArrays, link_load, simulate_layer_bytes
+from expertray.sim.routing import SyntheticRouting, TraceRouting
+from expertray.sim.simulator import SimConfig, simulate
+from expertray.sim.traffic import PlacementArrays, TopologyArrays, link_load, simulate_layer_bytes
 from expertray.topology import Links, Topology
 from expertray.trace import TraceWriter, read_trace
 

@@ -3,7 +3,7 @@
 import msgpack
 import pytest
 
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.snapshot import (
     ControllerState,
     SnapshotError,

@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 from expertray.config import GateConfig
 from expertray.errors import InputError, TraceFormatError
 from expertray.gating import gate_from_logits
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.routing import ROUTING
-from expertray.trace import TraceWriter, _TimeBins, analyze, read_trace, replay, write_heatmap
-from expertray.trace_cli import trace_app
+from expertray.trace import TraceWriter, analyze, read_trace, replay, write_heatmap
+from expertray.trace.analysis import _TimeBins
+from expertray.trace.cli import trace_app
 from expertray.workload import Workload, WorkloadConfig
 
 

@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from expertray.cli_common import cli_errors
-from expertray.sim import (
+from expertray.cli.common import cli_errors
+from expertray.sim.routing import GeneratorRouting, RoutingSource, SyntheticRouting, TraceRouting
+from expertray.sim.simulator import (
     DEFAULT_POLICIES,
     SimConfig,
     SimResult,
@@ -20,10 +21,9 @@ from expertray.sim import (
     simulate,
     write_plot,
 )
-from expertray.sim_routing import GeneratorRouting, RoutingSource, SyntheticRouting, TraceRouting
 from expertray.topology import Topology
 from expertray.trace import read_trace
-from expertray.trace_cli import json_object
+from expertray.trace.cli import json_object
 from expertray.workload import WorkloadConfig
 
 

@@ -25,11 +25,12 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from expertray import sim_cli  # noqa: E402
 from expertray.bench.cli import bench_app  # noqa: E402
-from expertray.cli_common import EXIT_USAGE, friendly, progress, say  # noqa: E402
+from expertray.cli.common import EXIT_USAGE, friendly, progress, say  # noqa: E402
+from expertray.config import load_config  # noqa: E402
 from expertray.errors import ConfigError  # noqa: E402
-from expertray.trace_cli import trace_app  # noqa: E402
+from expertray.sim import cli as sim_cli  # noqa: E402
+from expertray.trace.cli import trace_app  # noqa: E402
 
 app = typer.Typer(help="expertray: elastic expert-parallel MoE inference on Ray.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -58,23 +59,6 @@ def _print(doc: Any, as_json: bool, table: Table | None = None) -> None:
         typer.echo(json.dumps(doc, indent=2, default=str))
     else:
         console.print(table)
-
-
-def load_config(path: Path | None):  # noqa: ANN201 - ClusterConfig
-    """A ClusterConfig from a YAML/JSON file (unknown or bad fields are named), or the embedded default."""
-    from expertray.config import ClusterConfig, check_policy_names, from_dict
-
-    if path is None:
-        return ClusterConfig()
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config {path}: cannot read ({exc})") from exc
-    cfg = from_dict(ClusterConfig, data or {}, "cluster")
-    check_policy_names(cfg)
-    return cfg
 
 
 def _connect(address: str | None):  # noqa: ANN202 - expertray.api.Cluster
@@ -247,7 +231,7 @@ def status(address: str | None = ADDRESS, as_json: bool = JSON) -> None:
 def experts(address: str | None = ADDRESS, layer: int | None = typer.Option(None, help="Only this layer."),
             as_json: bool = JSON) -> None:
     """Per logical expert: replicas, the actors holding them, window tokens, share, tokens/s since start."""
-    from expertray.placement import PlacementTable
+    from expertray.placement_table import PlacementTable
     from expertray.validation import check_layer
 
     st = _connect(address).status()
@@ -375,6 +359,3 @@ def demo(seconds: float = typer.Option(20.0, help="How long to serve traffic."),
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

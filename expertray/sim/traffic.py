@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertray.errors import ConfigError, InputError
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.topology import Topology
 
 SELECTORS = ("locality", "round_robin")

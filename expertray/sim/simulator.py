@@ -5,7 +5,7 @@ dispatch and combine times, balancedness (mean / max tokens per device) and memo
 Tokens start evenly on all devices (data-parallel attention, as in DeepSeek's and vLLM's expert parallel
 serving): token t of T on device t · D // T. With origin="follow" a token's next layer starts instead on the
 device that served its first-choice expert and its combine goes there (ExFlow's context-coherent layout),
-which is where consecutive-layer affinity pays. Traffic model: expertray.sim_traffic. Pure numpy, no Ray.
+which is where consecutive-layer affinity pays. Traffic model: expertray.sim.traffic. Pure numpy, no Ray.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import expertray.policies.placement_topology  # noqa: F401  (registers `topology
 from expertray.coactivation import Coactivation
 from expertray.errors import ConfigError
 from expertray.loadstats import balancedness
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.placement import PLACEMENT
-from expertray.sim_routing import RoutingSource, Step
-from expertray.sim_traffic import (
+from expertray.sim.routing import RoutingSource, Step
+from expertray.sim.traffic import (
     DISPATCH_MODES,
     SELECTORS,
     PlacementArrays,

@@ -12,10 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from expertray.cli_common import cli_errors, say
+from expertray.cli.common import cli_errors, say
 from expertray.config import GATING_FAMILIES, CapacityConfig, GateConfig
 from expertray.gating import gate_from_logits
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.trace import TraceWriter, analyze, read_trace, replay, write_heatmap
