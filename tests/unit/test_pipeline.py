@@ -9,7 +9,7 @@ import torch
 from expertray.config import CapacityConfig, GateConfig, MoELayerConfig
 from expertray.gating import GateWeights
 from expertray.pipeline import finish, prepare
-from expertray.placement import PlacementTable
+from expertray.placement_table import PlacementTable
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 
