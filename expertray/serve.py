@@ -47,9 +47,10 @@ from expertray.codec import (
     pack,
     unpack,
 )
-from expertray.config import ClusterConfig
+from expertray.config import ClusterConfig, load_config
 from expertray.errors import (
     BackpressureError,
+    ConfigError,
     ExpertUnavailableError,
     InputError,
     OversizeError,
@@ -153,26 +154,34 @@ def _decode(body: bytes, kind: str) -> np.ndarray:
                                       "target_ongoing_requests": 8})
 @serve.ingress(api)
 class ExpertRayIngress:
-    def __init__(self, max_inflight_tokens: int = 65536) -> None:
+    def __init__(self, max_inflight_tokens: int = 65536, model: str = "", dtype: str = "", config: str = "") -> None:
+        """Attach to the running expertray cluster; with none running, launch one from `config` (path; else
+        $EXPERTRAY_CONFIG, else the default) serving checkpoint `model` (a Hugging Face directory) in `dtype`,
+        or random weights when no model is given (said in a log line and in /healthz)."""
         import ray
 
         from expertray.api import connect, launch
-        from expertray.config import load_config
-        from expertray.errors import ConfigError
 
         self.weights = "as loaded by the running expertray cluster"
         try:
             self.cluster = connect(None)
         except ConfigError:
-            path = os.environ.get("EXPERTRAY_CONFIG")
+            path = config or os.environ.get("EXPERTRAY_CONFIG")
             free = ray.available_resources().get("CPU", 0.0)
-            cfg = fit_to_cpus(load_config(Path(path) if path else None), free,
-                              reserve_cpus=(INGRESS_MAX_REPLICAS - 1) * INGRESS_NUM_CPUS)
-            self.weights = f"random (seed {cfg.seed}): no expertray cluster was running, this ingress launched one"
-            log.warning("no expertray cluster running: launching one from %s with RANDOM weights (seed %d), "
-                        "%g CPU per expert actor and %g per router (%.2f CPUs free); start your cluster first "
-                        "(`expertray up`, expertray.launch) to serve real weights", path or "the default config",
-                        cfg.seed, cfg.actor_num_cpus, cfg.router_num_cpus, free)
+            cfg = load_config(Path(path) if path else None)
+            if model or dtype:
+                cfg = dataclasses.replace(cfg, model=model or cfg.model, dtype=dtype or cfg.dtype)
+            cfg = fit_to_cpus(cfg, free, reserve_cpus=(INGRESS_MAX_REPLICAS - 1) * INGRESS_NUM_CPUS)
+            if cfg.model:
+                self.weights = f"checkpoint {cfg.model} ({cfg.dtype}), launched by this ingress"
+                log.warning("no expertray cluster running: launching one serving %s", cfg.model)
+            else:
+                self.weights = (f"random (seed {cfg.seed}): no expertray cluster was running, this ingress "
+                                "launched one")
+                log.warning("no expertray cluster running: launching one from %s with RANDOM weights (seed %d), "
+                            "%g CPU per expert actor and %g per router (%.2f CPUs free); start your cluster "
+                            "first (`expertray up`, expertray.launch) or pass model=PATH to serve real weights",
+                            path or "the default config", cfg.seed, cfg.actor_num_cpus, cfg.router_num_cpus, free)
             self.cluster = launch(cfg)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.max_inflight_tokens = max_inflight_tokens
@@ -243,7 +252,26 @@ class ExpertRayIngress:
                                          "rejected": rejected_counts()}})
 
 
-app = ExpertRayIngress.bind()
+APP_ARGS = ("model", "dtype", "config", "max_inflight_tokens")
+
+
+def app(args: dict[str, str] | None = None) -> serve.Application:
+    """The Serve application builder: `serve run expertray.serve:app [model=PATH] [dtype=bfloat16]
+    [config=cluster.yaml] [max_inflight_tokens=N]`, or `args:` under the application in a Serve config file.
+    Unknown keys are refused by name."""
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(APP_ARGS))
+    if unknown:
+        raise ConfigError(f"expertray.serve:app: unknown argument(s) {', '.join(unknown)} "
+                          f"(accepted: {', '.join(APP_ARGS)})")
+    kwargs: dict[str, Any] = {k: str(v) for k, v in args.items() if k != "max_inflight_tokens"}
+    if "max_inflight_tokens" in args:
+        try:
+            kwargs["max_inflight_tokens"] = int(args["max_inflight_tokens"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"expertray.serve:app: max_inflight_tokens must be an integer, got "
+                              f"{args['max_inflight_tokens']!r}") from None
+    return ExpertRayIngress.bind(**kwargs)
 
 
 def run_app(port: int = 8000, host: str = "127.0.0.1", name: str = "expertray", quiet: bool = False,

@@ -67,6 +67,14 @@ def _connect(address: str | None):  # noqa: ANN202 - expertray.api.Cluster
     return connect(address)
 
 
+def _with_overrides(cfg: Any, **fields: Any) -> Any:
+    """`cfg` with the command-line options that were given (None = keep the config's value), re-validated."""
+    import dataclasses
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
+
+
 # --- cluster lifecycle ----------------------------------------------------------------------------------
 def _head_cpus(cfg: Any) -> float:
     """Logical CPUs for the local head: the machine's, or enough for every actor and router plus one for
@@ -84,11 +92,16 @@ def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON)
                                                                   "`serve deploy` talks to)."),
        address: str | None = typer.Option(None, "--address", help="Launch on this existing Ray cluster "
                                                                   "(HOST:PORT) instead of starting a head."),
+       model: str | None = typer.Option(None, "--model", help="Serve this Hugging Face checkpoint directory "
+                                                                "(config.json + *.safetensors)."),
+       dtype: str | None = typer.Option(None, "--dtype", help="Serving dtype: bfloat16 | float16 | float32 | "
+                                                                "auto (the checkpoint's)."),
+       actors: int | None = typer.Option(None, "--actors", min=1, help="Number of expert actors."),
        as_json: bool = JSON) -> None:
     """Start a local Ray head (127.0.0.1) and an expertray cluster on it, or launch one on --address."""
     from expertray import localhead
 
-    cfg = load_config(config)
+    cfg = _with_overrides(load_config(config), model=model, dtype=dtype, num_expert_actors=actors)
     state = localhead.read_state()
     if state is not None:
         if state.pid is None or localhead.is_running(state):
@@ -343,6 +356,39 @@ def load(seconds: float = typer.Option(10.0, min=0.0, help="How long to send tra
     _print(summary, True)
     if summary["errors"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def generate(model: str = typer.Option(..., "--model", help="Hugging Face checkpoint directory."),
+             prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (needs the checkpoint's "
+                                                                       "tokenizer files)."),
+             prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma-separated "
+                                                                               "(for checkpoints without a tokenizer)."),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+             dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 | auto."),
+             actors: int | None = typer.Option(None, "--actors", min=1, help="Number of expert actors."),
+             in_process: bool = typer.Option(False, "--in-process", help="Run the MoE layers in this process "
+                                                                         "(no Ray) instead of on a new cluster."),
+             as_json: bool = JSON) -> None:
+    """Greedy generation end to end with a checkpoint's MoE layers on a new cluster; prints tokens/s."""
+    from expertray.checkpoint.generate import generate as run_generate
+
+    ids = None
+    if prompt_ids is not None:
+        try:
+            ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    options = {k: v for k, v in {"dtype": dtype, "num_expert_actors": actors}.items() if v is not None}
+    with progress(f"loading {model} and generating {max_new_tokens} tokens"):
+        result = run_generate(model, prompt=prompt, prompt_ids=ids, max_new_tokens=max_new_tokens,
+                              backend="in_process" if in_process else "ray", **options)
+    if as_json:
+        _print({"prompt_ids": result.prompt_ids, "new_ids": result.new_ids, "text": result.text,
+                "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "dtype": result.dtype}, True)
+    else:
+        typer.echo(result.summary())
 
 
 @app.command()
