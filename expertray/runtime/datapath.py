@@ -6,6 +6,7 @@ The RouterActor's `run_batch` is this function plus bookkeeping; tests run it wi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,6 +26,18 @@ class LayerParams:
 
     gate: GateWeights
     shared: SharedExpert | None
+
+    def to(self, device: torch.device) -> LayerParams:
+        """The same parameters on `device` (once, when a router starts on its GPU): gate math then runs
+        where the hidden states are."""
+        return LayerParams(_tensors_to(self.gate, device), None if self.shared is None
+                           else _tensors_to(self.shared, device))
+
+
+def _tensors_to(obj: Any, device: torch.device) -> Any:
+    """A copy of dataclass `obj` with every tensor field moved to `device` (None fields stay None)."""
+    return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+                                       if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
 class Exchange(Protocol):
