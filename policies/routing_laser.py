@@ -191,13 +191,11 @@ class LaserRouting(RoutingPolicy):
             mass_left -= chunk_mass
             mean = float(group_load.mean())
             p = self._pairs(g[c], out_usable[c], mass[c], guard[c], group_load, k, m)
-            if self.balance_weight is None and s == 0:
-                # the level the whole batch can reach, estimated from the first chunk's pairs as a sample of
-                # the batch's; no later chunk fills a destination above it (it would become the next peak)
-                scale = n / p.cost.shape[0]
-                ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, budget, scale=scale)[1]
             if self.balance_weight is None:
-                take = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling)[0]
+                # first chunk: the level the whole batch can reach, estimated from its pairs as a sample of the
+                # batch's; no later chunk fills a destination above it (it would become the next peak)
+                whole = (budget, n / p.cost.shape[0]) if s == 0 else None
+                take, ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling, whole)
                 take &= (p.cost * take).cumsum(dim=1) <= guard[c]
             else:
                 take = _take_priced(p.price, p.ok, p.src, p.dst, group_load, mean).cumprod(dim=1).bool()
@@ -275,19 +273,20 @@ def _take_priced(price: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: 
 
 def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
                 group_load: torch.Tensor, mean: float, budget: float, ceiling: float = math.inf,
-                scale: float = 1.0) -> tuple[torch.Tensor, float]:
-    """([n, m] bool, level): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
+                whole: tuple[float, float] | None = None) -> tuple[torch.Tensor, float]:
+    """([n, m] bool, ceiling): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
     bring every group down to the lowest level the budget pays for: each group above the level gives up its
     cheapest ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the
     mean and the peak of group_load [G] that fits; destinations take pairs while they stay at or below both
     the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
-    later chunks must bring down again). With `scale` s > 1 the pairs stand for s times as many (a sample):
-    only the level is meaningful then."""
+    later chunks must bring down again). With `whole` = (batch budget, s) the ceiling is first found from
+    these pairs standing for s times as many (a sample of the batch's), from the same sorted pairs; the
+    ceiling used is returned."""
     take = torch.zeros(ok.numel(), dtype=torch.bool)
     src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
     pairs = (ok.reshape(-1) & (_lookup(group_load, src) >= mean + 1)).nonzero().squeeze(1)
     if pairs.numel() == 0:
-        return take.view_as(ok), mean
+        return take.view_as(ok), (mean if whole is not None else ceiling)
     key = (_lookup(src, pairs) << 32) | _lookup(cost, pairs).view(torch.int32).long()  # by group, then cheapest
     order = _lookup(pairs, key.sort().indices)
     src_o, dst_o = _lookup(src, order), _lookup(dst, order)
@@ -298,17 +297,25 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
     levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64).unsqueeze(1)
-    moves = torch.minimum((group_load - levels).ceil().clamp_min(0), available * scale)
-    sampled = (moves / scale).ceil().long()  # the sample's cheapest pairs standing for them
-    room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
-    fits = ((_lookup(spent, start + sampled) - _lookup(spent, start)).sum(dim=1) * scale <= budget) \
-        & (moves.sum(dim=1) <= room)
-    first = int(fits.to(torch.int8).argmax())
-    level = float(levels[first])
-    sel = (torch.arange(order.numel()) - _lookup(start, src_o)) < _lookup(sampled[first], src_o)
-    room_left = min(level, ceiling) - _lookup(group_load, dst_o)
+    excess = (group_load - levels).ceil().clamp_min(0)
+    base = _lookup(spent, start)
+
+    def level(budget: float, ceiling: float, scale: float) -> tuple[float, torch.Tensor]:
+        """The lowest fitting level and the [G] pairs each group gives up there."""
+        moves = torch.minimum(excess, available * scale)
+        sampled = (moves / scale).ceil().long().minimum(available)  # the sample's cheapest pairs standing for them
+        room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
+        fits = ((_lookup(spent, start + sampled) - base).sum(dim=1) * scale <= budget) & (moves.sum(dim=1) <= room)
+        first = int(fits.to(torch.int8).argmax())
+        return float(levels[first]), sampled[first]
+
+    if whole is not None:
+        ceiling = level(whole[0], math.inf, whole[1])[0]
+    at, sampled = level(budget, ceiling, 1.0)
+    sel = (torch.arange(order.numel()) - _lookup(start, src_o)) < _lookup(sampled, src_o)
+    room_left = min(at, ceiling) - _lookup(group_load, dst_o)
     take.index_copy_(0, order, sel & (_rank_within(torch.where(sel, dst_o, -1)) < room_left))
-    return take.view_as(ok), level
+    return take.view_as(ok), ceiling
 
 
 def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
