@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from expertray.capacity import CapacityResult, apply_capacity
@@ -281,41 +282,64 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
     later chunks must bring down again). With `whole` = (batch budget, s) the ceiling is first found from
     these pairs standing for s times as many (a sample of the batch's), from the same sorted pairs; the
-    ceiling used is returned."""
-    take = torch.zeros(ok.numel(), dtype=torch.bool)
-    src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
-    pairs = (ok.reshape(-1) & (_lookup(group_load, src) >= mean + 1)).nonzero().squeeze(1)
-    if pairs.numel() == 0:
-        return take.view_as(ok), (mean if whole is not None else ceiling)
-    key = (_lookup(src, pairs) << 32) | _lookup(cost, pairs).view(torch.int32).long()  # by group, then cheapest
-    order = _lookup(pairs, key.sort().indices)
-    src_o, dst_o = _lookup(src, order), _lookup(dst, order)
-    available = torch.bincount(src_o, minlength=group_load.numel())
-    start = available.cumsum(0) - available
-    spent = torch.cat([torch.zeros(1, dtype=torch.float64), _lookup(cost, order).double().cumsum(0)])
-    receives = torch.zeros(group_load.numel(), dtype=torch.float64).index_fill_(0, dst_o, 1.0)
+    ceiling used is returned.
+
+    The per-pair steps run in numpy (one call per step on a few thousand entries costs a fraction of torch's);
+    the level grid stays in torch."""
+    G = group_load.numel()
+    load = group_load.numpy()
+    src_n, dst_n = src.reshape(-1).numpy(), dst.reshape(-1).numpy()
+    cost_n = cost.reshape(-1).clamp_min(0).numpy()
+    take = np.zeros(ok.numel(), dtype=bool)
+    pairs = np.flatnonzero(ok.reshape(-1).numpy() & (load.take(src_n) >= mean + 1))
+    if pairs.size == 0:
+        return torch.from_numpy(take).view(ok.shape), (mean if whole is not None else ceiling)
+    # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
+    key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
+    order = pairs.take(np.argsort(key, kind="stable"))
+    src_o, dst_o = src_n.take(order), dst_n.take(order)
+    available_n = np.bincount(src_o, minlength=G)
+    start_n = available_n.cumsum() - available_n
+    spent_n = np.concatenate([np.zeros(1), cost_n.take(order).astype(np.float64).cumsum()])
+    receives = torch.zeros(G, dtype=torch.float64)
+    receives.numpy()[dst_o] = 1.0
+    available, start, spent = torch.from_numpy(available_n), torch.from_numpy(start_n), torch.from_numpy(spent_n)
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
-    levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64).unsqueeze(1)
+    levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1)
     excess = (group_load - levels).ceil().clamp_min(0)
-    base = _lookup(spent, start)
+    base = spent_n.take(start_n)
 
-    def level(budget: float, ceiling: float, scale: float) -> tuple[float, torch.Tensor]:
+    def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
         """The lowest fitting level and the [G] pairs each group gives up there."""
         moves = torch.minimum(excess, available * scale)
         sampled = (moves / scale).ceil().long().minimum(available)  # the sample's cheapest pairs standing for them
         room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
-        fits = ((_lookup(spent, start + sampled) - base).sum(dim=1) * scale <= budget) & (moves.sum(dim=1) <= room)
+        given = _lookup(spent, start + sampled) - torch.from_numpy(base)
+        fits = (given.sum(dim=1) * scale <= budget) & (moves.sum(dim=1) <= room)
         first = int(fits.to(torch.int8).argmax())
-        return float(levels[first]), sampled[first]
+        return float(levels[first]), sampled[first].numpy()
 
     if whole is not None:
         ceiling = level(whole[0], math.inf, whole[1])[0]
     at, sampled = level(budget, ceiling, 1.0)
-    sel = (torch.arange(order.numel()) - _lookup(start, src_o)) < _lookup(sampled, src_o)
-    room_left = min(at, ceiling) - _lookup(group_load, dst_o)
-    take.index_copy_(0, order, sel & (_rank_within(torch.where(sel, dst_o, -1)) < room_left))
-    return take.view_as(ok), ceiling
+    sel = (np.arange(order.size) - start_n.take(src_o)) < sampled.take(src_o)
+    room_left = min(at, ceiling) - load.take(dst_o)
+    take[order] = sel & (_rank_within_np(np.where(sel, dst_o, -1)) < room_left)
+    return torch.from_numpy(take).view(ok.shape), ceiling
+
+
+def _rank_within_np(ids: np.ndarray) -> np.ndarray:
+    """[N] for each entry of ids [N] (small ints), how many earlier entries have the same id."""
+    order = np.argsort(ids.astype(np.int16) if ids.size and ids.max() < 2 ** 15 else ids, kind="stable")
+    sorted_ids = ids.take(order)
+    first = np.arange(ids.size)
+    new = np.ones(ids.size, dtype=bool)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    start = np.maximum.accumulate(np.where(new, first, 0))
+    out = np.empty_like(first)
+    out[order] = first - start
+    return out
 
 
 def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
