@@ -144,19 +144,18 @@ class LaserRouting(RoutingPolicy):
         usable = torch.isfinite(gate.scores.gather(1, cand[:, k:]))
         mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)
         if idx.numel() < T:
-            usable, mass, cand = usable[idx], mass[idx], cand[idx]
+            usable, mass, cand = usable.index_select(0, idx), mass.index_select(0, idx), cand.index_select(0, idx)
         groups = torch.arange(E) if self.expert_groups is None else torch.tensor(self.expert_groups, dtype=torch.long)
         chosen = self._place(cand, usable, mass, k, load, groups, budget)
         pos = _first_true(chosen, k)  # ascending positions keep the choice best first
         changed = chosen[:, k:].any(dim=1, keepdim=True)
-        top_weights = gate.weights if idx.numel() == T else gate.weights[idx]
+        top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
         new_weights = torch.where(changed, _renormalised(top_weights, mass[:, :k], mass.gather(1, pos)), top_weights)
         if idx.numel() == T:
             experts, weights = cand.gather(1, pos), new_weights
         else:
-            experts, weights = gate.experts.clone(), gate.weights.clone()
-            experts[idx] = cand.gather(1, pos)
-            weights[idx] = new_weights
+            experts = gate.experts.index_copy(0, idx, cand.gather(1, pos))
+            weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
     def _place(self, cand: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, k: int, load: torch.Tensor,
@@ -217,8 +216,12 @@ class LaserRouting(RoutingPolicy):
         rel = _lookup((group_load / group_load.mean()).to(torch.float32), g)
         in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
         if self.balance_weight is None:
+            # usable candidates below the mean first, then the rest, each in score order (a stable partition)
             order = torch.arange(K - k).expand(n, K - k)
-            out_pos = torch.where(out_usable & (rel[:, k:] < 1), order, K + order).sort(dim=1).indices
+            below = out_usable & (rel[:, k:] < 1)
+            before = below.cumsum(dim=1)
+            rank = torch.where(below, before - 1, before[:, -1:] + order - before)
+            out_pos = torch.empty(n, K - k, dtype=torch.long).scatter_(1, rank, order)
             out_rel = rel[:, k:].gather(1, out_pos).masked_fill(~out_usable.gather(1, out_pos), math.inf)
         else:
             out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
@@ -296,7 +299,7 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
         return torch.from_numpy(take).view(ok.shape), (mean if whole is not None else ceiling)
     # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
     key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
-    order = pairs.take(np.argsort(key, kind="stable"))
+    order = pairs.take(torch.from_numpy(key).sort(stable=True).indices.numpy())  # torch's sort is the faster
     src_o, dst_o = src_n.take(order), dst_n.take(order)
     available_n = np.bincount(src_o, minlength=G)
     start_n = available_n.cumsum() - available_n
@@ -379,8 +382,8 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
     if float(scores.amin()) < 0:  # negative floats order backwards as ints: flip their magnitude bits
         raw = raw ^ ((raw >> 31) & 0x7FFFFFFF)
     low = (1 << bits) - 1
-    keys = (raw & ~low) | (E - 1 - torch.arange(E, dtype=torch.int32))
-    keys = keys.scatter(1, exclude, torch.iinfo(torch.int32).min)
+    keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32))
+    keys.scatter_(1, exclude, torch.iinfo(torch.int32).min)
     out = torch.empty(scores.shape[0], n, dtype=torch.long)
     for j in range(n):
         best = keys.amax(dim=1, keepdim=True)
