@@ -287,8 +287,7 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     these pairs standing for s times as many (a sample of the batch's), from the same sorted pairs; the
     ceiling used is returned.
 
-    The per-pair steps run in numpy (one call per step on a few thousand entries costs a fraction of torch's);
-    the level grid stays in torch."""
+    Runs in numpy (calls on a few thousand entries cost a fraction of torch's), bit for bit as in torch."""
     G = group_load.numel()
     load = group_load.numpy()
     src_n, dst_n = src.reshape(-1).numpy(), dst.reshape(-1).numpy()
@@ -301,32 +300,35 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
     order = pairs.take(torch.from_numpy(key).sort(stable=True).indices.numpy())  # torch's sort is the faster
     src_o, dst_o = src_n.take(order), dst_n.take(order)
-    available_n = np.bincount(src_o, minlength=G)
-    start_n = available_n.cumsum() - available_n
-    spent_n = np.concatenate([np.zeros(1), cost_n.take(order).astype(np.float64).cumsum()])
-    receives = torch.zeros(G, dtype=torch.float64)
-    receives.numpy()[dst_o] = 1.0
-    available, start, spent = torch.from_numpy(available_n), torch.from_numpy(start_n), torch.from_numpy(spent_n)
+    available = np.bincount(src_o, minlength=G)
+    start = available.cumsum() - available
+    spent = np.concatenate([np.zeros(1), cost_n.take(order).astype(np.float64).cumsum()])
+    receives = np.zeros(G)
+    receives[dst_o] = 1.0
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
-    levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1)
-    excess = (group_load - levels).ceil().clamp_min(0)
-    base = spent_n.take(start_n)
+    # Sums over groups run in torch (its summation order is the reference).
+    levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1).numpy()
+    excess = np.maximum(np.ceil(load - levels), 0)
+    base = spent.take(start)
+    available_f = available.astype(np.float32)
+
+    def row_sums(x: np.ndarray) -> np.ndarray:
+        return torch.from_numpy(x).sum(dim=1).numpy()
 
     def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
         """The lowest fitting level and the [G] pairs each group gives up there."""
-        moves = torch.minimum(excess, available * scale)
-        sampled = (moves / scale).ceil().long().minimum(available)  # the sample's cheapest pairs standing for them
-        room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
-        given = _lookup(spent, start + sampled) - torch.from_numpy(base)
-        fits = (given.sum(dim=1) * scale <= budget) & (moves.sum(dim=1) <= room)
-        first = int(fits.to(torch.int8).argmax())
-        return float(levels[first]), sampled[first].numpy()
+        moves = np.minimum(excess, available_f * np.float32(scale))  # float32 products, as torch's
+        sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available)  # the sample's cheapest pairs
+        room = row_sums(np.maximum(np.minimum(levels, ceiling) - load, 0) * receives)
+        fits = (row_sums(spent.take(start + sampled) - base) * scale <= budget) & (row_sums(moves) <= room)
+        first = int(fits.argmax())
+        return float(levels[first, 0]), sampled[first]
 
     if whole is not None:
         ceiling = level(whole[0], math.inf, whole[1])[0]
     at, sampled = level(budget, ceiling, 1.0)
-    sel = (np.arange(order.size) - start_n.take(src_o)) < sampled.take(src_o)
+    sel = (np.arange(order.size) - start.take(src_o)) < sampled.take(src_o)
     room_left = min(at, ceiling) - load.take(dst_o)
     take[order] = sel & (_rank_within_np(np.where(sel, dst_o, -1)) < room_left)
     return torch.from_numpy(take).view(ok.shape), ceiling
