@@ -1,4 +1,4 @@
-"""Reference (test only): `laser` routing as it was before the vectorised chunk loop, kept verbatim so
+"""Reference (test only): `laser` routing as it was before its chunk steps moved to numpy, kept verbatim so
 tests can pin the current implementation to its decisions bit for bit. One change: `_take_level` caps the
 sampled pairs at those available (float rounding of moves / scale could index past them and raise).
 

@@ -1,14 +1,14 @@
-"""laser's vectorised chunk loop makes exactly the decisions of the reference loop (laser_reference.py)."""
+"""laser makes exactly the decisions of its previous implementation (laser_reference.py), bit for bit."""
 
 import pytest
 import torch
+from laser_reference import LaserRouting as ReferenceLaser
 
 from expertray.capacity import CapacityResult
 from expertray.config import CapacityConfig, GateConfig
 from expertray.gating import gate_from_logits
 from expertray.policies.routing import ROUTING
 from expertray.workload import HotspotTraffic, TopicalTraffic, Workload, WorkloadConfig
-from laser_reference import LaserRouting as ReferenceLaser
 
 DROPLESS = CapacityConfig(overflow="dropless")
 SHAPES = {"olmoe": (GateConfig("qwen_moe", 64, 8, normalize=False), 8),
