@@ -215,22 +215,24 @@ class LaserRouting(RoutingPolicy):
         n, K = g.shape
         rel = _lookup((group_load / group_load.mean()).to(torch.float32), g)
         in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
+        in_rel, in_pos = in_rel[:, :m], in_pos[:, :m]
+        price = None
         if self.balance_weight is None:
             # usable candidates below the mean first, then the rest, each in score order (a stable partition)
             order = torch.arange(K - k).expand(n, K - k)
             below = out_usable & (rel[:, k:] < 1)
             before = below.cumsum(dim=1)
             rank = torch.where(below, before - 1, before[:, -1:] + order - before)
-            out_pos = torch.empty(n, K - k, dtype=torch.long).scatter_(1, rank, order)
-            out_rel = rel[:, k:].gather(1, out_pos).masked_fill(~out_usable.gather(1, out_pos), math.inf)
+            out_pos = torch.empty(n, K - k, dtype=torch.long).scatter_(1, rank, order)[:, :m]
+            # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
+            ahead = out_usable.gather(1, out_pos) & (in_rel > rel[:, k:].gather(1, out_pos))
+            out_pos = out_pos + k
+            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
+            ok = ahead & (cost <= guard)
         else:
             out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
-        in_pos, out_pos, gap = in_pos[:, :m], out_pos[:, :m] + k, in_rel[:, :m] - out_rel[:, :m]
-        cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
-        price = None
-        if self.balance_weight is None:
-            ok = (gap > 0) & (cost <= guard)
-        else:
+            out_pos, gap = out_pos[:, :m] + k, in_rel - out_rel[:, :m]
+            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
             unit = mass[:, :k].sum(dim=1, keepdim=True) / k  # the token's average top-k expert mass
             price = torch.where(gap > 0, cost.clamp_min(0) / (unit * gap.clamp_min(1e-12)), math.inf)
             price = price.cummax(dim=1).values  # pair j only after pairs 1..j-1
