@@ -13,7 +13,8 @@ applied to the new choice as `apply_capacity` would.
 
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
 every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
-k chosen, w = widen, G groups (devices).
+k chosen, w = widen, G groups (devices). CPU tensors: the chunk steps on a few thousand entries run in numpy,
+where one call costs a fraction of torch's (the sums whose order matters stay in torch).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class LaserRouting(RoutingPolicy):
         idx = flat.nonzero().squeeze(1)
         if idx.numel() == 0 or (self.balance_weight is None and self.mass_budget == 0):
             return apply_capacity(gate, capacity)
+        if gate.probs.device.type != "cpu":
+            raise InputError(f"routing.laser moves tokens on CPU tensors (its chunk steps run in numpy); the gate "
+                             f"output is on {gate.probs.device}")
         # The projected load: every token's top-k demand; swaps update it as they are taken.
         load += torch.bincount(gate.experts.reshape(-1), minlength=E).to(load.dtype)
         top_probs = gate.probs.gather(1, gate.experts)
