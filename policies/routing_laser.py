@@ -13,7 +13,8 @@ applied to the new choice as `apply_capacity` would.
 
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
 every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
-k chosen, w = widen, G groups (devices).
+k chosen, w = widen, G groups (devices). CPU tensors: the chunk steps on a few thousand entries run in numpy,
+where one call costs a fraction of torch's (the sums whose order matters stay in torch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from expertray.capacity import CapacityResult, apply_capacity
@@ -133,6 +135,9 @@ class LaserRouting(RoutingPolicy):
         idx = flat.nonzero().squeeze(1)
         if idx.numel() == 0 or (self.balance_weight is None and self.mass_budget == 0):
             return apply_capacity(gate, capacity)
+        if gate.probs.device.type != "cpu":
+            raise InputError(f"routing.laser moves tokens on CPU tensors (its chunk steps run in numpy); the gate "
+                             f"output is on {gate.probs.device}")
         # The projected load: every token's top-k demand; swaps update it as they are taken.
         load += torch.bincount(gate.experts.reshape(-1), minlength=E).to(load.dtype)
         top_probs = gate.probs.gather(1, gate.experts)
@@ -143,19 +148,18 @@ class LaserRouting(RoutingPolicy):
         usable = torch.isfinite(gate.scores.gather(1, cand[:, k:]))
         mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)
         if idx.numel() < T:
-            usable, mass, cand = usable[idx], mass[idx], cand[idx]
+            usable, mass, cand = usable.index_select(0, idx), mass.index_select(0, idx), cand.index_select(0, idx)
         groups = torch.arange(E) if self.expert_groups is None else torch.tensor(self.expert_groups, dtype=torch.long)
         chosen = self._place(cand, usable, mass, k, load, groups, budget)
         pos = _first_true(chosen, k)  # ascending positions keep the choice best first
         changed = chosen[:, k:].any(dim=1, keepdim=True)
-        top_weights = gate.weights if idx.numel() == T else gate.weights[idx]
+        top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
         new_weights = torch.where(changed, _renormalised(top_weights, mass[:, :k], mass.gather(1, pos)), top_weights)
         if idx.numel() == T:
             experts, weights = cand.gather(1, pos), new_weights
         else:
-            experts, weights = gate.experts.clone(), gate.weights.clone()
-            experts[idx] = cand.gather(1, pos)
-            weights[idx] = new_weights
+            experts = gate.experts.index_copy(0, idx, cand.gather(1, pos))
+            weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
     def _place(self, cand: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, k: int, load: torch.Tensor,
@@ -191,13 +195,11 @@ class LaserRouting(RoutingPolicy):
             mass_left -= chunk_mass
             mean = float(group_load.mean())
             p = self._pairs(g[c], out_usable[c], mass[c], guard[c], group_load, k, m)
-            if self.balance_weight is None and s == 0:
-                # the level the whole batch can reach, estimated from the first chunk's pairs as a sample of
-                # the batch's; no later chunk fills a destination above it (it would become the next peak)
-                scale = n / p.cost.shape[0]
-                ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, budget, scale=scale)[1]
             if self.balance_weight is None:
-                take = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling)[0]
+                # first chunk: the level the whole batch can reach, estimated from its pairs as a sample of the
+                # batch's; no later chunk fills a destination above it (it would become the next peak)
+                whole = (budget, n / p.cost.shape[0]) if s == 0 else None
+                take, ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling, whole)
                 take &= (p.cost * take).cumsum(dim=1) <= guard[c]
             else:
                 take = _take_priced(p.price, p.ok, p.src, p.dst, group_load, mean).cumprod(dim=1).bool()
@@ -217,18 +219,24 @@ class LaserRouting(RoutingPolicy):
         n, K = g.shape
         rel = _lookup((group_load / group_load.mean()).to(torch.float32), g)
         in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
-        if self.balance_weight is None:
-            order = torch.arange(K - k).expand(n, K - k)
-            out_pos = torch.where(out_usable & (rel[:, k:] < 1), order, K + order).sort(dim=1).indices
-            out_rel = rel[:, k:].gather(1, out_pos).masked_fill(~out_usable.gather(1, out_pos), math.inf)
-        else:
-            out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
-        in_pos, out_pos, gap = in_pos[:, :m], out_pos[:, :m] + k, in_rel[:, :m] - out_rel[:, :m]
-        cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
+        in_rel, in_pos = in_rel[:, :m], in_pos[:, :m]
         price = None
         if self.balance_weight is None:
-            ok = (gap > 0) & (cost <= guard)
+            # usable candidates below the mean first, then the rest, each in score order (a stable partition)
+            order = torch.arange(K - k).expand(n, K - k)
+            below = out_usable & (rel[:, k:] < 1)
+            before = below.cumsum(dim=1)
+            rank = torch.where(below, before - 1, before[:, -1:] + order - before)
+            out_pos = torch.empty(n, K - k, dtype=torch.long).scatter_(1, rank, order)[:, :m]
+            # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
+            ahead = out_usable.gather(1, out_pos) & (in_rel > rel[:, k:].gather(1, out_pos))
+            out_pos = out_pos + k
+            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
+            ok = ahead & (cost <= guard)
         else:
+            out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
+            out_pos, gap = out_pos[:, :m] + k, in_rel - out_rel[:, :m]
+            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
             unit = mass[:, :k].sum(dim=1, keepdim=True) / k  # the token's average top-k expert mass
             price = torch.where(gap > 0, cost.clamp_min(0) / (unit * gap.clamp_min(1e-12)), math.inf)
             price = price.cummax(dim=1).values  # pair j only after pairs 1..j-1
@@ -275,40 +283,74 @@ def _take_priced(price: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: 
 
 def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
                 group_load: torch.Tensor, mean: float, budget: float, ceiling: float = math.inf,
-                scale: float = 1.0) -> tuple[torch.Tensor, float]:
-    """([n, m] bool, level): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
+                whole: tuple[float, float] | None = None) -> tuple[torch.Tensor, float]:
+    """([n, m] bool, ceiling): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
     bring every group down to the lowest level the budget pays for: each group above the level gives up its
     cheapest ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the
     mean and the peak of group_load [G] that fits; destinations take pairs while they stay at or below both
     the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
-    later chunks must bring down again). With `scale` s > 1 the pairs stand for s times as many (a sample):
-    only the level is meaningful then."""
-    take = torch.zeros(ok.numel(), dtype=torch.bool)
-    src, dst, cost = src.reshape(-1), dst.reshape(-1), cost.reshape(-1).clamp_min(0)
-    pairs = (ok.reshape(-1) & (_lookup(group_load, src) >= mean + 1)).nonzero().squeeze(1)
-    if pairs.numel() == 0:
-        return take.view_as(ok), mean
-    key = (_lookup(src, pairs) << 32) | _lookup(cost, pairs).view(torch.int32).long()  # by group, then cheapest
-    order = _lookup(pairs, key.sort().indices)
-    src_o, dst_o = _lookup(src, order), _lookup(dst, order)
-    available = torch.bincount(src_o, minlength=group_load.numel())
-    start = available.cumsum(0) - available
-    spent = torch.cat([torch.zeros(1, dtype=torch.float64), _lookup(cost, order).double().cumsum(0)])
-    receives = torch.zeros(group_load.numel(), dtype=torch.float64).index_fill_(0, dst_o, 1.0)
+    later chunks must bring down again). With `whole` = (batch budget, s) the ceiling is first found from
+    these pairs standing for s times as many (a sample of the batch's), from the same sorted pairs; the
+    ceiling used is returned.
+
+    Runs in numpy (calls on a few thousand entries cost a fraction of torch's), bit for bit as in torch."""
+    G = group_load.numel()
+    load = group_load.numpy()
+    src_n, dst_n = src.reshape(-1).numpy(), dst.reshape(-1).numpy()
+    cost_n = cost.reshape(-1).clamp_min(0).numpy()
+    take = np.zeros(ok.numel(), dtype=bool)
+    pairs = np.flatnonzero(ok.reshape(-1).numpy() & (load.take(src_n) >= mean + 1))
+    if pairs.size == 0:
+        return torch.from_numpy(take).view(ok.shape), (mean if whole is not None else ceiling)
+    # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
+    key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
+    order = pairs.take(torch.from_numpy(key).sort(stable=True).indices.numpy())  # torch's sort is the faster
+    src_o, dst_o = src_n.take(order), dst_n.take(order)
+    available = np.bincount(src_o, minlength=G)
+    start = available.cumsum() - available
+    spent = np.concatenate([np.zeros(1), cost_n.take(order).astype(np.float64).cumsum()])
+    receives = np.zeros(G)
+    receives[dst_o] = 1.0
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
-    levels = torch.linspace(mean, float(group_load.max()), 257, dtype=torch.float64).unsqueeze(1)
-    moves = torch.minimum((group_load - levels).ceil().clamp_min(0), available * scale)
-    sampled = (moves / scale).ceil().long()  # the sample's cheapest pairs standing for them
-    room = ((levels.clamp_max(ceiling) - group_load).clamp_min(0) * receives).sum(dim=1)
-    fits = ((_lookup(spent, start + sampled) - _lookup(spent, start)).sum(dim=1) * scale <= budget) \
-        & (moves.sum(dim=1) <= room)
-    first = int(fits.to(torch.int8).argmax())
-    level = float(levels[first])
-    sel = (torch.arange(order.numel()) - _lookup(start, src_o)) < _lookup(sampled[first], src_o)
-    room_left = min(level, ceiling) - _lookup(group_load, dst_o)
-    take.index_copy_(0, order, sel & (_rank_within(torch.where(sel, dst_o, -1)) < room_left))
-    return take.view_as(ok), level
+    # Sums over groups run in torch (its summation order is the reference).
+    levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1).numpy()
+    excess = np.maximum(np.ceil(load - levels), 0)
+    base = spent.take(start)
+    available_f = available.astype(np.float32)
+
+    def row_sums(x: np.ndarray) -> np.ndarray:
+        return torch.from_numpy(x).sum(dim=1).numpy()
+
+    def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
+        """The lowest fitting level and the [G] pairs each group gives up there."""
+        moves = np.minimum(excess, available_f * np.float32(scale))  # float32 products, as torch's
+        sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available)  # the sample's cheapest pairs
+        room = row_sums(np.maximum(np.minimum(levels, ceiling) - load, 0) * receives)
+        fits = (row_sums(spent.take(start + sampled) - base) * scale <= budget) & (row_sums(moves) <= room)
+        first = int(fits.argmax())
+        return float(levels[first, 0]), sampled[first]
+
+    if whole is not None:
+        ceiling = level(whole[0], math.inf, whole[1])[0]
+    at, sampled = level(budget, ceiling, 1.0)
+    sel = (np.arange(order.size) - start.take(src_o)) < sampled.take(src_o)
+    room_left = min(at, ceiling) - load.take(dst_o)
+    take[order] = sel & (_rank_within_np(np.where(sel, dst_o, -1)) < room_left)
+    return torch.from_numpy(take).view(ok.shape), ceiling
+
+
+def _rank_within_np(ids: np.ndarray) -> np.ndarray:
+    """[N] for each entry of ids [N] (small ints), how many earlier entries have the same id."""
+    order = np.argsort(ids.astype(np.int16) if ids.size and ids.max() < 2 ** 15 else ids, kind="stable")
+    sorted_ids = ids.take(order)
+    first = np.arange(ids.size)
+    new = np.ones(ids.size, dtype=bool)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    start = np.maximum.accumulate(np.where(new, first, 0))
+    out = np.empty_like(first)
+    out[order] = first - start
+    return out
 
 
 def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -348,8 +390,8 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
     if float(scores.amin()) < 0:  # negative floats order backwards as ints: flip their magnitude bits
         raw = raw ^ ((raw >> 31) & 0x7FFFFFFF)
     low = (1 << bits) - 1
-    keys = (raw & ~low) | (E - 1 - torch.arange(E, dtype=torch.int32))
-    keys = keys.scatter(1, exclude, torch.iinfo(torch.int32).min)
+    keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32))
+    keys.scatter_(1, exclude, torch.iinfo(torch.int32).min)
     out = torch.empty(scores.shape[0], n, dtype=torch.long)
     for j in range(n):
         best = keys.amax(dim=1, keepdim=True)

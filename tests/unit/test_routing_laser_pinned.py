@@ -1,0 +1,72 @@
+"""laser makes exactly the decisions of its previous implementation (laser_reference.py), bit for bit."""
+
+import pytest
+import torch
+from laser_reference import LaserRouting as ReferenceLaser
+
+from expertray.capacity import CapacityResult
+from expertray.config import CapacityConfig, GateConfig
+from expertray.gating import gate_from_logits
+from expertray.policies.routing import ROUTING
+from expertray.workload import HotspotTraffic, TopicalTraffic, Workload, WorkloadConfig
+
+DROPLESS = CapacityConfig(overflow="dropless")
+SHAPES = {"olmoe": (GateConfig("qwen_moe", 64, 8, normalize=False), 8),
+          "mixtral": (GateConfig("mixtral", 8, 2, normalize=True), 8),
+          "qwen3": (GateConfig("qwen_moe", 128, 8, normalize=True), 16),
+          "deepseek_v3": (GateConfig("deepseek_v3", 256, 8, normalize=True, num_groups=8, topk_groups=4,
+                                     routed_scaling_factor=2.5), 32)}
+
+
+def _logits(family: str, E: int, seed: int, tokens: int, temperature: float) -> torch.Tensor:
+    if family == "zipf":
+        cfg = WorkloadConfig(num_experts=E, tokens_per_batch=tokens, temperature=temperature, seed=seed)
+        return Workload(cfg).batch(0).logits
+    traffic = TopicalTraffic(E, seed=seed) if family == "topical" else HotspotTraffic(E, hot=max(1, E // 16), seed=seed)
+    return traffic.logits(seed, tokens, temperature)
+
+
+def _same(new: CapacityResult, ref: CapacityResult) -> None:
+    assert torch.equal(new.experts, ref.experts)
+    assert torch.equal(new.weights, ref.weights)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize(("family", "seed", "temperature"),
+                         [("zipf", 0, 2.0), ("zipf", 3, 1.0), ("topical", 1, 2.0), ("hotspot", 2, 1.0),
+                          ("zipf", 5, 0.5)])
+def test_device_aware_defaults_match_the_reference(shape: str, family: str, seed: int, temperature: float) -> None:
+    cfg, devices = SHAPES[shape]
+    E = cfg.num_experts
+    groups = tuple(e * devices // E for e in range(E))
+    gate = gate_from_logits(_logits(family, E, seed, 3000, temperature), cfg)
+    new = ROUTING.create("laser", expert_groups=groups).route(gate, DROPLESS)
+    _same(new, ReferenceLaser(expert_groups=groups).route(gate, DROPLESS))
+
+
+@pytest.mark.parametrize("params", [{}, {"mass_budget": 0.12}, {"mass_budget": 0.005}, {"chunk_tokens": 257},
+                                    {"chunk_tokens": 5000}, {"balance_weight": 0.35}, {"widen": 1},
+                                    {"max_mass_loss": 0.05}, {"entropy_threshold": 0.9, "mass_threshold": 0.7}])
+@pytest.mark.parametrize("device_aware", [False, True])
+def test_parameters_and_prior_load_match_the_reference(params: dict[str, object], device_aware: bool) -> None:
+    cfg, devices = SHAPES["olmoe"]
+    E = cfg.num_experts
+    gate = gate_from_logits(_logits("zipf", E, 11, 2500, 2.0), cfg)
+    if device_aware:
+        params = {**params, "expert_groups": tuple((7 * e) % devices for e in range(E))}
+    prior = torch.arange(E, dtype=torch.float32).flip(0) * 3
+    for load in (None, prior):
+        new = ROUTING.create("laser", **params).route(gate, DROPLESS, expert_load=load)
+        _same(new, ReferenceLaser(**params).route(gate, DROPLESS, expert_load=load))
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 1024, 1025])
+def test_small_and_odd_batches_match_the_reference(tokens: int) -> None:
+    cfg, devices = SHAPES["mixtral"]
+    groups = tuple(range(cfg.num_experts))
+    gate = gate_from_logits(_logits("zipf", cfg.num_experts, 4, tokens, 2.0), cfg)
+    cap = CapacityConfig(factor=1.0, min_capacity=0, overflow="drop")
+    new = ROUTING.create("laser", expert_groups=groups).route(gate, cap)
+    ref = ReferenceLaser(expert_groups=groups).route(gate, cap)
+    _same(new, ref)
+    assert new.num_dropped == ref.num_dropped
