@@ -24,6 +24,7 @@ import torch
 from expertray.config import MoELayerConfig
 from expertray.devices import assigned_device, device_identity, synchronize
 from expertray.exchange import Group, from_host_array, join, member_exchange, to_host_array
+from expertray.runtime.weights import read_slots
 from expertray.slots import ExpertKey, SlotStore
 
 log = logging.getLogger(__name__)
@@ -78,33 +79,14 @@ class ExpertActor:
 
     def load_checkpoint(self, descriptor: dict[str, Any], dtype: str, keys: list[ExpertKey]) -> int:
         """Read the slots `keys` from the checkpoint `descriptor` (CheckpointDescriptor.to_dict) in `dtype`
-        straight from its shards; returns bytes held. One layer at a time, in chunks of ≤ CHUNK_BYTES copied
-        into that layer's preallocated stack, so the peak is the slots plus one chunk (and its mmap pages)."""
+        straight from its shards (runtime.weights.read_slots: peak memory is the slots plus one chunk of
+        ≤ CHUNK_BYTES); returns bytes held."""
         from expertray.checkpoint.source import cached_source
 
         source = cached_source(descriptor, dtype)
         if source.dtype != self.dtype:
             raise ValueError(f"actor {self.actor_id} serves {self.dtype} but was asked to load {dtype} slots")
-        by_layer: dict[int, list[int]] = {}
-        for layer, expert in keys:
-            by_layer.setdefault(int(layer), []).append(int(expert))
-        per_slot = max(1, source.slot_bytes(1))
-        chunk = max(1, CHUNK_BYTES // per_slot)
-        for layer, experts in sorted(by_layer.items()):
-            experts = sorted(set(experts))
-            stacks: list[torch.Tensor | None] = [None] * 4
-            for start in range(0, len(experts), chunk):
-                part = experts[start:start + chunk]
-                weights, biases = source.experts([(layer, e) for e in part])
-                got = (weights.gate_up, weights.down) + ((biases.gate_up, biases.down) if biases else (None, None))
-                for i, t in enumerate(got):
-                    if t is None:
-                        continue
-                    if stacks[i] is None:
-                        stacks[i] = torch.empty((len(experts), *t.shape[1:]), dtype=self.dtype, device=self.device)
-                    stacks[i][start:start + len(part)].copy_(t)
-                del weights, biases, got
-            self._slots.add_stacked(layer, experts, *stacks)
+        read_slots(source, keys, self._slots, CHUNK_BYTES)
         return self.memory_bytes()
 
     def unload(self, keys: list[ExpertKey]) -> int:

@@ -32,6 +32,7 @@ from expertray.expert_math import ExpertBiases
 from expertray.experts import ExpertWeights, SharedExpert
 from expertray.gating import GateWeights
 from expertray.layer import MoELayer
+from expertray.slots import SlotStore
 from expertray.snapshot import SnapshotError
 
 
@@ -54,6 +55,33 @@ def expert_blob(layers: list[MoELayer], keys: list[tuple[int, int]], dtype: str)
 
     return {"dtype": dtype, "slots": {(layer, e): [to_host_array(t.to(getattr(torch, dtype)).contiguous())[0]
                                                    for t in rows(layers[layer], e)] for layer, e in keys}}
+
+
+def read_slots(source: Any, keys: list[tuple[int, int]], store: SlotStore, chunk_bytes: int) -> None:
+    """Add the slots `keys` to `store`, read from WeightSource `source` (which must serve the store's dtype).
+
+    One layer at a time: that layer's stacks (gate_up [S, 2F, D], down [S, D, F], biases) are allocated
+    once on the store's device and filled in chunks of ≤ chunk_bytes read from the shards, then adopted by
+    the store without another copy; so the peak is the slots plus one chunk (and the chunk's mmap pages)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in keys:
+        by_layer.setdefault(int(layer), []).append(int(expert))
+    chunk = max(1, chunk_bytes // max(1, source.slot_bytes(1)))
+    for layer, experts in sorted(by_layer.items()):
+        experts = sorted(set(experts))
+        stacks: list[torch.Tensor | None] = [None] * 4
+        for start in range(0, len(experts), chunk):
+            part = experts[start:start + chunk]
+            weights, biases = source.experts([(layer, e) for e in part])
+            got = (weights.gate_up, weights.down) + ((biases.gate_up, biases.down) if biases else (None, None))
+            for i, t in enumerate(got):
+                if t is None:
+                    continue
+                if stacks[i] is None:
+                    stacks[i] = torch.empty((len(experts), *t.shape[1:]), dtype=store.dtype, device=store.device)
+                stacks[i][start:start + len(part)].copy_(t)
+            del weights, biases, got
+        store.add_stacked(layer, experts, *stacks)
 
 
 def router_params(descriptor: dict[str, Any], dtype: str) -> list[Any]:
