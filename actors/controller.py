@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -550,7 +551,7 @@ class Controller:
                 "expert_bytes_held": self._held_expert_bytes()}
 
     def info(self) -> dict[str, Any]:
-        return {**self._health(), "version": self.table.version, "detached": self.detached,
+        return {**self._health(), "version": self.table.version, "detached": self.detached, "pid": os.getpid(),
                 "metrics_port": self.metrics_port}
 
     def get_table(self) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class ExpertActor:
         self.dtype = getattr(torch, dtype)
         self._slots = SlotStore(actor_id, self.device, self.dtype, layer_cfg=layer_cfg)
         self._empty_rss_kib = _rss_kib("VmRSS")  # before any weight: what the process costs by itself
+        self._load_s = 0.0  # time spent reading slots from the checkpoint
         self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
         self._slowdown = 1.0
@@ -83,10 +84,12 @@ class ExpertActor:
         ≤ CHUNK_BYTES); returns bytes held."""
         from expertray.checkpoint.source import cached_source
 
+        t0 = time.perf_counter()
         source = cached_source(descriptor, dtype)
         if source.dtype != self.dtype:
             raise ValueError(f"actor {self.actor_id} serves {self.dtype} but was asked to load {dtype} slots")
         read_slots(source, keys, self._slots, CHUNK_BYTES)
+        self._load_s += time.perf_counter() - t0
         return self.memory_bytes()
 
     def unload(self, keys: list[ExpertKey]) -> int:
@@ -175,7 +178,7 @@ class ExpertActor:
                     "ms_per_krow_p50": per_krow[len(per_krow) // 2] if per_krow else 0.0,
                     "memory_bytes": self.memory_bytes(), "slots": len(self._slots.keys()),
                     "rss_kib": _rss_kib("VmRSS"), "peak_rss_kib": _rss_kib("VmHWM"),
-                    "empty_rss_kib": self._empty_rss_kib,
+                    "empty_rss_kib": self._empty_rss_kib, "checkpoint_load_s": self._load_s,
                     "slowdown": self._slowdown}
 
     def set_slowdown(self, factor: float) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from typing import Any
@@ -229,7 +230,7 @@ class RouterActor:
                    "balancedness": balancedness(torch.from_numpy(per_actor[layer])),
                    "expert_tokens_total": self.expert_tokens[layer].tolist(),
                    "drop_rate": self.stats_.window_drop_rate(layer)} for layer in range(self.cfg.num_layers)]
-        return {"router": self.router_id, "table_version": self.table.version,
+        return {"router": self.router_id, "pid": os.getpid(), "table_version": self.table.version,
                 "uptime_s": time.time() - self.started_at,
                 "tokens_per_s": self.token_rate.rate(time.monotonic()),
                 "transport": self.transport.name if self.transport else None, **self.counters,
