@@ -61,27 +61,35 @@ def read_slots(source: Any, keys: list[tuple[int, int]], store: SlotStore, chunk
     """Add the slots `keys` to `store`, read from WeightSource `source` (which must serve the store's dtype).
 
     One layer at a time: that layer's stacks (gate_up [S, 2F, D], down [S, D, F], biases) are allocated
-    once on the store's device and filled in chunks of ≤ chunk_bytes read from the shards, then adopted by
-    the store without another copy; so the peak is the slots plus one chunk (and the chunk's mmap pages)."""
+    once on the store's device and filled in chunks of ≤ chunk_bytes read from the shards (on the CPU
+    straight out of the mmap into the stacks), then adopted by the store without another copy; so the peak
+    is the slots plus one chunk's mmap pages (plus one chunk on a GPU, staged through the host)."""
+    cfg = source.layer_config
+    D, F = cfg.d_model, cfg.d_ff
     by_layer: dict[int, list[int]] = {}
     for layer, expert in keys:
         by_layer.setdefault(int(layer), []).append(int(expert))
     chunk = max(1, chunk_bytes // max(1, source.slot_bytes(1)))
+    on_host = store.device.type == "cpu"
     for layer, experts in sorted(by_layer.items()):
         experts = sorted(set(experts))
-        stacks: list[torch.Tensor | None] = [None] * 4
-        for start in range(0, len(experts), chunk):
-            part = experts[start:start + chunk]
-            weights, biases = source.experts([(layer, e) for e in part])
-            got = (weights.gate_up, weights.down) + ((biases.gate_up, biases.down) if biases else (None, None))
-            for i, t in enumerate(got):
-                if t is None:
-                    continue
-                if stacks[i] is None:
-                    stacks[i] = torch.empty((len(experts), *t.shape[1:]), dtype=store.dtype, device=store.device)
-                stacks[i][start:start + len(part)].copy_(t)
-            del weights, biases, got
-        store.add_stacked(layer, experts, *stacks)
+        S = len(experts)
+        gate_up = torch.empty(S, 2 * F, D, dtype=store.dtype, device=store.device)
+        down = torch.empty(S, D, F, dtype=store.dtype, device=store.device)
+        biases = (torch.empty(S, 2 * F, dtype=store.dtype, device=store.device),
+                  torch.empty(S, D, dtype=store.dtype, device=store.device)) if cfg.expert_bias else (None, None)
+        for start in range(0, S, chunk):
+            part = slice(start, min(S, start + chunk))
+            out = ExpertWeights(gate_up[part], down[part]) if on_host else None
+            weights, bias = source.experts([(layer, e) for e in experts[part]], out)
+            if not on_host:
+                gate_up[part].copy_(weights.gate_up)
+                down[part].copy_(weights.down)
+            if bias is not None:
+                biases[0][part].copy_(bias.gate_up)
+                biases[1][part].copy_(bias.down)
+            del weights, bias
+        store.add_stacked(layer, experts, gate_up, down, *biases)
 
 
 def router_params(descriptor: dict[str, Any], dtype: str) -> list[Any]:

@@ -6,14 +6,17 @@ serving identical outputs."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from expertray.api import _wire
-from expertray.checkpoint.model import from_pretrained
+from expertray.api import _wire, launch
+from expertray.checkpoint.model import cluster_config, from_pretrained
+from expertray.checkpoint.source import WeightSource
 from expertray.checkpoint.synthetic import write_tiny_checkpoint
+from expertray.snapshot import load_controller_snapshot
 
 tf = pytest.importorskip("transformers")
 pytestmark = pytest.mark.ray
@@ -122,5 +125,50 @@ def test_slots_created_after_start_serve_identical_outputs(ray_session, tmp_path
         assert status["controller"]["expert_bytes_held"] == 0
         for x, y in zip(before, _outputs(cluster, xs)):
             torch.testing.assert_close(y, x)  # replicas may split an expert's rows: fp32 rounding
+    finally:
+        cluster.shutdown()
+
+
+def _until(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def _info(cluster):
+    try:
+        return ray.get(cluster.controller.info.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - restarting
+        return None
+
+
+def test_restarted_controller_serves_the_checkpoint_its_snapshot_records(ray_session, tmp_path) -> None:
+    """The snapshot records the checkpoint (path, shard digests), never weights; a restarted controller heals
+    a dead actor whose experts have no other replica by having the new actor re-read the checkpoint."""
+    path = write_tiny_checkpoint("mixtral", tmp_path / "mixtral", seed=7)
+    snapshot = tmp_path / "snap.msgpack"
+    cfg = cluster_config(str(path), num_expert_actors=2, actor_num_cpus=0.25, router_num_cpus=0.25, max_wait_ms=1.0,
+                         transport="object_store", metrics_port=-1, ping_timeout_s=2.0, snapshot_path=str(snapshot))
+    source = WeightSource.open(str(path))
+    ref = [source.layer(layer) for layer in range(source.num_layers)]
+    cluster = launch(cfg, detached=True)
+    try:
+        xs = [torch.randn(12, cfg.layer.d_model, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        for layer, x in enumerate(xs):
+            torch.testing.assert_close(cluster.forward(layer, x), ref[layer](x), atol=1e-5, rtol=0)
+        recorded = load_controller_snapshot(snapshot)[1].checkpoint
+        assert recorded["path"] == str(path.resolve()) and recorded["shards"]
+        ray.kill(cluster.controller, no_restart=False)
+        info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
+        assert info["weights"] == "checkpoint" and not info["degraded"] and info["expert_bytes_held"] == 0
+        assert not (Path(info["state_dir"]) / "weights.safetensors").exists()  # no weight store written
+        ray.kill(ray.get_actor("expertray-expert-0", namespace="expertray"), no_restart=True)
+        for layer, x in enumerate(xs):  # requests wait for the heal, then get the same answers
+            torch.testing.assert_close(cluster.forward(layer, x), ref[layer](x), atol=1e-5, rtol=0)
+        assert "expert-0" not in cluster.table().actors
     finally:
         cluster.shutdown()
