@@ -88,18 +88,39 @@ def _peak_kib(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no VmHWM")
 
 
-def read_baseline(path: str) -> dict[str, float]:
-    """Read every shard of `path` with safetensors' load_file in this process and copy each tensor into
-    memory of its own (load_file's tensors may be lazy views of the mmap; the actors copy into their slot
-    stacks the same way): seconds and bytes."""
+def read_baseline(path: str, repeats: int = 3) -> dict[str, float]:
+    """In this process, alternately: read every shard of `path` with safetensors' load_file, copying each
+    tensor into memory of its own and keeping it (load_file's tensors are lazy views of the mmap), and
+    read every
+    expert slot with expertray's reader (runtime.weights.read_slots, what an expert actor runs). Median
+    seconds of each over `repeats`, and the bytes each read."""
     from safetensors.torch import load_file
 
-    t0 = time.perf_counter()
+    from expertray.checkpoint.files import describe
+    from expertray.checkpoint.source import WeightSource
+    from expertray.runtime.weights import read_slots
+    from expertray.slots import SlotStore
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    source = WeightSource(describe(path), "auto")
+    cfg = source.layer_config
+    keys = [(layer, e) for layer in range(source.num_layers) for e in range(cfg.num_experts)]
+    safetensors_s, reader_s = [], []
     nbytes = 0
-    for f in sorted(Path(path).glob("*.safetensors")):
-        for t in load_file(str(f)).values():
-            nbytes += t.clone().numel() * t.element_size()
-    return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        held = [t.clone() for f in files for t in load_file(str(f)).values()]  # kept, as slots are
+        safetensors_s.append(time.perf_counter() - t0)
+        nbytes = sum(t.numel() * t.element_size() for t in held)
+        del held
+        t0 = time.perf_counter()
+        store = SlotStore("bench", torch.device("cpu"), source.dtype, layer_cfg=cfg)
+        read_slots(source, keys, store, 64 << 20)
+        reader_s.append(time.perf_counter() - t0)
+        slot_bytes = store.nbytes()
+        del store
+    return {"seconds": median(safetensors_s), "bytes": nbytes, "reader_seconds": median(reader_s),
+            "reader_bytes": slot_bytes}
 
 
 def serve_once(path: str, dtype: str, actors: int, tokens: int, repeats: int) -> dict[str, Any]:
@@ -174,8 +195,11 @@ def run(d_model: int = 1024, small_d_ff: int = 512, large_d_ff: int = 5376, expe
                                     repeats=repeats)
             slowest_load = max(a["checkpoint_load_s"] for a in served["actors"].values())
             baseline_bps = baseline["bytes"] / baseline["seconds"]
+            reader_bps = baseline["reader_bytes"] / baseline["reader_seconds"]
             sizes[name] = {"d_ff": d_ff, "disk_bytes": disk, "expert_bytes": expert_bytes,
-                           "safetensors_one_process": {**baseline, "bytes_per_s": baseline_bps},
+                           "safetensors_one_process": {**baseline, "bytes_per_s": baseline_bps,
+                                                       "reader_bytes_per_s": reader_bps},
+                           "reader_over_safetensors": reader_bps / baseline_bps,
                            "actor_load_bytes_per_s": expert_bytes / slowest_load,
                            "actor_load_over_baseline": expert_bytes / slowest_load / baseline_bps,
                            "launch_to_first_answer_bytes_per_s": expert_bytes / served["launch_to_first_answer_s"],
@@ -229,7 +253,9 @@ def cli(d_model: int = 1024, small_d_ff: int = 512, large_d_ff: int = 5376, expe
     for n in ("small", "large"):
         s = r["sizes"][n]
         rows += [[f"{n}: disk GB", s["disk_bytes"] / 1e9], [f"{n}: launch → first answer s", s["launch_to_first_answer_s"]],
-                 [f"{n}: actor load / safetensors throughput", s["actor_load_over_baseline"]],
+                 [f"{n}: expertray reader / safetensors throughput, one process",
+                  s["reader_over_safetensors"]],
+                 [f"{n}: cluster actors' load (all actors) / safetensors throughput", s["actor_load_over_baseline"]],
                  [f"{n}: launch / safetensors throughput", s["launch_over_baseline"]],
                  [f"{n}: max actor peak RSS / slot bytes (after load)",
                   max(r["actor_peak_rss_over_slot_bytes"][n]["after_load"].values())],
