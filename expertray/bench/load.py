@@ -136,6 +136,7 @@ def serve_once(path: str, dtype: str, actors: int, tokens: int, repeats: int) ->
                         max_wait_ms=0.0, control_timeout_s=600.0, request_timeout_s=600.0, metrics_port=-1)
     t0 = time.perf_counter()
     cluster = launch(cfg, detached=False)
+    launch_s = time.perf_counter() - t0
     try:
         D, wdtype = cluster.cfg.layer.d_model, getattr(torch, cluster.cfg.dtype)
         cluster.forward(0, torch.randn(1, D).to(wdtype))
@@ -153,7 +154,7 @@ def serve_once(path: str, dtype: str, actors: int, tokens: int, repeats: int) ->
                           "empty_rss_bytes": s["empty_rss_kib"] * 1024, "checkpoint_load_s": s["checkpoint_load_s"]}
                       for a, s in status["actors"].items()}
         result = {
-            "dtype": cluster.cfg.dtype, "launch_to_first_answer_s": first_s,
+            "dtype": cluster.cfg.dtype, "launch_s": launch_s, "launch_to_first_answer_s": first_s,
             "driver_peak_rss_bytes": _peak_kib(os.getpid()) * 1024,
             "controller_peak_rss_bytes": _peak_kib(info["pid"]) * 1024,
             "controller_expert_bytes_held": info["expert_bytes_held"],
