@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from expertray.checkpoint.files import CheckpointDescriptor
+from expertray.checkpoint.files import CheckpointDescriptor, describe
 from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError, UnknownExpertError
 from expertray.exchange import from_host_array, to_host_array
@@ -205,7 +205,6 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
 
     check_policy_names(cfg)
     if cfg.model:
-        from expertray.checkpoint.files import describe
         from expertray.checkpoint.model import checkpoint_cluster_config
 
         if layers is not None:
@@ -229,8 +228,8 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     opts: dict[str, Any] = {"name": CONTROLLER, "namespace": NAMESPACE, "num_cpus": 0}
     if detached:  # survives the driver; restarted by Ray on failure (state restored from the snapshot)
         opts.update(lifetime="detached", max_restarts=-1)
-    # the constructor gets only the config, so Ray can re-run it on a restart; the weights go to start(),
-    # which persists them (safetensors) in the cluster's state directory for that restart
+    # the constructor gets only the config, so Ray can re-run it on a restart; the weights (or the checkpoint's
+    # descriptor) go to start(), which persists them in the cluster's state directory for that restart
     controller = Controller.options(**opts).remote(cfg, detached)
     try:
         ray.get(controller.start.remote(*start_args))
