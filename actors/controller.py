@@ -52,6 +52,7 @@ NAMESPACE = "expertray"
 CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
 LIVENESS_INTERVAL_S = 2.0
 LIVENESS_BACKOFF_MAX_S = 30.0
+CHECKPOINT_MIN_READ_BPS = 100e6  # an actor reading its slots slower than this (bytes/s) counts as hung
 
 
 def default_state_dir() -> Path:
@@ -94,16 +95,19 @@ class _Actors:
 
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
         handle, ctl = self.ctl.handles[actor], self.ctl
+        timeout_s = ctl.cfg.control_timeout_s
         if source is not None:
             call = handle.load.remote(ctl.handles[source].export.remote(keys))
         elif ctl.checkpoint:  # no live replica: the actor re-reads the checkpoint itself
             call = handle.load_checkpoint.remote(ctl.checkpoint, ctl.dtype, keys)
+            # a large share of a large checkpoint takes longer than a control call: allow for the bytes
+            timeout_s += ctl._expert_bytes() * len(keys) / CHECKPOINT_MIN_READ_BPS
         elif ctl.layers is not None:
             call = handle.load.remote(ray.put(expert_blob(ctl.layers, keys, ctl.dtype)))
         else:
             raise ExpertRayError(f"experts {keys} have no live replica and the weight store is unavailable "
                                  f"({ctl.weights_error}); relaunch the cluster with its weights")
-        await _bounded(call, ctl.cfg.control_timeout_s, f"loading {len(keys)} expert(s) into {actor}")
+        await _bounded(call, timeout_s, f"loading {len(keys)} expert(s) into {actor}")
 
     async def unload(self, actor: str, keys: list[ExpertKey]) -> None:
         await _bounded(self.ctl.handles[actor].unload.remote(keys), self.ctl.cfg.control_timeout_s,
