@@ -2,12 +2,18 @@
 
 It creates expert actors and routers, implements the control logic's ActorPool / RouterPool with actor
 handles (every call bounded: `ping_timeout_s` for pings and stats, `control_timeout_s` for loads and table
-switches), persists its snapshot (table + typed state) and weight store (safetensors) in a per-cluster
-state directory, and runs the metrics, liveness and autoscale loops.
+switches), persists its snapshot (table + typed state) in a per-cluster state directory, and runs the
+metrics, liveness and autoscale loops.
 
-Restart: the constructor takes only the config, so Ray can re-run it; `start(layers)` hands over the
-weights once. A restarted controller reloads the snapshot and weight store from the state directory and
-re-attaches to its detached routers and actors. A bad snapshot is reported loudly (log + `status()`'s
+Weights (expertray/runtime/weights.py): a checkpoint cluster (`cfg.model`) is started with the checkpoint's
+descriptor only; the controller never holds a routed expert: actors read their slots from the shards,
+routers their gates and shared experts, and the snapshot records the descriptor. A random-weight cluster
+is started with its layers, which the controller keeps as its weight store (safetensors, next to the
+snapshot).
+
+Restart: the constructor takes only the config, so Ray can re-run it; `start(...)` hands over the
+weights (or descriptor) once. A restarted controller reloads the snapshot (and weight store) from the state
+directory and re-attaches to its detached routers and actors. A bad snapshot is reported loudly (log + `status()`'s
 `controller.snapshot_error`) and the state is rebuilt from what is running: routers found by name tell the
 table they serve, actors are found by name, so serving and healing go on.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import time
 import warnings
@@ -25,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from expertray.actors.expert import ExpertActor
-from expertray.actors.pools import RayActorPool, RayRouterPool, bounded, default_state_dir, expert_blob
+from expertray.actors.pools import RayActorPool, RayRouterPool, bounded, default_state_dir
 from expertray.actors.router import LayerParams, RouterActor
 from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, ExpertRayError
@@ -35,7 +43,7 @@ from expertray.layer import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
 from expertray.placement_table import PlacementTable
 from expertray.runtime.control import PlacementControl
-from expertray.runtime.weights import load_weights, save_weights
+from expertray.runtime.weights import load_weights, save_weights, serving_dtype
 from expertray.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -54,7 +62,9 @@ class Controller:
         self.state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir()
         self.snapshot_path = Path(cfg.snapshot_path) if cfg.snapshot_path else self.state_dir / "snapshot.msgpack"
         self.weights_path = self.state_dir / "weights.safetensors"
-        self.layers: list[MoELayer] | None = None  # the weight store, when no live replica holds an expert
+        self.dtype = serving_dtype(cfg)
+        self.checkpoint: dict[str, Any] = {}  # the served checkpoint's descriptor (checkpoint clusters)
+        self.layers: list[MoELayer] | None = None  # random-weight clusters' weight store
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
@@ -91,7 +101,7 @@ class Controller:
         if self.autoscaler is not None:
             autoscaler.update(policy=self.cfg.autoscale_policy, state=self.autoscaler.export_state(time.monotonic()))
         state = ControllerState(self.next_actor, tuple(self.routers), self.next_router, self.transport,
-                                tuple(self.control.history[-200:]), autoscaler)
+                                tuple(self.control.history[-200:]), autoscaler, self.checkpoint)
         try:
             save_snapshot(self.snapshot_path, self.control.table, state)
         except OSError as exc:  # serving goes on; a restart would then find an older snapshot
@@ -99,30 +109,55 @@ class Controller:
             log.error("controller: %s", self.snapshot_error)
 
     def _restore(self) -> None:
-        """After a restart: weight store, snapshot (or, if it is bad, what is running), re-attach, resume."""
+        """After a restart: snapshot (or, if it is bad, what is running), the checkpoint it names or the weight
+        store, re-attach, resume."""
         self.restored = True
-        try:
-            self.layers = load_weights(self.weights_path, self.cfg.layer, self.cfg.num_layers)
-        except SnapshotError as exc:
-            self.weights_error = str(exc)
-            log.error("controller restart: weight store unusable: %s (experts with no live replica cannot be "
-                      "restored)", exc)
+        if not self.cfg.model:
+            try:
+                self.layers = load_weights(self.weights_path, self.cfg.layer, self.cfg.num_layers)
+            except SnapshotError as exc:
+                self.weights_error = str(exc)
+                log.error("controller restart: weight store unusable: %s (experts with no live replica cannot be "
+                          "restored)", exc)
         try:
             table, state = load_controller_snapshot(self.snapshot_path)
             self.routers = {r: self._lookup(f"expertray-{r}") for r in state.routers}
             history = list(state.history)
             self.next_actor, self.next_router, self.transport = state.next_actor, state.next_router, state.transport
             self.restored_autoscaler = state.autoscaler
+            self.checkpoint = state.checkpoint
         except SnapshotError as exc:
             self.snapshot_error = str(exc)
             log.error("controller restart: SNAPSHOT UNUSABLE (%s); rebuilding state from the running routers "
                       "and actors", exc)
             table, history = self._discover(), []
+        if self.cfg.model:
+            self._restore_checkpoint()
         self.handles = {a: h for a in table.actors if (h := self._lookup(f"expertray-{a}")) is not None}
         self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
         self.control.history = history
         self._start_background()
         log.info("controller restored placement v%d (%d routers)", table.version, len(self.routers))
+
+    def _restore_checkpoint(self) -> None:
+        """The checkpoint to re-read experts from after a restart: the snapshot's descriptor, checked against
+        the shards (a changed checkpoint is reported, not served); without one, the configured path described
+        afresh (its digests can then not be compared with what the actors loaded)."""
+        from expertray.checkpoint.files import CheckpointDescriptor, describe
+        from expertray.errors import CheckpointError
+
+        try:
+            if self.checkpoint:
+                CheckpointDescriptor.from_dict(self.checkpoint).verify()
+            else:
+                log.error("controller restart: no checkpoint descriptor in the snapshot; describing %s again",
+                          self.cfg.model)
+                self.checkpoint = describe(self.cfg.model).to_dict()
+        except CheckpointError as exc:
+            self.weights_error = str(exc)
+            self.checkpoint = {}
+            log.error("controller restart: checkpoint unusable: %s (experts with no live replica cannot be "
+                      "restored)", exc)
 
     @staticmethod
     def _lookup(name: str) -> Any:
@@ -166,16 +201,19 @@ class Controller:
         c = self.cfg
         self.handles[actor_id] = ExpertActor.options(
             **self._child_options(f"expertray-{actor_id}", c.actor_num_cpus, c.actor_num_gpus)).remote(
-            actor_id, max(1, math.floor(c.actor_num_cpus)))
+            actor_id, max(1, math.floor(c.actor_num_cpus)), self.dtype, c.layer)
         return actor_id
 
     async def _start_router(self, table: PlacementTable) -> tuple[str, Any]:
         """Create a router serving `table` and start it (transport open, batching); killed if it fails."""
-        if self.layers is None:
-            raise ExpertRayError(f"cannot start a router: the weight store is unavailable ({self.weights_error})")
+        if self.checkpoint:  # the router reads its gates and shared experts from the checkpoint itself
+            params: list[LayerParams] | dict[str, Any] = self.checkpoint
+        elif self.layers is not None:
+            params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
+        else:
+            raise ExpertRayError(f"cannot start a router: the weights are unavailable ({self.weights_error})")
         router_id = f"router-{self.next_router}"
         self.next_router += 1
-        params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
         handle = RouterActor.options(**self._child_options(f"expertray-{router_id}", self.cfg.router_num_cpus)
                                      ).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
                                               max(1, math.floor(self.cfg.router_num_cpus)))
@@ -188,24 +226,30 @@ class Controller:
         self.transport = self.transport or transport
         return router_id, handle
 
-    async def start(self, layers: list[MoELayer]) -> dict[str, Any]:
-        """Persist the weight store, start the expert actors and routers, begin serving."""
-        if len(layers) != self.cfg.num_layers:
+    async def start(self, layers: list[MoELayer] | None = None, checkpoint: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+        """Start the expert actors and routers and begin serving: from `layers` (a random-weight cluster,
+        persisted as the weight store) or, for `cfg.model`, from `checkpoint` (its descriptor: every actor
+        reads its own slots, every router its gates)."""
+        if bool(self.cfg.model) != (checkpoint is not None) or (layers is None) == (checkpoint is None):
+            raise ConfigError("start: give the checkpoint descriptor for a config with cluster.model, else the "
+                              "layers' weights (exactly one of the two)")
+        if layers is not None and len(layers) != self.cfg.num_layers:
             raise ConfigError(f"cluster.num_layers={self.cfg.num_layers} but {len(layers)} layers of weights given")
-        self.layers = layers
+        self.layers, self.checkpoint = layers, checkpoint or {}
         try:
-            return await self._start(layers)
+            return await self._start()
         except BaseException:
             await self.shutdown()  # nothing half-started is left running
             raise
 
-    async def _start(self, layers: list[MoELayer]) -> dict[str, Any]:
-        await asyncio.to_thread(save_weights, self.weights_path, layers)
+    async def _start(self) -> dict[str, Any]:
+        if self.layers is not None:
+            await asyncio.to_thread(save_weights, self.weights_path, self.layers)
         ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
         table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
-        await asyncio.gather(*[bounded(self.handles[a].load.remote(
-            expert_blob(layers, [(s.layer, s.expert) for s in table.slots_of(a)])),
-            self.cfg.control_timeout_s, f"loading {a}") for a in ids])
+        pool = RayActorPool(self)
+        await asyncio.gather(*[pool.load(a, [(s.layer, s.expert) for s in table.slots_of(a)], None) for a in ids])
         for _ in range(self.cfg.num_routers):
             router_id, handle = await self._start_router(table)
             self.routers[router_id] = handle
@@ -354,10 +398,18 @@ class Controller:
                        expert_bytes=self._expert_bytes())
 
     def _expert_bytes(self) -> int:
-        if self.layers is not None:
-            return self.layers[0].experts.nbytes // self.table.num_experts
+        """Bytes of one expert slot as actors hold it (checkpoint: from the shard headers only)."""
+        if self.checkpoint:
+            from expertray.checkpoint.source import cached_source
+
+            return cached_source(self.checkpoint, self.dtype).slot_bytes(1)
         c = self.cfg.layer
-        return 3 * c.d_model * c.d_ff * 4  # gate_up [2F, D] + down [D, F] in fp32, the actors' dtype
+        per = 3 * c.d_model * c.d_ff + (2 * c.d_ff + c.d_model if c.expert_bias else 0)
+        return per * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+
+    def _held_expert_bytes(self) -> int:
+        """Routed-expert bytes this controller holds (its weight store; 0 for a checkpoint cluster)."""
+        return sum(m.experts.nbytes + (m.biases.nbytes if m.biases is not None else 0) for m in self.layers or [])
 
     async def autoscale_step(self) -> list[dict[str, Any]]:
         """One decision round: observe, decide (pure policy), apply each action as a table change."""
@@ -396,10 +448,12 @@ class Controller:
     def _health(self) -> dict[str, Any]:
         return {"restored": self.restored, "snapshot_error": self.snapshot_error,
                 "weights_error": self.weights_error, "degraded": bool(self.snapshot_error or self.weights_error),
-                "state_dir": str(self.state_dir)}
+                "state_dir": str(self.state_dir), "weights": "checkpoint" if self.checkpoint else "weight_store",
+                "checkpoint": self.checkpoint.get("path"), "dtype": self.dtype,
+                "expert_bytes_held": self._held_expert_bytes()}
 
     def info(self) -> dict[str, Any]:
-        return {**self._health(), "version": self.table.version, "detached": self.detached,
+        return {**self._health(), "version": self.table.version, "detached": self.detached, "pid": os.getpid(),
                 "metrics_port": self.metrics_port}
 
     def get_table(self) -> dict[str, Any]:

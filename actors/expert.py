@@ -1,5 +1,12 @@
-"""ExpertActor: hosts physical expert slots on the device Ray assigned it and computes SwiGLU for the rows
-routed to it (one grouped GEMM per call where the device has a fast kernel, else a per-slot loop)."""
+"""ExpertActor: hosts physical expert slots on the device Ray assigned it and computes the experts for the
+rows routed to it (one grouped GEMM per call where the device has a fast kernel, else a per-slot loop;
+GPT-OSS's clamped SwiGLU with biases when the layer config says so).
+
+Weights arrive three ways: `load_checkpoint` reads the actor's own slots from the checkpoint shards
+(memory-mapped, only the requested tensors, in chunks so peak memory stays near the slots' bytes);
+`load` takes an `ExpertBlob` exported by a live replica (`export`, replication and migration) or built
+from a random-weight cluster's weight store. Slots keep the serving dtype; blobs carry it exactly
+(bf16 as its raw bits, see exchange.to_host_array)."""
 
 from __future__ import annotations
 
@@ -14,13 +21,30 @@ import numpy as np
 import ray
 import torch
 
+from expertray.config import MoELayerConfig
 from expertray.devices import assigned_device, device_identity, synchronize
 from expertray.exchange import Group, from_host_array, join, member_exchange, to_host_array
+from expertray.runtime.weights import read_slots
 from expertray.slots import ExpertKey, SlotStore
 
 log = logging.getLogger(__name__)
 
-WeightBlob = dict[ExpertKey, tuple[np.ndarray, np.ndarray]]  # key -> (gate_up [2F, D], down [D, F])
+# {"dtype": torch dtype name, "slots": {key: [gate_up [2F, D], down [D, F]] (+ [gate_up_bias [2F],
+# down_bias [D]] for layers with expert biases)}}; arrays in to_host_array's format (bf16 as its bits)
+ExpertBlob = dict[str, Any]
+CHUNK_BYTES = 64 << 20  # a checkpoint load reads at most this many bytes of slots per read (bounds peak RSS)
+
+
+def _rss_kib(field: str) -> int:
+    """This process's VmRSS / VmHWM from /proc (KiB; 0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 @ray.remote(max_concurrency=16)
@@ -30,12 +54,15 @@ class ExpertActor:
     Weights, buffers and compute stay on the device Ray assigned (`num_gpus`, fractions allowed: several
     actors then share one GPU); rows cross to the host only when the transport needs it."""
 
-    def __init__(self, actor_id: str, num_threads: int = 1, dtype: str = "float32") -> None:
+    def __init__(self, actor_id: str, num_threads: int = 1, dtype: str = "float32",
+                 layer_cfg: MoELayerConfig | None = None) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.actor_id = actor_id
         self.device = assigned_device(len(ray.get_gpu_ids()))
         self.dtype = getattr(torch, dtype)
-        self._slots = SlotStore(actor_id, self.device, self.dtype)
+        self._slots = SlotStore(actor_id, self.device, self.dtype, layer_cfg=layer_cfg)
+        self._empty_rss_kib = _rss_kib("VmRSS")  # before any weight: what the process costs by itself
+        self._load_s = 0.0  # time spent reading slots from the checkpoint
         self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
         self._slowdown = 1.0
@@ -45,22 +72,36 @@ class ExpertActor:
         self._calls = 0
 
     # --- weights -------------------------------------------------------------------------------------
-    def load(self, weights: WeightBlob) -> int:
-        """Add slots; returns bytes now held."""
-        self._slots.add({tuple(k): v for k, v in weights.items()})
+    def load(self, blob: ExpertBlob) -> int:
+        """Add slots from an ExpertBlob (another actor's `export`, or the weight store); returns bytes held."""
+        dtype = blob["dtype"]
+        self._slots.add({tuple(k): [from_host_array(a, dtype) for a in arrays] for k, arrays in blob["slots"].items()})
+        return self.memory_bytes()
+
+    def load_checkpoint(self, descriptor: dict[str, Any], dtype: str, keys: list[ExpertKey]) -> int:
+        """Read the slots `keys` from the checkpoint `descriptor` (CheckpointDescriptor.to_dict) in `dtype`
+        straight from its shards (runtime.weights.read_slots: peak memory is the slots plus one chunk of
+        ≤ CHUNK_BYTES); returns bytes held."""
+        from expertray.checkpoint.source import cached_source
+
+        t0 = time.perf_counter()
+        source = cached_source(descriptor, dtype)
+        if source.dtype != self.dtype:
+            raise ValueError(f"actor {self.actor_id} serves {self.dtype} but was asked to load {dtype} slots")
+        read_slots(source, keys, self._slots, CHUNK_BYTES)
+        self._load_s += time.perf_counter() - t0
         return self.memory_bytes()
 
     def unload(self, keys: list[ExpertKey]) -> int:
         self._slots.remove(tuple(k) for k in keys)
         return self.memory_bytes()
 
-    def export(self, keys: list[ExpertKey]) -> WeightBlob:
-        """Weights of held slots, as numpy (the source side of replication and migration)."""
-        out = {}
-        for key in keys:
-            gate_up, down = self._slots.get(tuple(key))
-            out[tuple(key)] = (_to_numpy(gate_up), _to_numpy(down))
-        return out
+    def export(self, keys: list[ExpertKey]) -> ExpertBlob:
+        """Weights (and biases) of held slots in this actor's dtype, exactly (the source side of replication
+        and migration)."""
+        return {"dtype": str(self.dtype).removeprefix("torch."),
+                "slots": {tuple(key): [to_host_array(t.contiguous())[0] for t in self._slots.get(tuple(key))]
+                          for key in keys}}
 
     def holds(self) -> list[ExpertKey]:
         return self._slots.keys()
@@ -136,6 +177,8 @@ class ExpertActor:
                     "compute_ms_p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else 0.0,
                     "ms_per_krow_p50": per_krow[len(per_krow) // 2] if per_krow else 0.0,
                     "memory_bytes": self.memory_bytes(), "slots": len(self._slots.keys()),
+                    "rss_kib": _rss_kib("VmRSS"), "peak_rss_kib": _rss_kib("VmHWM"),
+                    "empty_rss_kib": self._empty_rss_kib, "checkpoint_load_s": self._load_s,
                     "slowdown": self._slowdown}
 
     def set_slowdown(self, factor: float) -> None:
@@ -147,8 +190,3 @@ class ExpertActor:
     def ping(self) -> str:
         return self.actor_id
 
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """Host copy as numpy; bfloat16 (which numpy lacks) travels as float32."""
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

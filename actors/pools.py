@@ -2,7 +2,7 @@
 
 Every call is bounded: pings by `ping_timeout_s`, weight loads, unloads and table switches by
 `control_timeout_s`. `ctl` is the Controller actor's instance: the pools read its handles (`handles`,
-`routers`), weight store (`layers`) and config, and ask it to start actors (`_new_actor`) and routers
+`routers`), weight source (`checkpoint` descriptor or weight store `layers`) and config, and ask it to start actors (`_new_actor`) and routers
 (`_start_router`) and to persist its state (`_save`).
 """
 
@@ -13,19 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from expertray.errors import ExpertRayError
-from expertray.layer import MoELayer
 from expertray.placement_table import PlacementTable
 from expertray.runtime.control import ExpertKey
+from expertray.runtime.weights import expert_blob
 
-
-def expert_blob(layers: list[MoELayer], keys: list[ExpertKey]) -> dict[ExpertKey, tuple[np.ndarray, np.ndarray]]:
-    """Weights of `keys` from the weight store: (layer, expert) -> (gate_up [2F, D], down [D, F]) as numpy."""
-    return {(layer, e): (layers[layer].experts.gate_up[e].numpy(), layers[layer].experts.down[e].numpy())
-            for layer, e in keys}
+CHECKPOINT_MIN_READ_BPS = 100e6  # an actor reading its slots slower than this (bytes/s) counts as hung
 
 
 def default_state_dir() -> Path:
@@ -68,15 +63,22 @@ class RayActorPool:
             return False
 
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
+        """Give `actor` the weights of `keys`: copied from live actor `source`; else, for a checkpoint cluster,
+        read by the actor itself from the shards; else from the controller's weight store."""
+        handle, ctl = self.ctl.handles[actor], self.ctl
+        timeout_s = ctl.cfg.control_timeout_s
         if source is not None:
-            blob = self.ctl.handles[source].export.remote(keys)
-        elif self.ctl.layers is not None:
-            blob = ray.put(expert_blob(self.ctl.layers, keys))
+            call = handle.load.remote(ctl.handles[source].export.remote(keys))
+        elif ctl.checkpoint:  # no live replica: the actor re-reads the checkpoint itself
+            call = handle.load_checkpoint.remote(ctl.checkpoint, ctl.dtype, keys)
+            # a large share of a large checkpoint takes longer than a control call: allow for the bytes
+            timeout_s += ctl._expert_bytes() * len(keys) / CHECKPOINT_MIN_READ_BPS
+        elif ctl.layers is not None:
+            call = handle.load.remote(ray.put(expert_blob(ctl.layers, keys, ctl.dtype)))
         else:
             raise ExpertRayError(f"experts {keys} have no live replica and the weight store is unavailable "
-                                 f"({self.ctl.weights_error}); relaunch the cluster with its weights")
-        await bounded(self.ctl.handles[actor].load.remote(blob), self.ctl.cfg.control_timeout_s,
-                       f"loading {len(keys)} expert(s) into {actor}")
+                                 f"({ctl.weights_error}); relaunch the cluster with its weights")
+        await bounded(call, timeout_s, f"loading {len(keys)} expert(s) into {actor}")
 
     async def unload(self, actor: str, keys: list[ExpertKey]) -> None:
         await bounded(self.ctl.handles[actor].unload.remote(keys), self.ctl.cfg.control_timeout_s,

@@ -1,6 +1,10 @@
 """RouterActor: a thin Ray shell over the Ray-free batcher (expertray/runtime/batcher.py) and data path
 (expertray/runtime/datapath.py).
 
+Rows travel in the serving dtype (`cluster.dtype`): requests may arrive in any float dtype (bf16 in the
+object store's raw-bits wire format, see `forward`), gate math runs in float32, rows to the experts and the
+combine in the serving dtype, and the answer goes back in the request's dtype.
+
 Batches run one at a time under the batcher's dispatch lane (so a placement-table switch lands between
 batches) while new requests keep queueing. Each request gets exactly its own rows back, or a clear error by
 its `request_timeout_s` deadline; never a partial answer, never a hang.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from typing import Any
@@ -23,6 +28,8 @@ from expertray.actors.transport import open_transport
 from expertray.config import ClusterConfig
 from expertray.devices import assigned_device
 from expertray.errors import InputError, TransportError, UnknownExpertError
+from expertray.exchange import from_host_array, to_host_array
+from expertray.experts import SharedExpert
 from expertray.loadstats import LoadStats, balancedness
 from expertray.placement_table import PlacementTable
 from expertray.policies.placement import device_loads
@@ -31,6 +38,7 @@ from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
 from expertray.runtime.datapath import BatchResult, LayerParams, run_layer
 from expertray.runtime.rate import RateWindow
+from expertray.runtime.weights import router_params, serving_dtype
 from expertray.validation import check_hidden, check_layer
 
 log = logging.getLogger(__name__)
@@ -48,12 +56,17 @@ def is_transport_failure(exc: BaseException) -> bool:
 
 @ray.remote
 class RouterActor:
-    def __init__(self, router_id: str, cfg: ClusterConfig, layers: list[LayerParams], table: dict[str, Any],
-                 handles: dict[str, Any], torch_threads: int = 1) -> None:
+    def __init__(self, router_id: str, cfg: ClusterConfig, layers: list[LayerParams] | dict[str, Any],
+                 table: dict[str, Any], handles: dict[str, Any], torch_threads: int = 1) -> None:
+        """`layers`: every layer's gate and shared expert, or a checkpoint descriptor (CheckpointDescriptor
+        .to_dict) to read them from here (routed experts are never read by a router)."""
         torch.set_num_threads(max(1, torch_threads))
         self.router_id = router_id
         self.cfg = cfg
-        self.layers = layers
+        self.dtype = getattr(torch, serving_dtype(cfg))
+        params = router_params(layers, serving_dtype(cfg)) if isinstance(layers, dict) else layers
+        self.layers = [p if p.shared is None else LayerParams(p.gate, _cast_shared(p.shared, self.dtype))
+                       for p in params]
         self.policy = ROUTING.create(cfg.routing_policy, **cfg.routing_params)
         self.selector = REPLICA.create(cfg.replica_policy)
         self.stats_ = LoadStats(cfg.num_layers, cfg.layer.num_experts, window_batches=cfg.stats_window_batches)
@@ -126,14 +139,17 @@ class RouterActor:
         return new.version
 
     # --- requests ------------------------------------------------------------------------------------
-    async def forward(self, layer: int, hidden: np.ndarray) -> np.ndarray:
-        """Hidden states [T, D] for one MoE layer → that layer's output [T, D] (same dtype).
+    async def forward(self, layer: int, hidden: np.ndarray, wire_dtype: str = "") -> np.ndarray:
+        """Hidden states [T, D] for one MoE layer → that layer's output [T, D] (same dtype, same format).
+
+        wire_dtype "bfloat16": `hidden` is bf16 as its raw bits (exchange.to_host_array) and so is the
+        answer; "" (or any other name): a plain numpy float array.
 
         Every outcome is observed for the metrics (`requests_total{outcome}`); refused requests (bad input,
         unknown layer, full queue) are also counted as `rejected` in stats."""
         t0 = time.perf_counter()
         try:
-            out = await self._forward(layer, hidden)
+            out = await self._forward(layer, hidden, wire_dtype)
         except Exception as exc:
             if isinstance(exc, (InputError, UnknownExpertError)):  # BackpressureError: counted by the batcher
                 self.batcher.counters.rejected += 1
@@ -144,17 +160,23 @@ class RouterActor:
         self.counters["requests"] += 1
         return out
 
-    async def _forward(self, layer: int, hidden: np.ndarray) -> np.ndarray:
+    async def _forward(self, layer: int, hidden: np.ndarray, wire_dtype: str = "") -> np.ndarray:
         layer = check_layer(layer, self.cfg.num_layers)
+        if wire_dtype == "bfloat16":
+            if not isinstance(hidden, np.ndarray) or hidden.dtype != np.int16:
+                raise InputError(f"bfloat16 hidden states travel as int16 bits, got "
+                                 f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+            hidden = from_host_array(hidden, wire_dtype)
         x = check_hidden(hidden, self.cfg.layer.d_model, self.cfg.max_request_tokens)
         out = await self.batcher.submit(layer, x)
-        return out.to(x.dtype).numpy() if out.dtype != x.dtype else out.numpy()
+        return to_host_array(out.to(x.dtype))[0]
 
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
         policy = self.policy.for_layer(layer).for_route(self.table.route(layer))
-        result = await run_layer(hidden.float(), layer, self.cfg.layer, self.layers[layer], policy, self.selector,
-                                 self.table, self.transport, expert_load=self.stats_.window_load(layer))
+        result = await run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy, self.selector,
+                                 self.table, self.transport, expert_load=self.stats_.window_load(layer),
+                                 dtype=self.dtype)
         self._record(layer, result)
         return result.output
 
@@ -205,7 +227,7 @@ class RouterActor:
                    "balancedness": balancedness(torch.from_numpy(per_actor[layer])),
                    "expert_tokens_total": self.expert_tokens[layer].tolist(),
                    "drop_rate": self.stats_.window_drop_rate(layer)} for layer in range(self.cfg.num_layers)]
-        return {"router": self.router_id, "table_version": self.table.version,
+        return {"router": self.router_id, "pid": os.getpid(), "table_version": self.table.version,
                 "uptime_s": time.time() - self.started_at,
                 "tokens_per_s": self.token_rate.rate(time.monotonic()),
                 "transport": self.transport.name if self.transport else None, **self.counters,
@@ -247,3 +269,9 @@ class RouterActor:
     async def reset_stats(self) -> None:
         for v in self.timing_ms.values():
             v.clear()
+
+
+def _cast_shared(shared: SharedExpert, dtype: torch.dtype) -> SharedExpert:
+    """The shared expert in the serving dtype (it runs on the serving-dtype rows at the router)."""
+    return SharedExpert(shared.gate_up.to(dtype), shared.down.to(dtype),
+                        None if shared.gate is None else shared.gate.to(dtype))

@@ -24,8 +24,10 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from expertray.checkpoint.files import CheckpointDescriptor, describe
 from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError
+from expertray.exchange import from_host_array, to_host_array
 from expertray.layer import MoELayer
 from expertray.placement_table import PlacementTable
 from expertray.validation import check_hidden, check_layer
@@ -85,10 +87,17 @@ def random_model(cfg: ClusterConfig) -> list[MoELayer]:
     return [MoELayer.random(cfg.layer, seed=cfg.seed + 1000 * layer) for layer in range(cfg.num_layers)]
 
 
-def to_wire(x: torch.Tensor) -> np.ndarray:
-    """A validated [T, D] tensor as the numpy array sent to a router (bf16 has no numpy dtype: fp32)."""
-    x = x.detach()
-    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+def to_wire(x: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A validated [T, D] tensor as sent to a router: (numpy array, wire dtype). bf16 (no numpy dtype)
+    travels as its raw bits with wire dtype "bfloat16", half the bytes of float32; others as themselves
+    with wire dtype "" (see RouterActor.forward)."""
+    array, name = to_host_array(x.detach())
+    return array, name if name == "bfloat16" else ""
+
+
+def _unwire(out: np.ndarray, wire_dtype: str) -> torch.Tensor:
+    """A router's answer (in the request's wire format) as a tensor that owns its memory."""
+    return from_host_array(np.array(out), wire_dtype)
 
 
 class Cluster:
@@ -124,8 +133,9 @@ class Cluster:
         return check_hidden(hidden, self.cfg.layer.d_model, self.cfg.max_request_tokens)
 
     def forward_ref(self, layer: int, hidden: torch.Tensor | np.ndarray) -> ray.ObjectRef:
-        """Submit [T, D] hidden states for `layer`; returns a Ray ref to the [T, D] numpy output."""
-        return self._router().forward.remote(layer, to_wire(self.validate(layer, hidden)))
+        """Submit [T, D] hidden states for `layer`; returns a Ray ref to the [T, D] numpy output (bf16 input:
+        its raw bits as int16, see exchange.from_host_array)."""
+        return self._router().forward.remote(layer, *to_wire(self.validate(layer, hidden)))
 
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out.
@@ -134,30 +144,31 @@ class Cluster:
         RequestTimeoutError, or RouterUnavailableError when routers kept dying. A request whose router died is
         sent again to a live router (the router list is refreshed from the controller)."""
         x = self.validate(layer, hidden)
-        wire = to_wire(x)
+        wire, wire_dtype = to_wire(x)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while True:
             router = self._router()
             left = deadline - time.monotonic()
             try:
-                out = ray.get(router.forward.remote(layer, wire), timeout=max(left, 0.0) + DEADLINE_GRACE_S)
+                out = ray.get(router.forward.remote(layer, wire, wire_dtype),
+                              timeout=max(left, 0.0) + DEADLINE_GRACE_S)
                 break
             except ray.exceptions.GetTimeoutError:
                 raise self._timed_out(layer) from None
             except ray.exceptions.RayActorError as exc:  # the router died (not an error it raised)
                 self._router_died(layer, router, deadline, exc)
                 time.sleep(0.05)
-        out = torch.from_numpy(np.array(out))
-        return out.to(x.dtype).reshape(hidden.shape)
+        return _unwire(out, wire_dtype).to(x.dtype).reshape(hidden.shape)
 
-    async def forward_wire(self, layer: int, wire: np.ndarray) -> np.ndarray:
+    async def forward_wire(self, layer: int, wire: np.ndarray, wire_dtype: str = "") -> np.ndarray:
         """For async callers (the Serve ingress): a validated [T, D] numpy array in, the router's [T, D] numpy
-        answer out, with `forward`'s deadline and retry on a live router when a router dies."""
+        answer out, with `forward`'s deadline and retry on a live router when a router dies. wire_dtype
+        "bfloat16": `wire` (and the answer) are bf16 as int16 bits (exchange.to_host_array)."""
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while True:
             router = self._router()
             try:
-                return await asyncio.wait_for(router.forward.remote(layer, wire),
+                return await asyncio.wait_for(router.forward.remote(layer, wire, wire_dtype),
                                               max(deadline - time.monotonic(), 0.0) + DEADLINE_GRACE_S)
             except asyncio.TimeoutError:
                 raise self._timed_out(layer) from None
@@ -225,13 +236,33 @@ class Cluster:
 
 
 def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address: str | None = None,
-           num_cpus: int | None = None, detached: bool = True) -> Cluster:
-    """Start a cluster for `cfg` (random weights unless `layers` are given) and return its handle."""
+           num_cpus: int | None = None, detached: bool = True,
+           checkpoint: CheckpointDescriptor | None = None) -> Cluster:
+    """Start a cluster for `cfg` and return its handle.
+
+    With `cfg.model` it serves that checkpoint: the layer shape, MoE layer count and dtype come from it
+    (checkpoint_cluster_config), and only its descriptor (`checkpoint`, else described here from the shard
+    headers) goes to the controller; every expert actor reads its own slots and every router its gates,
+    so no routed expert passes through this process or the controller. Without `model`: `layers`, else
+    deterministic random weights (random_model)."""
     from expertray.actors.controller import Controller
 
     check_policy_names(cfg)
+    if cfg.model:
+        from expertray.checkpoint.model import checkpoint_cluster_config
+
+        if layers is not None:
+            raise ConfigError("launch: cluster.model names a checkpoint; do not also pass layers")
+        cfg = checkpoint_cluster_config(cfg)
+        descriptor = checkpoint if checkpoint is not None else describe(cfg.model)
+        if Path(descriptor.path).resolve() != Path(cfg.model).resolve():
+            raise ConfigError(f"launch: checkpoint descriptor is for {descriptor.path}, config serves {cfg.model}")
+        start_args: tuple[Any, ...] = (None, descriptor.to_dict())
+    else:
+        if checkpoint is not None:
+            raise ConfigError("launch: a checkpoint descriptor was given but cluster.model is empty")
+        start_args = (layers if layers is not None else random_model(cfg),)
     init_ray(address, num_cpus)
-    layers = layers if layers is not None else random_model(cfg)
     try:
         ray.get_actor(CONTROLLER, namespace=NAMESPACE)
         raise ConfigError("an expertray controller is already running in this Ray cluster; connect() to it "
@@ -241,11 +272,11 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     opts: dict[str, Any] = {"name": CONTROLLER, "namespace": NAMESPACE, "num_cpus": 0}
     if detached:  # survives the driver; restarted by Ray on failure (state restored from the snapshot)
         opts.update(lifetime="detached", max_restarts=-1)
-    # the constructor gets only the config, so Ray can re-run it on a restart; the weights go to start(),
-    # which persists them (safetensors) in the cluster's state directory for that restart
+    # the constructor gets only the config, so Ray can re-run it on a restart; the weights (or the checkpoint's
+    # descriptor) go to start(), which persists them in the cluster's state directory for that restart
     controller = Controller.options(**opts).remote(cfg, detached)
     try:
-        ray.get(controller.start.remote(layers))
+        ray.get(controller.start.remote(*start_args))
     except BaseException:
         ray.kill(controller, no_restart=True)
         raise

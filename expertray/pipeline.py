@@ -54,8 +54,9 @@ class PreparedBatch:
 def prepare(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, gate_weights: GateWeights,
             policy: RoutingPolicy, selector: ReplicaSelector, route: LayerRoute, num_actors: int,
             expert_load: torch.Tensor | None = None, dest_load: torch.Tensor | None = None,
-            local_actors: set[int] | None = None) -> PreparedBatch:
-    """Route hidden [T, D] through the layer's gate and policies and cut the rows into per-actor buckets."""
+            local_actors: set[int] | None = None, rows_dtype: torch.dtype | None = None) -> PreparedBatch:
+    """Route hidden [T, D] through the layer's gate and policies and cut the rows into per-actor buckets
+    (rows in `rows_dtype`, None: hidden's; the gate computes in float32 either way)."""
     t0 = time.perf_counter()
     g = gate(hidden, cfg.gate, gate_weights)
     t1 = time.perf_counter()
@@ -63,6 +64,8 @@ def prepare(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, gate_weights:
     dests = selector.select(routing.experts, route, dest_load, local_actors)
     plan = build_plan(dests, route.num_dests)  # the batch's one device→host transfer: the slot counts
     rows = permute(hidden, plan)
+    if rows_dtype is not None:
+        rows = rows.to(rows_dtype)
     buckets = _buckets(plan.host_counts, route.dest_actor.tolist(), route.dest_expert.tolist(), num_actors)
     expert_counts = _expert_counts(routing.experts, cfg.num_experts)
     timings = {"gate": (t1 - t0) * 1e3, "plan": (time.perf_counter() - t1) * 1e3}

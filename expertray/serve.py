@@ -207,7 +207,7 @@ class ExpertRayIngress:
             return _error(503, f"overloaded: {self.inflight_tokens} tokens in flight", **{"Retry-After": "1"})
         self.inflight_tokens += tokens
         try:
-            out = np.asarray(await self.cluster.forward_wire(layer, to_wire(x))).reshape(hidden.shape)
+            out = np.asarray(await self.cluster.forward_wire(layer, *to_wire(x))).reshape(hidden.shape)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below; nothing is swallowed
             cause = _root_cause(exc)
             if isinstance(cause, BackpressureError):

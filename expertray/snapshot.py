@@ -17,7 +17,8 @@ from typing import Any
 
 import msgpack
 
-from expertray.errors import ExpertRayError
+from expertray.checkpoint.files import CheckpointDescriptor
+from expertray.errors import CheckpointError, ExpertRayError
 from expertray.placement_table import PlacementTable
 
 FORMAT = "expertray-snapshot"
@@ -36,6 +37,8 @@ class ControllerState:
     routers: router ids (actor names expertray-<id>), in order. next_router: next router number.
     transport: the transport the routers use. history: recent placement events (plain maps).
     autoscaler: the autoscale policy's own state (streaks, last actions), as the policy exported it.
+    checkpoint: the served checkpoint's descriptor (CheckpointDescriptor.to_dict: path, shard sizes and
+    digests; never weights); empty for a random-weight cluster.
     """
 
     next_actor: int = 0
@@ -44,6 +47,7 @@ class ControllerState:
     transport: str | None = None
     history: tuple[dict[str, Any], ...] = ()
     autoscaler: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ControllerState:
@@ -71,7 +75,16 @@ class ControllerState:
         autoscaler = d.get("autoscaler", {})
         if not isinstance(autoscaler, dict):
             raise SnapshotError(f"state.autoscaler: expected a map, got {type(autoscaler).__name__}")
-        return cls(count("next_actor"), tuple(routers), count("next_router"), transport, tuple(history), autoscaler)
+        checkpoint = d.get("checkpoint", {})
+        if not isinstance(checkpoint, dict):
+            raise SnapshotError(f"state.checkpoint: expected a map, got {type(checkpoint).__name__}")
+        if checkpoint:
+            try:
+                CheckpointDescriptor.from_dict(checkpoint)
+            except CheckpointError as exc:
+                raise SnapshotError(f"state.checkpoint: {exc}") from None
+        return cls(count("next_actor"), tuple(routers), count("next_router"), transport, tuple(history), autoscaler,
+                   checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

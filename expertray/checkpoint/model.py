@@ -87,45 +87,30 @@ class InProcessCluster:
         self.layers = []
 
 
-def _layers(descriptor: CheckpointDescriptor, cfg: ClusterConfig) -> list[MoELayer]:
-    source = WeightSource(descriptor, cfg.dtype)
-    return [source.layer(layer, cfg.layer.capacity) for layer in range(source.num_layers)]
-
-
 def in_process_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig) -> InProcessCluster:
-    return InProcessCluster(cfg, _layers(descriptor, cfg))
-
-
-def _ray_supported(cfg: ClusterConfig) -> ClusterConfig:
-    """`cfg` as today's expert actors can serve it (plain SwiGLU on float32 numpy slots): GPT-OSS experts
-    are refused before anything starts; bf16/fp16 experts are served in float32 for now (the model's own
-    layers keep the requested dtype). Remove once the actors load slots from a WeightSource."""
-    if cfg.layer.expert_bias or cfg.layer.expert_activation != "swiglu":
-        raise ConfigError(f"backend 'ray': expert actors do not yet compute {cfg.layer.expert_activation} experts "
-                          f"with biases (GPT-OSS); use backend='in_process'")
-    if cfg.dtype != "float32":
-        log.warning("backend 'ray': expert actors compute float32 until they load %s slots; serving experts "
-                    "in float32", cfg.dtype)
-        cfg = dataclasses.replace(cfg, dtype="float32")
-    return cfg
+    """Every MoE layer read whole into this process (the reference; reads every routed expert)."""
+    source = WeightSource(descriptor, cfg.dtype)
+    return InProcessCluster(cfg, [source.layer(layer, cfg.layer.capacity) for layer in range(source.num_layers)])
 
 
 def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False,
                 **launch_options: Any) -> Any:
-    """A Ray cluster via expertray.api.launch (not detached: it lives with the calling process unless
-    `detached`; `launch_options`: address, num_cpus). Stop-gap: the layers are read here and handed to
-    launch; per-actor loading (each expert actor reading its own slots from a WeightSource) replaces this."""
+    """A Ray cluster via expertray.api.launch, which sends only `descriptor` out: each expert actor reads
+    its own slots, each router its gates and shared experts (not detached: it lives with the calling
+    process unless `detached`; `launch_options`: address, num_cpus)."""
     from expertray.api import launch
 
-    cfg = _ray_supported(cfg)
-    return launch(cfg, _layers(descriptor, cfg), detached=detached, **launch_options)
+    return launch(cfg, detached=detached, checkpoint=descriptor, **launch_options)
 
 
 def launch_checkpoint(cfg: ClusterConfig, detached: bool = True, **launch_options: Any) -> Any:
     """Start the Ray cluster serving checkpoint `cfg.model` (what `expertray up --model`, `--config` with
-    `model:` and the Serve app with model=PATH call): resolves the config, then launches."""
-    resolved = checkpoint_cluster_config(cfg)
-    return ray_backend(describe(resolved.model), resolved, detached=detached, **launch_options)
+    `model:` and the Serve app with model=PATH call); same as expertray.api.launch(cfg)."""
+    from expertray.api import launch
+
+    if not cfg.model:
+        raise ConfigError("cluster.model: empty; name the checkpoint directory to serve")
+    return launch(cfg, detached=detached, **launch_options)
 
 
 Backend = Callable[[CheckpointDescriptor, ClusterConfig], Any]

@@ -178,9 +178,12 @@ class WeightSource:
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {self.path}: tensor {scale_name} in {info.file}: {exc}") from None
 
-    def experts(self, keys: Sequence[tuple[int, int]]) -> tuple[ExpertWeights, ExpertBiases | None]:
+    def experts(self, keys: Sequence[tuple[int, int]], out: ExpertWeights | None = None
+                ) -> tuple[ExpertWeights, ExpertBiases | None]:
         """Stacked weights (and biases, for GPT-OSS) of the (cluster layer, logical expert) `keys`, in
-        that order: gate_up [S, 2F, D], down [S, D, F]; biases [S, 2F], [S, D]."""
+        that order: gate_up [S, 2F, D], down [S, D, F]; biases [S, 2F], [S, D]. With `out` (tensors of those
+        shapes in the serving dtype, e.g. views of a caller's stacks) the weights are written there, and
+        per-expert and stacked layouts are copied once, straight out of the mmap."""
         cfg = self.layer_config
         D, F, E = cfg.d_model, cfg.d_ff, cfg.num_experts
         requests: list[tuple[str, tuple[int, ...], int | None]] = []
@@ -206,7 +209,7 @@ class WeightSource:
                              (f"{p}.down_proj_scales", (E, D, F // 32), expert), (f"{p}.down_proj_bias", (E, D), expert)]
         layouts = {self._tensors[layer].layout for layer, _ in keys}
         if layouts in ({"per_expert"}, {"stacked"}):
-            return self._read_stacked(requests, len(keys), layouts == {"stacked"}), None
+            return self._read_stacked(requests, len(keys), layouts == {"stacked"}, out), None
         tensors = iter(self.read(requests))
         gate_up, down, gate_up_bias, down_bias = [], [], [], []
         for layer, _ in keys:
@@ -231,18 +234,28 @@ class WeightSource:
                 down.append(dequantize_mxfp4(next(tensors), next(tensors)).to(self.dtype))
                 down_bias.append(next(tensors))
         weights = ExpertWeights(_stack(gate_up, (0, 2 * F, D), self.dtype), _stack(down, (0, D, F), self.dtype))
+        if out is not None:
+            out.gate_up.copy_(weights.gate_up)
+            out.down.copy_(weights.down)
+            weights = out
         if not cfg.expert_bias:
             return weights, None
         return weights, ExpertBiases(_stack(gate_up_bias, (0, 2 * F), self.dtype),
                                      _stack(down_bias, (0, D), self.dtype))
 
     def _read_stacked(self, requests: list[tuple[str, tuple[int, ...], int | None]], num_slots: int,
-                      stacked: bool) -> ExpertWeights:
+                      stacked: bool, out: ExpertWeights | None = None) -> ExpertWeights:
         """Per-expert (gate, up, down per slot) or stacked (gate_up, down per slot) requests read straight
-        into gate_up [S, 2F, D] and down [S, D, F]."""
+        into gate_up [S, 2F, D] and down [S, D, F] (`out`'s, else new ones)."""
         D, F = self.layer_config.d_model, self.layer_config.d_ff
-        gate_up = torch.empty(num_slots, 2 * F, D, dtype=self.dtype)
-        down = torch.empty(num_slots, D, F, dtype=self.dtype)
+        if out is not None:
+            if (out.num_slots, out.d_ff, out.d_model) != (num_slots, F, D):
+                raise ValueError(f"experts: out holds {out.num_slots}x[{out.d_ff}x{out.d_model}], "
+                                 f"expected {num_slots}x[{F}x{D}]")
+            gate_up, down = out.gate_up, out.down
+        else:
+            gate_up = torch.empty(num_slots, 2 * F, D, dtype=self.dtype)
+            down = torch.empty(num_slots, D, F, dtype=self.dtype)
         into: list[torch.Tensor] = []
         for s in range(num_slots):
             into += [gate_up[s], down[s]] if stacked else [gate_up[s, :F], gate_up[s, F:], down[s]]

@@ -59,16 +59,19 @@ class BatchResult:
 
 async def run_layer(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, params: LayerParams,
                     policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Exchange,
-                    expert_load: torch.Tensor | None = None) -> BatchResult:
-    """Route hidden [T, D] (float32) through `layer` on `table`, exchange the buckets, combine."""
+                    expert_load: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> BatchResult:
+    """Route hidden [T, D] through `layer` on `table`, exchange the buckets, combine.
+
+    The gate sees `hidden` (and computes in float32); rows go out, and the combine and shared expert run,
+    in the serving `dtype` (None: hidden's), as MoELayer.forward does; output [T, D] is in that dtype."""
     t0 = time.perf_counter()
     route = table.route(layer)
     batch = prepare(hidden, layer, cfg, params.gate, policy, selector, route, len(table.actors),
-                    expert_load=expert_load)
+                    expert_load=expert_load, rows_dtype=dtype)
     t1 = time.perf_counter()
     rows_out, tstats = await transport.exchange(batch)
     t2 = time.perf_counter()
-    out = finish(batch, rows_out, hidden, params.shared)
+    out = finish(batch, rows_out, hidden if dtype is None else hidden.to(dtype), params.shared)
     return BatchResult(out, batch, tstats, (t0, t1, t2, time.perf_counter()))
 
 

@@ -1,24 +1,105 @@
-"""The controller's weight store on disk: every layer's gate, routed experts and shared expert as one
-safetensors file (tensors only: loading it executes nothing, unlike a pickle).
+"""Where a cluster's weights come from, Ray-free.
+
+A checkpoint cluster (`cluster.model`) has no weight store: the controller keeps only the checkpoint's
+descriptor (path, shard sizes and digests; persisted in its snapshot); each expert actor reads its own
+slots from the shards (`ExpertActor.load_checkpoint`) and each router its gates and shared experts
+(`router_params`). A new slot is copied from a live replica, or re-read from the checkpoint by the actor
+when none is alive.
+
+A random-weight cluster (no `model`) keeps the weight store it has always had: every layer's gate, routed
+experts and shared expert as one safetensors file in the state directory (tensors only: loading it
+executes nothing, unlike a pickle), held by the controller and sent to actors as `expert_blob`s. (Its
+weights could be regenerated from cfg.seed instead; the store also serves `launch(cfg, layers)` with
+caller-given weights, which no seed reproduces.)
 
 Keys, for layer l: `{l}.gate.weight` [E, D], optional `{l}.gate.bias` [E] and `{l}.gate.correction_bias` [E],
-`{l}.experts.gate_up` [E, 2F, D], `{l}.experts.down` [E, D, F], optional `{l}.shared.gate_up` [2Fs, D],
+`{l}.experts.gate_up` [E, 2F, D], `{l}.experts.down` [E, D, F], optional `{l}.experts.gate_up_bias` [E, 2F]
+and `{l}.experts.down_bias` [E, D] (layers with expert biases), optional `{l}.shared.gate_up` [2Fs, D],
 `{l}.shared.down` [D, Fs], `{l}.shared.gate` [1, D].
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from expertray.config import MoELayerConfig
+from expertray.config import ClusterConfig, MoELayerConfig
+from expertray.expert_math import ExpertBiases
 from expertray.experts import ExpertWeights, SharedExpert
 from expertray.gating import GateWeights
 from expertray.layer import MoELayer
+from expertray.slots import SlotStore
 from expertray.snapshot import SnapshotError
+
+
+def serving_dtype(cfg: ClusterConfig) -> str:
+    """The dtype expert slots, rows on the wire and shared experts use: cfg.dtype, with `auto` meaning
+    float32 (a checkpoint cluster's config has it resolved to the checkpoint's dtype before launch)."""
+    return "float32" if cfg.dtype == "auto" else cfg.dtype
+
+
+def expert_blob(layers: list[MoELayer], keys: list[tuple[int, int]], dtype: str) -> dict[str, Any]:
+    """The ExpertBlob (see actors/expert.py) of `keys` from in-memory layers, in `dtype`: weights and, for
+    layers with expert biases, biases; bf16 as its raw bits."""
+    from expertray.exchange import to_host_array
+
+    def rows(m: MoELayer, e: int) -> list[torch.Tensor]:
+        out = [m.experts.gate_up[e], m.experts.down[e]]
+        if m.biases is not None:
+            out += [m.biases.gate_up[e], m.biases.down[e]]
+        return out
+
+    return {"dtype": dtype, "slots": {(layer, e): [to_host_array(t.to(getattr(torch, dtype)).contiguous())[0]
+                                                   for t in rows(layers[layer], e)] for layer, e in keys}}
+
+
+def read_slots(source: Any, keys: list[tuple[int, int]], store: SlotStore, chunk_bytes: int) -> None:
+    """Add the slots `keys` to `store`, read from WeightSource `source` (which must serve the store's dtype).
+
+    One layer at a time: that layer's stacks (gate_up [S, 2F, D], down [S, D, F], biases) are allocated
+    once on the store's device and filled in chunks of ≤ chunk_bytes read from the shards (on the CPU
+    straight out of the mmap into the stacks), then adopted by the store without another copy; so the peak
+    is the slots plus one chunk's mmap pages (plus one chunk on a GPU, staged through the host)."""
+    cfg = source.layer_config
+    D, F = cfg.d_model, cfg.d_ff
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in keys:
+        by_layer.setdefault(int(layer), []).append(int(expert))
+    chunk = max(1, chunk_bytes // max(1, source.slot_bytes(1)))
+    on_host = store.device.type == "cpu"
+    for layer, experts in sorted(by_layer.items()):
+        experts = sorted(set(experts))
+        S = len(experts)
+        gate_up = torch.empty(S, 2 * F, D, dtype=store.dtype, device=store.device)
+        down = torch.empty(S, D, F, dtype=store.dtype, device=store.device)
+        biases = (torch.empty(S, 2 * F, dtype=store.dtype, device=store.device),
+                  torch.empty(S, D, dtype=store.dtype, device=store.device)) if cfg.expert_bias else (None, None)
+        for start in range(0, S, chunk):
+            part = slice(start, min(S, start + chunk))
+            out = ExpertWeights(gate_up[part], down[part]) if on_host else None
+            weights, bias = source.experts([(layer, e) for e in experts[part]], out)
+            if not on_host:
+                gate_up[part].copy_(weights.gate_up)
+                down[part].copy_(weights.down)
+            if bias is not None:
+                biases[0][part].copy_(bias.gate_up)
+                biases[1][part].copy_(bias.down)
+            del weights, bias
+        store.add_stacked(layer, experts, gate_up, down, *biases)
+
+
+def router_params(descriptor: dict[str, Any], dtype: str) -> list[Any]:
+    """LayerParams (gate weights in float32, shared expert in `dtype`) of every MoE layer of a checkpoint,
+    read from its shards: what a router loads for itself (routed experts are never read)."""
+    from expertray.checkpoint.source import cached_source
+    from expertray.runtime.datapath import LayerParams
+
+    source = cached_source(descriptor, dtype)
+    return [LayerParams(rw.gate, rw.shared) for rw in (source.router(layer) for layer in range(source.num_layers))]
 
 
 def save_weights(path: str | Path, layers: list[MoELayer]) -> None:
@@ -28,6 +109,8 @@ def save_weights(path: str | Path, layers: list[MoELayer]) -> None:
         parts = {"gate.weight": m.gate_weights.weight, "gate.bias": m.gate_weights.bias,
                  "gate.correction_bias": m.gate_weights.correction_bias,
                  "experts.gate_up": m.experts.gate_up, "experts.down": m.experts.down}
+        if m.biases is not None:
+            parts.update({"experts.gate_up_bias": m.biases.gate_up, "experts.down_bias": m.biases.down})
         if m.shared is not None:
             parts.update({"shared.gate_up": m.shared.gate_up, "shared.down": m.shared.down,
                           "shared.gate": m.shared.gate})
@@ -58,9 +141,12 @@ def load_weights(path: str | Path, cfg: MoELayerConfig, num_layers: int) -> list
         shared = None
         if get(i, "shared.gate_up", False) is not None:
             shared = SharedExpert(get(i, "shared.gate_up"), get(i, "shared.down"), get(i, "shared.gate", False))
+        biases = None
+        if cfg.expert_bias:
+            biases = ExpertBiases(get(i, "experts.gate_up_bias"), get(i, "experts.down_bias"))
         try:
             layers.append(MoELayer(cfg, gate, ExpertWeights(get(i, "experts.gate_up"), get(i, "experts.down")),
-                                   shared))
+                                   shared, biases))
         except ValueError as exc:
             raise SnapshotError(f"weight store {path}: layer {i} does not match the config ({exc})") from exc
     return layers
