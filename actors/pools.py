@@ -18,6 +18,7 @@ import ray
 
 from expertray.errors import ExpertRayError
 from expertray.layer import MoELayer
+from expertray.nodes import NodeInfo, choose_node, nodes_from_ray
 from expertray.placement import PlacementTable
 from expertray.runtime.control import ExpertKey
 
@@ -43,6 +44,39 @@ async def bounded(ref: Any, timeout_s: float, what: str) -> Any:
         return await asyncio.wait_for(ref, timeout_s)
     except asyncio.TimeoutError:
         raise TimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
+
+
+def live_nodes() -> list[NodeInfo]:
+    """Ray's live nodes (dead ones left out), from the GCS: works without the dashboard."""
+    return nodes_from_ray(ray.nodes())
+
+
+def actor_location(handle: Any) -> dict[str, str] | None:
+    """{"node_id", "ip", "state"} of an actor as the GCS records it; None while it is not placed (pending)
+    or unknown. The GCS actor table has no public accessor without the dashboard in Ray 2.x."""
+    from ray._private.state import actors as actor_table
+
+    try:
+        info = actor_table(actor_id=handle._actor_id.hex())
+    except Exception:  # noqa: BLE001 - the location is informative; a failed lookup is "unknown"
+        return None
+    address = info.get("Address") or {}
+    node_id = address.get("NodeID", "")
+    if not node_id or set(node_id) == {"f"}:  # the nil id: not scheduled yet
+        return None
+    return {"node_id": node_id, "ip": address.get("IPAddress", ""), "state": str(info.get("State", ""))}
+
+
+def node_affinity(demand: dict[str, float], nodes: list[NodeInfo], used: dict[str, dict[str, float]],
+                  actors_on: dict[str, int]) -> tuple[str | None, dict[str, Any]]:
+    """(chosen node id, actor options) for a new expert actor: a soft NodeAffinitySchedulingStrategy on the
+    node `choose_node` picks, or no preference (Ray queues it until a node with room joins) when none fits."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = choose_node(nodes, used, demand, actors_on)
+    if node is None:
+        return None, {}
+    return node.node_id, {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=True)}
 
 
 class RayActorPool:
