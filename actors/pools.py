@@ -51,6 +51,20 @@ def live_nodes() -> list[NodeInfo]:
     return nodes_from_ray(ray.nodes())
 
 
+def head_node_options() -> dict[str, Any]:
+    """Actor options that pin an actor to the head node: the controller lives there, as `ray up` and KubeRay
+    clusters expect, rather than on a worker that may be scaled away. Hard affinity: Ray 2.60 does not always
+    honour a soft one for an actor asking for no resources (the controller's num_cpus=0). {} when Ray names no
+    head (e.g. a cluster whose nodes are all workers)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        head = next((n for n in live_nodes() if n.is_head), None)
+    except ExpertRayError:
+        head = None
+    return {} if head is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(head.node_id, soft=False)}
+
+
 def actor_location(handle: Any) -> dict[str, str] | None:
     """{"node_id", "ip", "state"} of an actor as the GCS records it; None while it is not placed (pending)
     or unknown. The GCS actor table has no public accessor without the dashboard in Ray 2.x."""

@@ -184,6 +184,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
            num_cpus: int | None = None, detached: bool = True) -> Cluster:
     """Start a cluster for `cfg` (random weights unless `layers` are given) and return its handle."""
     from expertray.actors.controller import Controller
+    from expertray.actors.pools import head_node_options
 
     check_policy_names(cfg)
     init_ray(address, num_cpus)
@@ -195,6 +196,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     except ValueError:
         pass
     opts: dict[str, Any] = {"name": CONTROLLER, "namespace": NAMESPACE, "num_cpus": 0}
+    opts.update(head_node_options())  # the controller runs on the head, not on a worker that may go away
     if detached:  # survives the driver; restarted by Ray on failure (state restored from the snapshot)
         opts.update(lifetime="detached", max_restarts=-1)
     # the constructor gets only the config, so Ray can re-run it on a restart; the weights go to start(),
