@@ -1,7 +1,10 @@
 """Multi-node scenarios on a real Ray cluster of several raylets on this machine (`ray.cluster_utils.Cluster`),
 run in a process of their own (a process holds one Ray connection; the test session already has one).
 
-    python tests/integration/multinode_driver.py [--budget-s 200]
+    python -m expertray.bench.multinode [--scenarios spread,connect,grow,remove_node] [--repeats 1]
+
+tests/integration/test_multinode.py runs it and checks the result; `expertray bench recovery` runs the
+kill_actor and remove_node scenarios with repeats and reports recovery figures (docs/RELIABILITY.md).
 
 Cluster: a head (CPUs only: the controller, routers and this driver) and worker raylets, each with a custom
 `expert_slot` resource standing in for GPUs; expert actors ask for one `expert_slot` each, so they can run
@@ -14,7 +17,11 @@ Scenarios, in order, on one cluster (each records its result or its error; later
 - connect: a second driver process `connect(address)`s, reads status and gets correct answers.
 - grow: with both workers full, a 3-slot worker joins while a stream runs; `add_actor` lands on it.
 - remove_node: a worker holding two actors is removed (killed) under a concurrent stream: every request gets a
-  correct answer or a clear error, none hangs; after healing every answer is correct.
+  correct answer or a clear error, none hangs; after healing every answer is correct. A fresh worker then
+  joins, so a repeat has room again.
+- kill_actor: one expert actor on a worker is killed (ray.kill) under a stream; the same checks.
+Both fault scenarios report recovery figures (`recovery_figures`): time from the fault to the first correct
+answer to a request sent after it, time until latency is steady again, the largest latency, and p99 before.
 
 Prints one JSON line (the last line of stdout): {"scenarios": {name: {...} | {"error": ...}}, "wall_s": ...}.
 The cluster is shut down in `finally`; SIGTERM and the internal budget (SIGALRM) both end up there.
@@ -41,6 +48,27 @@ import torch  # noqa: E402
 
 D = 16
 LOOPBACK = "127.0.0.1"
+SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor")
+DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node")
+SLOTS_PER_WORKER = 2
+
+
+def recovery_figures(records: list[tuple[float, float, str]], t_fault: float) -> dict[str, float | None]:
+    """Recovery of a closed-loop stream from a fault at `t_fault`; records are (sent, done, outcome) seconds.
+
+    first_ok_s: fault -> first correct answer to a request sent after it. steady_s: fault -> the end of the
+    last slow request (latency > 2x the p99 before the fault, and > p99 + 20 ms); after it every request is
+    within that bound (0 when none was slow). max_latency_s: the largest latency of a request answered after
+    the fault. p99_before_s: the steady p99 before it (None without requests before the fault)."""
+    before = sorted(e - s for s, e, _ in records if e < t_fault)
+    p99 = before[min(len(before) - 1, round(0.99 * (len(before) - 1)))] if before else None
+    after = [(s, e, o) for s, e, o in records if e >= t_fault]
+    oks = [e for s, e, o in after if s >= t_fault and o == "ok"]
+    bound = max(2 * p99, p99 + 0.02) if p99 is not None else None
+    slow = [e for s, e, _ in after if bound is not None and e - s > bound]
+    return {"first_ok_s": min(oks) - t_fault if oks else None,
+            "steady_s": max(slow) - t_fault if slow else 0.0,
+            "max_latency_s": max((e - s for s, e, _ in after), default=0.0), "p99_before_s": p99}
 
 
 class Budget(Exception):
@@ -103,11 +131,9 @@ class Stream:
                 "wrong": sum(o == "wrong" for _, _, o in records), "errors": errors, "hung": hung,
                 "max_latency_s": max((e - s for s, e, _ in records), default=0.0)}
 
-    def first_ok_after(self, t: float) -> float | None:
-        """Seconds from `t` to the end of the first correct answer to a request sent after `t`."""
+    def figures(self, t_fault: float) -> dict[str, float | None]:
         with self.lock:
-            ends = [e for s, e, o in self.records if s >= t and o == "ok"]
-        return min(ends) - t if ends else None
+            return recovery_figures(list(self.records), t_fault)
 
 
 def _where(status: dict[str, Any]) -> dict[str, str | None]:
@@ -203,23 +229,59 @@ def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, 
     stream = Stream(c, layers, seed=20).start()
     try:
         time.sleep(1.5)
-        t_remove = time.monotonic()
-        cluster.remove_node(workers.pop(victim_id), allow_graceful=False)
+        cluster.remove_node(workers.pop(victim_id), allow_graceful=False)  # returns once its processes are dead
+        t_remove = time.monotonic()  # the fault: from here nothing on that node answers
         st = _wait(healed, 60, "actors on the removed node replaced")
         healed_s = time.monotonic() - t_remove
         time.sleep(2.0)  # a steady stretch after recovery
     finally:
         result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
     after = _where(st)
-    return {"removed_actors": doomed, "replaced_on_live_nodes": all(n in workers for n in after.values()),
-            "stream": result, "first_ok_after_remove_s": stream.first_ok_after(t_remove),
-            "healed_s": healed_s, "correct_after": _correct(c, layers, n=10)}
+    out = {"removed_actors": doomed, "replaced_on_live_nodes": all(n in workers for n in after.values()),
+           "stream": result, **stream.figures(t_remove), "healed_s": healed_s,
+           "correct_after": _correct(c, layers, n=10)}
+    node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=LOOPBACK)
+    workers[node.node_id] = node  # room for the next repeat
+    return out
+
+
+def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    victim = sorted(a for a, n in _where(c.status()).items() if n in workers)[0]
+
+    def healed() -> bool:
+        st = c.status()
+        return all(s["alive"] for s in st["actors"].values()) and victim not in st["actors"]
+
+    stream = Stream(c, layers, seed=30).start()
+    try:
+        time.sleep(1.5)
+        t_kill = time.monotonic()
+        ray.kill(ray.get_actor(f"expertray-{victim}", namespace="expertray"), no_restart=True)
+        _wait(healed, 60, f"{victim} replaced")
+        healed_s = time.monotonic() - t_kill
+        time.sleep(2.0)
+    finally:
+        result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
+    return {"killed": victim, "stream": result, **stream.figures(t_kill), "healed_s": healed_s,
+            "correct_after": _correct(c, layers, n=10)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=int, default=200)
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                        help=f"comma-separated, in order, from {', '.join(SCENARIOS)}")
+    parser.add_argument("--workers", type=int, default=2, help=f"worker raylets to start with "
+                        f"({SLOTS_PER_WORKER} expert slots each; the 4 actors need 2, a replacement needs a spare)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each fault scenario (kill_actor, remove_node)")
     args = parser.parse_args()
+    names = [n for n in args.scenarios.split(",") if n]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or args.repeats < 1 or args.workers < 2:
+        parser.error(f"unknown scenario(s) {unknown} (known: {', '.join(SCENARIOS)})" if unknown
+                     else f"--repeats must be >= 1 and --workers >= 2, got {args.repeats}, {args.workers}")
     signal.signal(signal.SIGTERM, _raise_budget)
     signal.signal(signal.SIGALRM, _raise_budget)
     signal.alarm(args.budget_s)
@@ -239,8 +301,9 @@ def main() -> None:
         cluster = Cluster()  # assigned before any node starts, so `finally` can stop what did
         cluster.add_node(num_cpus=4, include_dashboard=False, node_ip_address=LOOPBACK, temp_dir=tmp)
         workers = {}
-        for _ in range(2):
-            node = cluster.add_node(num_cpus=1, resources={"expert_slot": 2}, node_ip_address=LOOPBACK)
+        for _ in range(args.workers):
+            node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER},
+                                    node_ip_address=LOOPBACK)
             workers[node.node_id] = node
         cluster.wait_for_nodes()
         os.environ["RAY_ADDRESS"] = cluster.address  # any implicit re-init attaches here, never elsewhere
@@ -252,18 +315,23 @@ def main() -> None:
                             max_expert_actors=8)
         layers = random_model(cfg)
         c = launch(cfg, layers, detached=False)
-        for name, run in (("spread", lambda: scenario_spread(c, layers, workers)),
-                          ("connect", lambda: scenario_connect(cluster.address)),
-                          ("grow", lambda: scenario_grow(c, layers, cluster, workers)),
-                          ("remove_node", lambda: scenario_remove(c, layers, cluster, workers))):
-            t = time.monotonic()
-            try:
-                results[name] = {**run(), "wall_s": round(time.monotonic() - t, 2)}
-            except Budget:
-                results[name] = {"error": "run budget exhausted"}
-                raise
-            except Exception as exc:  # noqa: BLE001 - recorded; the test names the scenario that failed
-                results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+        runs = {"spread": lambda: scenario_spread(c, layers, workers),
+                "connect": lambda: scenario_connect(cluster.address),
+                "grow": lambda: scenario_grow(c, layers, cluster, workers),
+                "remove_node": lambda: scenario_remove(c, layers, cluster, workers),
+                "kill_actor": lambda: scenario_kill_actor(c, layers, workers)}
+        for name in names:
+            repeats = args.repeats if name in ("remove_node", "kill_actor") else 1
+            for i in range(repeats):
+                key = name if repeats == 1 else f"{name}#{i}"
+                t = time.monotonic()
+                try:
+                    results[key] = {**runs[name](), "wall_s": round(time.monotonic() - t, 2)}
+                except Budget:
+                    results[key] = {"error": "run budget exhausted"}
+                    raise
+                except Exception as exc:  # noqa: BLE001 - recorded; the test names the scenario that failed
+                    results[key] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
     except Budget as exc:
         results.setdefault("_run", {"error": str(exc)})
     finally:
