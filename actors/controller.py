@@ -45,6 +45,7 @@ NAMESPACE = "expertray"
 CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
 LIVENESS_INTERVAL_S = 2.0
 LIVENESS_BACKOFF_MAX_S = 30.0
+SUSPECT_NODE_S = 60.0  # a node where an actor stopped answering gets no new actor for this long (if others can)
 
 
 @ray.remote
@@ -58,6 +59,7 @@ class Controller:
         self.layers: list[MoELayer] | None = None  # the weight store, when no live replica holds an expert
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
         self.actor_nodes: dict[str, str | None] = {}  # expert actor id -> Ray node id (chosen, then observed)
+        self.suspect_nodes: dict[str, float] = {}  # node id -> when an actor there stopped answering
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -169,9 +171,21 @@ class Controller:
         return {k: v for k, v in {"CPU": c.actor_num_cpus, "GPU": c.actor_num_gpus, **c.actor_resources}.items()
                 if v > 0}
 
+    def _node_suspect(self, actor: str, failed: bool) -> None:
+        """An actor's ping failed (its node may be gone: Ray lists a killed node as alive for ~15 s, until its
+        health checks fail) or succeeded (its node works)."""
+        node = self.actor_nodes.get(actor)
+        if node is not None and failed:
+            self.suspect_nodes.setdefault(node, time.monotonic())
+        elif node is not None:
+            self.suspect_nodes.pop(node, None)
+
     def _node_choice(self) -> tuple[str | None, dict[str, Any]]:
         """The node for the next expert actor (expertray/nodes.py): most room for `_actor_demand`, fewest of
-        our actors; ({} options: no node has room, Ray queues it until one joins)."""
+        our actors, avoiding nodes where an actor just stopped answering (SUSPECT_NODE_S) while another node
+        has room; ({} options: no node has room, Ray queues it until one joins)."""
+        now = time.monotonic()
+        self.suspect_nodes = {n: t for n, t in self.suspect_nodes.items() if now - t < SUSPECT_NODE_S}
         demand = self._actor_demand()
         used: dict[str, dict[str, float]] = {}
         actors_on: dict[str, int] = {}
@@ -182,7 +196,10 @@ class Controller:
                 for k, v in demand.items():
                     used.setdefault(node, {})[k] = used.get(node, {}).get(k, 0.0) + v
         try:
-            return pools.node_affinity(demand, pools.live_nodes(), used, actors_on)
+            nodes = pools.live_nodes()
+            trusted = [n for n in nodes if n.node_id not in self.suspect_nodes]
+            node, options = pools.node_affinity(demand, trusted, used, actors_on) if trusted else (None, {})
+            return (node, options) if node is not None else pools.node_affinity(demand, nodes, used, actors_on)
         except ExpertRayError as exc:  # no node list: let Ray place it
             log.warning("expert actor placement: %s; leaving the node to Ray", exc)
             return None, {}

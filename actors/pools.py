@@ -111,9 +111,11 @@ class RayActorPool:
             return False
         try:
             await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
-            return True
         except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
+            self.ctl._node_suspect(actor, True)
             return False
+        self.ctl._node_suspect(actor, False)
+        return True
 
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
         if source is not None:

@@ -151,6 +151,11 @@ def _wait(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.5) 
         time.sleep(interval_s)
 
 
+def _changes(c: Any, since: float) -> list[tuple[float, str]]:
+    """Placement changes (heals) after the fault: (seconds after it, reason), from the controller's history."""
+    return [(round(e["t"] - since, 2), e["reason"][:120]) for e in c.status()["history"] if e["t"] >= since]
+
+
 def _correct(cluster: Any, layers: list[Any], n: int = 6) -> bool:
     gen = torch.Generator().manual_seed(99)
     for i in range(n):
@@ -230,7 +235,7 @@ def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, 
     try:
         time.sleep(1.5)
         cluster.remove_node(workers.pop(victim_id), allow_graceful=False)  # returns once its processes are dead
-        t_remove = time.monotonic()  # the fault: from here nothing on that node answers
+        t_remove, wall_remove = time.monotonic(), time.time()  # the fault: from here nothing there answers
         st = _wait(healed, 60, "actors on the removed node replaced")
         healed_s = time.monotonic() - t_remove
         time.sleep(2.0)  # a steady stretch after recovery
@@ -239,7 +244,7 @@ def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, 
     after = _where(st)
     out = {"removed_actors": doomed, "replaced_on_live_nodes": all(n in workers for n in after.values()),
            "stream": result, **stream.figures(t_remove), "healed_s": healed_s,
-           "correct_after": _correct(c, layers, n=10)}
+           "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_remove)}
     node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=LOOPBACK)
     workers[node.node_id] = node  # room for the next repeat
     return out
@@ -257,7 +262,7 @@ def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> d
     stream = Stream(c, layers, seed=30).start()
     try:
         time.sleep(1.5)
-        t_kill = time.monotonic()
+        t_kill, wall_kill = time.monotonic(), time.time()
         ray.kill(ray.get_actor(f"expertray-{victim}", namespace="expertray"), no_restart=True)
         _wait(healed, 60, f"{victim} replaced")
         healed_s = time.monotonic() - t_kill
@@ -265,7 +270,7 @@ def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> d
     finally:
         result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
     return {"killed": victim, "stream": result, **stream.figures(t_kill), "healed_s": healed_s,
-            "correct_after": _correct(c, layers, n=10)}
+            "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_kill)}
 
 
 def main() -> None:
