@@ -196,10 +196,7 @@ class Controller:
                 for k, v in demand.items():
                     used.setdefault(node, {})[k] = used.get(node, {}).get(k, 0.0) + v
         try:
-            nodes = pools.live_nodes()
-            trusted = [n for n in nodes if n.node_id not in self.suspect_nodes]
-            node, options = pools.node_affinity(demand, trusted, used, actors_on) if trusted else (None, {})
-            return (node, options) if node is not None else pools.node_affinity(demand, nodes, used, actors_on)
+            return pools.node_affinity(demand, pools.live_nodes(), used, actors_on, set(self.suspect_nodes))
         except ExpertRayError as exc:  # no node list: let Ray place it
             log.warning("expert actor placement: %s; leaving the node to Ray", exc)
             return None, {}

@@ -82,12 +82,12 @@ def actor_location(handle: Any) -> dict[str, str] | None:
 
 
 def node_affinity(demand: dict[str, float], nodes: list[NodeInfo], used: dict[str, dict[str, float]],
-                  actors_on: dict[str, int]) -> tuple[str | None, dict[str, Any]]:
+                  actors_on: dict[str, int], avoid: Any = ()) -> tuple[str | None, dict[str, Any]]:
     """(chosen node id, actor options) for a new expert actor: a soft NodeAffinitySchedulingStrategy on the
     node `choose_node` picks, or no preference (Ray queues it until a node with room joins) when none fits."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = choose_node(nodes, used, demand, actors_on)
+    node = choose_node(nodes, used, demand, actors_on, avoid)
     if node is None:
         return None, {}
     return node.node_id, {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=True)}

@@ -12,7 +12,7 @@ created without a preference and waits for the Ray autoscaler (or a `ray start` 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,17 +106,20 @@ def fits(node: NodeInfo, used: Mapping[str, float], demand: Mapping[str, float])
 
 
 def choose_node(nodes: Sequence[NodeInfo], used: Mapping[str, Mapping[str, float]],
-                demand: Mapping[str, float], actors_on: Mapping[str, int] | None = None) -> NodeInfo | None:
+                demand: Mapping[str, float], actors_on: Mapping[str, int] | None = None,
+                avoid: Collection[str] = ()) -> NodeInfo | None:
     """The node for a new actor asking for `demand`: among nodes where it fits, the one with room for the
     most further actors (most free `expert_slot` / GPU / CPU, whichever the demand asks for), then the one
     holding fewest of the controller's actors (spread), then the lowest node id (deterministic).
 
-    used: node id -> resources the controller's actors hold there. Returns None when no node has room (the
-    caller then lets Ray queue the actor until a node is added)."""
+    used: node id -> resources the controller's actors hold there. avoid: node ids to use only when no other
+    node has room (e.g. where an actor just stopped answering: Ray lists a killed node as alive until its
+    health checks fail). Returns None when no node has room (the caller then lets Ray queue the actor until a
+    node is added)."""
     check_demand(demand)
     actors_on = actors_on or {}
     room = [(fits(n, used.get(n.node_id, {}), demand), n) for n in nodes]
-    candidates = [(r, n) for r, n in room if r > 0]
+    candidates = [(r, n) for r, n in room if r > 0 and n.node_id not in avoid] or [(r, n) for r, n in room if r > 0]
     if not candidates:
         return None
     return min(candidates, key=lambda rn: (-rn[0], actors_on.get(rn[1].node_id, 0), rn[1].node_id))[1]

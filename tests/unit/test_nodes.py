@@ -100,3 +100,11 @@ def test_actor_resources_config_checked() -> None:
     for bad in ({"GPU": 1}, {"expert_slot": -1}, {"": 1}, {"expert_slot": "one"}):
         with pytest.raises(ConfigError, match="cluster.actor_resources"):
             ClusterConfig(actor_resources=bad)
+
+
+def test_avoided_nodes_are_used_only_when_no_other_has_room() -> None:
+    nodes = [_node("a", CPU=2, expert_slot=4), _node("b", CPU=2, expert_slot=1)]
+    demand = {"CPU": 0.25, "expert_slot": 1}
+    assert choose_node(nodes, {}, demand).node_id == "a"
+    assert choose_node(nodes, {}, demand, avoid={"a"}).node_id == "b"  # a just lost an actor: maybe dead
+    assert choose_node(nodes, {"b": {"expert_slot": 1}}, demand, avoid={"a"}).node_id == "a"  # only a has room
