@@ -34,6 +34,7 @@ import numpy as np
 import ray
 import torch
 
+from expertray.actors import pools
 from expertray.actors.expert import ExpertActor
 from expertray.actors.pools import RayActorPool, RayRouterPool, bounded, default_state_dir
 from expertray.actors.router import LayerParams, RouterActor
@@ -52,6 +53,7 @@ NAMESPACE = "expertray"
 CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
 LIVENESS_INTERVAL_S = 2.0
 LIVENESS_BACKOFF_MAX_S = 30.0
+SUSPECT_NODE_S = 60.0  # a node where an actor stopped answering gets no new actor for this long (if others can)
 
 
 @ray.remote
@@ -66,6 +68,8 @@ class Controller:
         self.checkpoint: dict[str, Any] = {}  # the served checkpoint's descriptor (checkpoint clusters)
         self.layers: list[MoELayer] | None = None  # random-weight clusters' weight store
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
+        self.actor_nodes: dict[str, str | None] = {}  # expert actor id -> Ray node id (chosen, then observed)
+        self.suspect_nodes: dict[str, float] = {}  # node id -> when an actor there stopped answering
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -134,6 +138,7 @@ class Controller:
         if self.cfg.model:
             self._restore_checkpoint()
         self.handles = {a: h for a in table.actors if (h := self._lookup(f"expertray-{a}")) is not None}
+        self._locate()  # which node each re-attached actor runs on (new actors are placed by it)
         self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
         self.control.history = history
         self._start_background()
@@ -195,14 +200,63 @@ class Controller:
         return opts
 
     # --- start-up ------------------------------------------------------------------------------------
+    def _actor_demand(self) -> dict[str, float]:
+        """Resources one expert actor asks for: its CPU/GPU shares and `actor_resources` (e.g. expert_slot)."""
+        c = self.cfg
+        return {k: v for k, v in {"CPU": c.actor_num_cpus, "GPU": c.actor_num_gpus, **c.actor_resources}.items()
+                if v > 0}
+
+    def _node_suspect(self, actor: str, failed: bool) -> None:
+        """An actor's ping failed (its node may be gone: Ray lists a killed node as alive for ~15 s, until its
+        health checks fail) or succeeded (its node works)."""
+        node = self.actor_nodes.get(actor)
+        if node is not None and failed:
+            self.suspect_nodes.setdefault(node, time.monotonic())
+        elif node is not None:
+            self.suspect_nodes.pop(node, None)
+
+    def _node_choice(self) -> tuple[str | None, dict[str, Any]]:
+        """The node for the next expert actor (expertray/nodes.py): most room for `_actor_demand`, fewest of
+        our actors, avoiding nodes where an actor just stopped answering (SUSPECT_NODE_S) while another node
+        has room; ({} options: no node has room, Ray queues it until one joins)."""
+        now = time.monotonic()
+        self.suspect_nodes = {n: t for n, t in self.suspect_nodes.items() if now - t < SUSPECT_NODE_S}
+        demand = self._actor_demand()
+        used: dict[str, dict[str, float]] = {}
+        actors_on: dict[str, int] = {}
+        for a in self.handles:
+            node = self.actor_nodes.get(a)
+            if node is not None:
+                actors_on[node] = actors_on.get(node, 0) + 1
+                for k, v in demand.items():
+                    used.setdefault(node, {})[k] = used.get(node, {}).get(k, 0.0) + v
+        try:
+            return pools.node_affinity(demand, pools.live_nodes(), used, actors_on, set(self.suspect_nodes))
+        except ExpertRayError as exc:  # no node list: let Ray place it
+            log.warning("expert actor placement: %s; leaving the node to Ray", exc)
+            return None, {}
+
     def _new_actor(self) -> str:
         actor_id = f"expert-{self.next_actor}"
         self.next_actor += 1
         c = self.cfg
+        node, placement = self._node_choice()
         self.handles[actor_id] = ExpertActor.options(
-            **self._child_options(f"expertray-{actor_id}", c.actor_num_cpus, c.actor_num_gpus)).remote(
+            **self._child_options(f"expertray-{actor_id}", c.actor_num_cpus, c.actor_num_gpus),
+            resources=dict(c.actor_resources), **placement).remote(
             actor_id, max(1, math.floor(c.actor_num_cpus)), self.dtype, c.layer)
+        self.actor_nodes[actor_id] = node
         return actor_id
+
+    def _locate(self) -> dict[str, dict[str, str] | None]:
+        """Where each expert actor and router runs, as the GCS says (None: not placed yet); refreshes
+        `actor_nodes` with what Ray actually did."""
+        where = {a: pools.actor_location(h) for a, h in list(self.handles.items()) + list(self.routers.items())
+                 if h is not None}
+        for a in self.handles:
+            if where.get(a) is not None:
+                self.actor_nodes[a] = where[a]["node_id"]
+        return where
 
     async def _start_router(self, table: PlacementTable) -> tuple[str, Any]:
         """Create a router serving `table` and start it (transport open, batching); killed if it fails."""
@@ -437,9 +491,7 @@ class Controller:
             elif a.kind == "request_resources":
                 from ray.autoscaler.sdk import request_resources
 
-                bundle = {"CPU": self.cfg.actor_num_cpus}
-                if self.cfg.actor_num_gpus:
-                    bundle["GPU"] = self.cfg.actor_num_gpus
+                bundle = self._actor_demand()
                 request_resources(bundles=[bundle] * (len(self.table.actors) + 1))
             else:
                 await self.control.apply(a.apply(self.table), f"autoscale: {a.reason}")
@@ -475,9 +527,25 @@ class Controller:
         routers = [r for _, r in answered]
         totals = {k: sum(r.get(k, 0) for r in routers) for k in ("requests", "errors", "rejected", "timeouts",
                                                                  "retries")}
+        where = await asyncio.to_thread(self._locate)
+        for a, stats in actor_stats.items():
+            stats["node"] = where.get(a)
+        for r, stats in answered:
+            stats["node"] = where.get(r)
         return {"table": self.table.to_dict(), "transport": self.transport, "actors": actor_stats,
                 "routers": routers, "routers_down": down, "requests": totals, "controller": self._health(),
-                "history": self.control.history[-50:]}
+                "nodes": await asyncio.to_thread(self._nodes), "history": self.control.history[-50:]}
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        """Ray's live nodes with the expert actors and routers on each (`expertray status` shows them)."""
+        try:
+            nodes = pools.live_nodes()
+        except ExpertRayError as exc:
+            return [{"error": str(exc)}]
+        where = {a: self.actor_nodes.get(a) for a in self.handles}
+        return [{"node_id": n.node_id, "ip": n.ip, "head": n.is_head, "resources": dict(n.resources),
+                 "labels": dict(n.labels), "actors": sorted(a for a, node in where.items() if node == n.node_id)}
+                for n in nodes]
 
     # --- placement changes ---------------------------------------------------------------------------
     async def apply_table(self, new: PlacementTable, reason: str = "") -> dict[str, Any]:
@@ -498,7 +566,9 @@ class Controller:
                 free = [a for a in self.table.actors if a not in held]
                 if not free:
                     raise ConfigError(f"every actor already holds expert {layer}:{expert}")
-                actor = min(free, key=lambda a: len(self.table.slots_of(a)))
+                held_nodes = {self.actor_nodes.get(a) for a in held}  # replicas prefer a node without one
+                actor = min(free, key=lambda a: (self.actor_nodes.get(a) in held_nodes,
+                                                 len(self.table.slots_of(a))))
             return await self.control.apply(self.table.replicate(layer, expert, actor),
                                             f"replicate {layer}:{expert}")
 
@@ -515,14 +585,14 @@ class Controller:
     async def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
         """Re-plan the whole placement from the window load with a placement policy (replica counts and
         packing, keeping slots in place where it costs no balance) and apply it between batches."""
+        from expertray.nodes import topology_from_nodes
         from expertray.policies.placement import PLACEMENT
-        from expertray.topology import Topology
 
         signals = await self.signals()
         async with self.control.lock:
             actors = list(self.table.actors)
             per_layer = math.ceil(self.table.num_experts / len(actors))
-            topo = Topology.single_node(actors, slots_per_actor or per_layer + 1)
+            topo = topology_from_nodes(self.actor_nodes, actors, slots_per_actor or per_layer + 1)
             plan = PLACEMENT.create(policy).plan(signals.load, topo, self.table, signals.expert_bytes)
             event = await self.control.apply(plan.table, f"rebalance ({policy}): balancedness "
                                              f"{plan.balancedness_before.mean:.3f} -> "

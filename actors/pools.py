@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from expertray.errors import ExpertRayError
+from expertray.nodes import NodeInfo, choose_node, nodes_from_ray
 from expertray.placement_table import PlacementTable
 from expertray.runtime.control import ExpertKey
 from expertray.runtime.weights import expert_blob
@@ -40,6 +41,53 @@ async def bounded(ref: Any, timeout_s: float, what: str) -> Any:
         raise TimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
 
 
+def live_nodes() -> list[NodeInfo]:
+    """Ray's live nodes (dead ones left out), from the GCS: works without the dashboard."""
+    return nodes_from_ray(ray.nodes())
+
+
+def head_node_options() -> dict[str, Any]:
+    """Actor options that pin an actor to the head node: the controller lives there, as `ray up` and KubeRay
+    clusters expect, rather than on a worker that may be scaled away. Hard affinity: Ray 2.60 does not always
+    honour a soft one for an actor asking for no resources (the controller's num_cpus=0). {} when Ray names no
+    head (e.g. a cluster whose nodes are all workers)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        head = next((n for n in live_nodes() if n.is_head), None)
+    except ExpertRayError:
+        head = None
+    return {} if head is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(head.node_id, soft=False)}
+
+
+def actor_location(handle: Any) -> dict[str, str] | None:
+    """{"node_id", "ip", "state"} of an actor as the GCS records it; None while it is not placed (pending)
+    or unknown. The GCS actor table has no public accessor without the dashboard in Ray 2.x."""
+    from ray._private.state import actors as actor_table
+
+    try:
+        info = actor_table(actor_id=handle._actor_id.hex())
+    except Exception:  # noqa: BLE001 - the location is informative; a failed lookup is "unknown"
+        return None
+    address = info.get("Address") or {}
+    node_id = address.get("NodeID", "")
+    if not node_id or set(node_id) == {"f"}:  # the nil id: not scheduled yet
+        return None
+    return {"node_id": node_id, "ip": address.get("IPAddress", ""), "state": str(info.get("State", ""))}
+
+
+def node_affinity(demand: dict[str, float], nodes: list[NodeInfo], used: dict[str, dict[str, float]],
+                  actors_on: dict[str, int], avoid: Any = ()) -> tuple[str | None, dict[str, Any]]:
+    """(chosen node id, actor options) for a new expert actor: a soft NodeAffinitySchedulingStrategy on the
+    node `choose_node` picks, or no preference (Ray queues it until a node with room joins) when none fits."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = choose_node(nodes, used, demand, actors_on, avoid)
+    if node is None:
+        return None, {}
+    return node.node_id, {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=True)}
+
+
 class RayActorPool:
     """ActorPool over Ray expert actors (see expertray/runtime/control.py)."""
 
@@ -58,9 +106,11 @@ class RayActorPool:
             return False
         try:
             await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
-            return True
         except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
+            self.ctl._node_suspect(actor, True)
             return False
+        self.ctl._node_suspect(actor, False)
+        return True
 
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
         """Give `actor` the weights of `keys`: copied from live actor `source`; else, for a checkpoint cluster,

@@ -91,6 +91,7 @@ class RouterActor:
         self.token_rate = RateWindow(RATE_WINDOW_S)
         self.started_at = time.time()
         self.loop_task: asyncio.Task | None = None
+        self.batch_dropped = asyncio.Event()  # set by set_table when the controller replaced dead actors
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self, controller: Any = None) -> str:
@@ -125,6 +126,9 @@ class RouterActor:
 
         The transport is re-formed when the actor set changes or `reopen` (after a failure)."""
         new = PlacementTable.from_dict(table)
+        gone = sorted(set(self.table.actors) - set(new.actors))
+        if reopen and gone:  # dead actors replaced: a batch waiting on them would wait for Ray to notice
+            self.batch_dropped.set()  # (a killed node: ~15 s) before this switch could take the lane
         async with self.lane:
             self.handles = {**self.handles, **handles}
             if reopen or new.actors != self.table.actors:
@@ -136,6 +140,7 @@ class RouterActor:
                     log.warning("router %s: closing the old transport failed", self.router_id, exc_info=True)
                 self.bytes_out = [0] * len(new.actors)
             self.table = new
+            self.batch_dropped.clear()
         return new.version
 
     # --- requests ------------------------------------------------------------------------------------
@@ -174,9 +179,21 @@ class RouterActor:
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
         policy = self.policy.for_layer(layer).for_route(self.table.route(layer))
-        result = await run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy, self.selector,
-                                 self.table, self.transport, expert_load=self.stats_.window_load(layer),
-                                 dtype=self.dtype)
+        run = asyncio.ensure_future(run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy,
+                                              self.selector, self.table, self.transport,
+                                              expert_load=self.stats_.window_load(layer),
+                                              dtype=self.dtype))
+        dropped = asyncio.ensure_future(self.batch_dropped.wait())
+        try:
+            await asyncio.wait({run, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropped.cancel()
+            if not run.done():
+                run.cancel()  # dropped for a table switch, or the batcher is cancelling this batch
+        if not run.done() or run.cancelled():
+            raise TransportError(f"layer {layer}: batch dropped: the controller replaced dead expert actors; "
+                                 f"it is requeued on the new table")
+        result = run.result()
         self._record(layer, result)
         return result.output
 

@@ -246,6 +246,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     so no routed expert passes through this process or the controller. Without `model`: `layers`, else
     deterministic random weights (random_model)."""
     from expertray.actors.controller import Controller
+    from expertray.actors.pools import head_node_options
 
     check_policy_names(cfg)
     if cfg.model:
@@ -270,6 +271,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     except ValueError:
         pass
     opts: dict[str, Any] = {"name": CONTROLLER, "namespace": NAMESPACE, "num_cpus": 0}
+    opts.update(head_node_options())  # the controller runs on the head, not on a worker that may go away
     if detached:  # survives the driver; restarted by Ray on failure (state restored from the snapshot)
         opts.update(lifetime="detached", max_restarts=-1)
     # the constructor gets only the config, so Ray can re-run it on a restart; the weights (or the checkpoint's

@@ -191,6 +191,9 @@ class ClusterConfig:
     directory under the Ray session directory).
     Devices: expert actors take `actor_num_gpus` each (fractions share a GPU); when they have GPUs, routers
     take `router_num_gpus` so gate, plan, permute and combine run beside them on a device.
+    `actor_resources`: custom Ray resources each expert actor also asks for (e.g. {"expert_slot": 1}, declared
+    per node by `ray start --resources`); the controller places each new actor on the live node with the most
+    room for them (expertray/nodes.py).
     model: a Hugging Face checkpoint directory to serve (empty: random weights of `layer` × `num_layers`).
     dtype: serving dtype of expert weights and compute; auto = the checkpoint's torch_dtype (float32 for
     random weights). Gate math is float32 whatever the dtype.
@@ -210,6 +213,7 @@ class ClusterConfig:
     replica_policy: str = "round_robin"
     actor_num_cpus: float = 0.5
     actor_num_gpus: float = 0.0
+    actor_resources: dict[str, float] = field(default_factory=dict)
     router_num_cpus: float = 0.5
     router_num_gpus: float = 0.0
     seed: int = 0
@@ -248,6 +252,11 @@ class ClusterConfig:
         _require(self.actor_num_cpus > 0 or self.actor_num_gpus > 0, "cluster.actor_num_cpus",
                  "an expert actor needs a CPU or GPU share > 0")
         _require(self.actor_num_gpus >= 0, "cluster.actor_num_gpus", f"must be >= 0, got {self.actor_num_gpus}")
+        _require(isinstance(self.actor_resources, dict) and all(
+            isinstance(k, str) and k and k not in ("CPU", "GPU") and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for k, v in self.actor_resources.items()),
+            "cluster.actor_resources", f"must map custom resource names (not CPU/GPU: use actor_num_cpus/gpus) "
+            f"to finite amounts >= 0, got {self.actor_resources!r}")
         _require(self.router_num_cpus >= 0, "cluster.router_num_cpus", f"must be >= 0, got {self.router_num_cpus}")
         _require(math.isfinite(self.router_num_gpus) and self.router_num_gpus >= 0, "cluster.router_num_gpus",
                  f"must be a finite number >= 0, got {self.router_num_gpus}")

@@ -261,3 +261,41 @@ def test_prometheus_scrapes_a_live_metrics_endpoint(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         metrics.stop()
+
+
+# -- multi-node placement: expert actors and routers on GPU workers, controller and ingress on the head ------
+
+
+def test_ray_up_workers_offer_one_expert_slot_per_gpu_and_the_head_none() -> None:
+    from expertray.config import ClusterConfig, from_dict
+
+    config = load_yaml("gpu-aws.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]["resources"]
+    assert head.get("CPU", 0) > 0 and head.get("GPU", 0) == 0 and head.get("expert_slot", 0) == 0
+    workers = [t["resources"] for name, t in types.items() if name != config["head_node_type"]]
+    assert all(w["expert_slot"] == w["GPU"] >= 1 for w in workers)
+    cfg = from_dict(ClusterConfig, load_yaml("expertray-gpu.yaml"), "cluster")
+    assert cfg.actor_resources == {"expert_slot": 1} and cfg.router_num_gpus > 0  # routers beside actors
+    assert any("-v /mnt/models:/mnt/models" in o for o in config["docker"]["run_options"])
+
+
+def _mounts(pod_spec: dict[str, Any]) -> dict[str, str]:
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec.get("volumes", [])
+              if "persistentVolumeClaim" in v}
+    return {m["mountPath"]: claims[m["name"]] for c in pod_spec["containers"] for m in c.get("volumeMounts", [])
+            if m["name"] in claims}
+
+
+def test_kuberay_head_runs_cpu_work_and_gpu_workers_offer_expert_slots_and_share_the_models() -> None:
+    cluster = load_yaml("kuberay-rayservice.yaml")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert float(head["rayStartParams"]["num-cpus"]) > 0 and "resources" not in head["rayStartParams"]
+    head_mounts = _mounts(head["template"]["spec"])
+    assert head_mounts == {"/mnt/models": "expertray-models"}
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in spec["containers"])
+        slots = json.loads(yaml.safe_load(group["rayStartParams"]["resources"]))  # a quoted JSON string
+        assert slots == {"expert_slot": gpus}, group["groupName"]
+        assert _mounts(spec) == head_mounts, group["groupName"]  # every node reads the same checkpoint path

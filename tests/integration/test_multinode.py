@@ -1,0 +1,89 @@
+"""expertray on a real multi-node Ray (head + worker raylets on this machine, `expert_slot` standing in for
+GPUs): placement by node, a second driver, growing onto a joining node, losing a node under a stream.
+
+The scenarios run in expertray/bench/multinode.py, in a process of its own (this process already
+holds the session's Ray connection), once for the module; each test checks one scenario's JSON result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+BUDGET_S = 240  # the driver's own budget; it then shuts its cluster down and still prints its result
+TIMEOUT_S = BUDGET_S + 60
+CLEAR_ERRORS = {"RequestTimeoutError", "ExpertUnavailableError", "RouterUnavailableError"}
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> dict[str, Any]:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "expertray.bench.multinode", "--budget-s", str(BUDGET_S)],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the driver shuts its cluster down in `finally`
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its raylets share its process group
+            out, err = proc.communicate()
+        pytest.fail(f"multi-node driver did not finish within {TIMEOUT_S} s; stderr tail: {err[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith('{"scenarios"')]
+    assert proc.returncode == 0 and lines, f"driver exited {proc.returncode}; stderr tail: {err[-3000:]}"
+    result = json.loads(lines[-1])
+    assert "_run" not in result["scenarios"], result["scenarios"]["_run"]
+    return result["scenarios"]
+
+
+def _scenario(scenarios: dict[str, Any], name: str) -> dict[str, Any]:
+    got = scenarios.get(name)
+    assert got is not None, f"scenario {name} did not run"
+    assert "error" not in got, f"scenario {name} failed: {got['error']}\n{got.get('trace', '')}"
+    return got
+
+
+def test_actors_spread_by_node_and_replicas_prefer_another_node(scenarios) -> None:
+    s = _scenario(scenarios, "spread")
+    assert s["actors_per_worker"] == [2, 2]  # 4 actors, two 2-slot workers
+    assert s["actors_on_head"] == 0  # the head has no expert_slot
+    assert s["replica_nodes"][0] != s["replica_nodes"][1] and None not in s["replica_nodes"]
+    assert s["controller_on_head"] and s["router_node_known"]
+    assert s["nodes_listed"] == 3
+    assert s["correct"]
+
+
+def test_connect_from_a_second_driver(scenarios) -> None:
+    s = _scenario(scenarios, "connect")
+    assert s == {**s, "actors": 4, "correct": True}
+
+
+def _no_loss(stream: dict[str, Any]) -> None:
+    assert stream["wrong"] == 0 and stream["hung"] == 0
+    assert set(stream["errors"]) <= CLEAR_ERRORS, stream["errors"]
+    assert stream["requests"] == stream["ok"] + sum(stream["errors"].values())  # nothing lost
+    assert stream["ok"] > 0
+
+
+def test_grows_onto_a_node_that_joins_mid_stream(scenarios) -> None:
+    s = _scenario(scenarios, "grow")
+    assert s["new_actor_on_new_node"]
+    _no_loss(s["stream"])
+    assert s["correct"]
+
+
+def test_losing_a_node_under_a_stream_loses_nothing(scenarios) -> None:
+    s = _scenario(scenarios, "remove_node")
+    assert len(s["removed_actors"]) == 2 and s["replaced_on_live_nodes"]
+    _no_loss(s["stream"])
+    assert s["first_ok_s"] is not None  # answers flowed again after the loss
+    assert s["correct_after"]
