@@ -268,8 +268,8 @@ class Controller:
             raise ExpertRayError(f"cannot start a router: the weights are unavailable ({self.weights_error})")
         router_id = f"router-{self.next_router}"
         self.next_router += 1
-        handle = RouterActor.options(**self._child_options(f"expertray-{router_id}", self.cfg.router_num_cpus)
-                                     ).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
+        handle = RouterActor.options(**self._child_options(f"expertray-{router_id}", self.cfg.router_num_cpus,
+                                                           self.cfg.router_num_gpus)).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
                                               max(1, math.floor(self.cfg.router_num_cpus)))
         try:
             transport = await bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),

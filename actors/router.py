@@ -64,9 +64,12 @@ class RouterActor:
         self.router_id = router_id
         self.cfg = cfg
         self.dtype = getattr(torch, serving_dtype(cfg))
+        # the GPU Ray assigned this router (router_num_gpus > 0), else the CPU: gate, plan, permute and combine
+        # run there, with the gate and shared experts moved once
+        self.device = assigned_device(len(ray.get_gpu_ids()))
         params = router_params(layers, serving_dtype(cfg)) if isinstance(layers, dict) else layers
-        self.layers = [p if p.shared is None else LayerParams(p.gate, _cast_shared(p.shared, self.dtype))
-                       for p in params]
+        self.layers = [(p if p.shared is None else LayerParams(p.gate, _cast_shared(p.shared, self.dtype)))
+                       .to(self.device) for p in params]
         self.policy = ROUTING.create(cfg.routing_policy, **cfg.routing_params)
         self.selector = REPLICA.create(cfg.replica_policy)
         self.stats_ = LoadStats(cfg.num_layers, cfg.layer.num_experts, window_batches=cfg.stats_window_batches)
@@ -115,9 +118,8 @@ class RouterActor:
     async def _open_transport(self, table: PlacementTable) -> Any:
         """The configured transport over `table`'s actors, opened on this router's device (the GPU Ray
         assigned it, else the CPU); `auto` falls back to the object store when no group can form."""
-        device = assigned_device(len(ray.get_gpu_ids()))
         transport = await open_transport(self.cfg.transport, [self.handles[a] for a in table.actors],
-                                         self.cfg.collective_timeout_s, list(table.actors), device)
+                                         self.cfg.collective_timeout_s, list(table.actors), self.device)
         log.info("router %s: transport %s", self.router_id, transport.describe())
         return transport
 
@@ -179,9 +181,10 @@ class RouterActor:
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
         policy = self.policy.for_layer(layer).for_route(self.table.route(layer))
+        hidden = hidden.to(self.device, non_blocking=True)  # the batch's one host -> device copy
         run = asyncio.ensure_future(run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy,
                                               self.selector, self.table, self.transport,
-                                              expert_load=self.stats_.window_load(layer),
+                                              expert_load=self.stats_.window_load(layer).to(self.device),
                                               dtype=self.dtype))
         dropped = asyncio.ensure_future(self.batch_dropped.wait())
         try:
@@ -204,11 +207,18 @@ class RouterActor:
         await self.controller.heal.remote(self.router_id)
 
     def _record(self, layer: int, result: BatchResult) -> None:
+        """Stats of one finished batch; device tensors come to the host in one copy."""
         batch, tstats, t = result.batch, result.transport_stats, result.times
-        self.stats_.record(layer, batch.expert_counts, batch.routing.num_dropped)
+        E = self.cfg.layer.num_experts
+        # a dropped assignment counts against the gate's own pick (scatter, not a mask: no device wait)
+        dropped_at = torch.where(batch.routing.experts < 0, batch.gate.experts, E).flatten()
+        dropped_per_expert = torch.zeros(E + 1, dtype=torch.long, device=dropped_at.device).scatter_add_(
+            0, dropped_at, torch.ones_like(dropped_at))[:E]
+        expert_counts, dropped_per_expert = torch.stack([batch.expert_counts, dropped_per_expert]).cpu()
+        self.stats_.record(layer, expert_counts, batch.routing.num_dropped)
         if self.trace is not None:
-            self.trace.write(layer, batch.routing.experts, batch.routing.weights, batch.gate.probs)
-        self.expert_tokens[layer] += batch.expert_counts
+            self.trace.write(layer, batch.routing.experts.cpu(), batch.routing.weights.cpu(), batch.gate.probs.cpu())
+        self.expert_tokens[layer] += expert_counts
         c = self.counters
         c["batches"] += 1
         c["tokens"] += batch.plan.num_tokens
@@ -217,11 +227,9 @@ class RouterActor:
         self.token_rate.add(batch.plan.num_tokens, time.monotonic())
         for i, b in enumerate(tstats.bytes_out):
             self.bytes_out[i] += b
-        dropped = batch.gate.experts[batch.routing.experts < 0]
-        dropped_per_expert = torch.bincount(dropped, minlength=self.cfg.layer.num_experts)
-        per_actor = batch.plan.group_counts(self.table.route(layer).dest_actor, len(self.table.actors))
-        self.observations["batches"].append((layer, (batch.expert_counts + dropped_per_expert).tolist(),
-                                             dropped_per_expert.tolist(), balancedness(per_actor.float()),
+        per_actor = torch.tensor([b.num_rows for b in batch.buckets], dtype=torch.float)
+        self.observations["batches"].append((layer, (expert_counts + dropped_per_expert).tolist(),
+                                             dropped_per_expert.tolist(), balancedness(per_actor),
                                              max(0.0, t[2] - t[0] - tstats.max_compute_ms / 1e3),
                                              t[3] - t[2]))
         for actor, ms in tstats.compute_ms.items():
@@ -247,7 +255,9 @@ class RouterActor:
         return {"router": self.router_id, "pid": os.getpid(), "table_version": self.table.version,
                 "uptime_s": time.time() - self.started_at,
                 "tokens_per_s": self.token_rate.rate(time.monotonic()),
-                "transport": self.transport.name if self.transport else None, **self.counters,
+                "transport": self.transport.name if self.transport else None,
+                "transport_detail": self.transport.describe() if self.transport else None,
+                "device": str(self.device), **self.counters,
                 **self.batcher.counters.as_dict(), "healing": self.batcher.healing,
                 "queued_tokens": self.batcher.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),

@@ -237,6 +237,11 @@ def status(address: str | None = ADDRESS, as_json: bool = JSON) -> None:
         for r in st["routers"]:
             console.print(f"{r['router']}: {r['requests']} requests, {r['batches']} batches, {r['tokens']} tokens, "
                           f"{r['dropped']} dropped, {r['errors']} errors, queue {r['queued_tokens']} tokens")
+            detail = r.get("transport_detail") or {}
+            if detail:  # which transport and backend this router uses, and why
+                backend = f" over {detail['backend']}" if detail.get("backend") else ""
+                reason = f" ({detail['reason']})" if detail.get("reason") else ""
+                console.print(f"  transport {detail.get('name')}{backend} on {r.get('device', 'cpu')}{reason}")
         for n in st.get("nodes", []):  # actors by Ray node
             routers = [r["router"] for r in st["routers"] if (r.get("node") or {}).get("node_id") == n.get("node_id")]
             console.print(f"node {n.get('ip', '?')} ({n.get('node_id', '')[:12]}{', head' if n.get('head') else ''})"
