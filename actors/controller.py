@@ -42,6 +42,7 @@ from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, ExpertRayError
 from expertray.layer import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
+from expertray.names import CONTROLLER, NAMESPACE, expert_actor_id, ray_name, router_id
 from expertray.placement_table import PlacementTable
 from expertray.runtime.control import PlacementControl
 from expertray.runtime.weights import load_weights, save_weights, serving_dtype
@@ -49,8 +50,6 @@ from expertray.snapshot import ControllerState, SnapshotError, load_controller_s
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "expertray"
-CONTROLLER = "controller"  # the name expertray.api.launch gives this actor
 LIVENESS_INTERVAL_S = 2.0
 LIVENESS_BACKOFF_MAX_S = 30.0
 SUSPECT_NODE_S = 60.0  # a node where an actor stopped answering gets no new actor for this long (if others can)
@@ -125,7 +124,7 @@ class Controller:
                           "restored)", exc)
         try:
             table, state = load_controller_snapshot(self.snapshot_path)
-            self.routers = {r: self._lookup(f"expertray-{r}") for r in state.routers}
+            self.routers = {r: self._lookup(ray_name(r)) for r in state.routers}
             history = list(state.history)
             self.next_actor, self.next_router, self.transport = state.next_actor, state.next_router, state.transport
             self.restored_autoscaler = state.autoscaler
@@ -137,7 +136,7 @@ class Controller:
             table, history = self._discover(), []
         if self.cfg.model:
             self._restore_checkpoint()
-        self.handles = {a: h for a in table.actors if (h := self._lookup(f"expertray-{a}")) is not None}
+        self.handles = {a: h for a in table.actors if (h := self._lookup(ray_name(a))) is not None}
         self._locate()  # which node each re-attached actor runs on (new actors are placed by it)
         self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
         self.control.history = history
@@ -174,9 +173,9 @@ class Controller:
     def _discover(self) -> PlacementTable:
         """Rebuild the table and id counters from the running routers and actors (named in the namespace)."""
         names = ray.util.list_named_actors()
-        numbers = {kind: [int(m.group(1)) for n in names if (m := re.fullmatch(rf"expertray-{kind}-(\d+)", n))]
+        numbers = {kind: [int(m.group(1)) for n in names if (m := re.fullmatch(rf"{ray_name(kind)}-(\d+)", n))]
                    for kind in ("router", "expert")}
-        self.routers = {f"router-{i}": self._lookup(f"expertray-router-{i}") for i in sorted(numbers["router"])}
+        self.routers = {router_id(i): self._lookup(ray_name(router_id(i))) for i in sorted(numbers["router"])}
         tables = []
         for r, h in self.routers.items():
             try:
@@ -237,12 +236,12 @@ class Controller:
             return None, {}
 
     def _new_actor(self) -> str:
-        actor_id = f"expert-{self.next_actor}"
+        actor_id = expert_actor_id(self.next_actor)
         self.next_actor += 1
         c = self.cfg
         node, placement = self._node_choice()
         self.handles[actor_id] = ExpertActor.options(
-            **self._child_options(f"expertray-{actor_id}", c.actor_num_cpus, c.actor_num_gpus),
+            **self._child_options(ray_name(actor_id), c.actor_num_cpus, c.actor_num_gpus),
             resources=dict(c.actor_resources), **placement).remote(
             actor_id, max(1, math.floor(c.actor_num_cpus)), self.dtype, c.layer)
         self.actor_nodes[actor_id] = node
@@ -266,19 +265,19 @@ class Controller:
             params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
         else:
             raise ExpertRayError(f"cannot start a router: the weights are unavailable ({self.weights_error})")
-        router_id = f"router-{self.next_router}"
+        new_id = router_id(self.next_router)
         self.next_router += 1
-        handle = RouterActor.options(**self._child_options(f"expertray-{router_id}", self.cfg.router_num_cpus,
-                                                           self.cfg.router_num_gpus)).remote(router_id, self.cfg, params, table.to_dict(), self.handles,
-                                              max(1, math.floor(self.cfg.router_num_cpus)))
+        options = self._child_options(ray_name(new_id), self.cfg.router_num_cpus, self.cfg.router_num_gpus)
+        handle = RouterActor.options(**options).remote(new_id, self.cfg, params, table.to_dict(), self.handles,
+                                                       max(1, math.floor(self.cfg.router_num_cpus)))
         try:
             transport = await bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
-                                       self.cfg.control_timeout_s, f"starting {router_id}")
+                                       self.cfg.control_timeout_s, f"starting {new_id}")
         except BaseException:
             ray.kill(handle, no_restart=True)
             raise
         self.transport = self.transport or transport
-        return router_id, handle
+        return new_id, handle
 
     async def start(self, layers: list[MoELayer] | None = None, checkpoint: dict[str, Any] | None = None
                     ) -> dict[str, Any]:
@@ -305,8 +304,8 @@ class Controller:
         pool = RayActorPool(self)
         await asyncio.gather(*[pool.load(a, [(s.layer, s.expert) for s in table.slots_of(a)], None) for a in ids])
         for _ in range(self.cfg.num_routers):
-            router_id, handle = await self._start_router(table)
-            self.routers[router_id] = handle
+            new_id, handle = await self._start_router(table)
+            self.routers[new_id] = handle
         self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
         self._save()
         self._start_background()

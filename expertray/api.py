@@ -29,11 +29,10 @@ from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError
 from expertray.exchange import from_host_array, to_host_array
 from expertray.layer import MoELayer
+from expertray.names import CONTROLLER, NAMESPACE
 from expertray.placement_table import PlacementTable
 from expertray.validation import check_hidden, check_layer
 
-NAMESPACE = "expertray"
-CONTROLLER = "controller"
 DEADLINE_GRACE_S = 2.0  # past a request's deadline, so the router's own RequestTimeoutError arrives first
 CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
 

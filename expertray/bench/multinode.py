@@ -46,6 +46,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
 
+from expertray.names import CONTROLLER, NAMESPACE, ray_name  # noqa: E402
+
 D = 16
 LOOPBACK = "127.0.0.1"
 SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor")
@@ -170,7 +172,7 @@ def _controller_node() -> str | None:
 
     from expertray.actors.pools import actor_location
 
-    where = actor_location(ray.get_actor("controller", namespace="expertray"))
+    where = actor_location(ray.get_actor(CONTROLLER, namespace=NAMESPACE))
     return where and where["node_id"]
 
 
@@ -263,7 +265,7 @@ def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> d
     try:
         time.sleep(1.5)
         t_kill, wall_kill = time.monotonic(), time.time()
-        ray.kill(ray.get_actor(f"expertray-{victim}", namespace="expertray"), no_restart=True)
+        ray.kill(ray.get_actor(ray_name(victim), namespace=NAMESPACE), no_restart=True)
         _wait(healed, 60, f"{victim} replaced")
         healed_s = time.monotonic() - t_kill
         time.sleep(2.0)
@@ -312,7 +314,7 @@ def main() -> None:
             workers[node.node_id] = node
         cluster.wait_for_nodes()
         os.environ["RAY_ADDRESS"] = cluster.address  # any implicit re-init attaches here, never elsewhere
-        ray.init(address=cluster.address, namespace="expertray", logging_level="WARNING", log_to_driver=False)
+        ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
         cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=24, gate=GateConfig("mixtral", 4, 2)),
                             num_layers=2, num_expert_actors=4, transport="object_store", actor_num_cpus=0.1,
                             actor_resources={"expert_slot": 1}, router_num_cpus=0.25, max_wait_ms=5.0,
