@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from expertray.api import _wire, launch
+from expertray.api import launch, to_wire
 from expertray.checkpoint.model import cluster_config, from_pretrained
 from expertray.checkpoint.source import WeightSource
 from expertray.checkpoint.synthetic import write_tiny_checkpoint
@@ -80,7 +80,7 @@ def test_bf16_checkpoint_serves_bf16_end_to_end(ray_session, tmp_path) -> None:
         held = sum(a["memory_bytes"] for a in status["actors"].values())
         assert held == slots * 3 * D * cluster.cfg.layer.d_ff * 2  # slots kept in bf16
         x = torch.randn(5, D).to(torch.bfloat16)
-        assert _wire(x)[0].nbytes == _wire(x.float())[0].nbytes // 2 and _wire(x)[1] == "bfloat16"
+        assert to_wire(x)[0].nbytes == to_wire(x.float())[0].nbytes // 2 and to_wire(x)[1] == "bfloat16"
         out = cluster.forward(0, x)
         assert out.dtype == torch.bfloat16 and out.shape == x.shape
     finally:
