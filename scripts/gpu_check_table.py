@@ -36,7 +36,7 @@ def table(doc: dict) -> str:
 # router stages as `expertray bench gpu` names them (median_ms of router_stages), in pipeline order
 STAGES = ["gate_upcast", "gate_gemm", "gate_gemm_out_fp32", "gate_gemm_in_dtype", "gate_select", "routing_topk",
           "routing_capacity_drop", "replica", "plan", "permute", "expert_counts", "pipeline_prepare", "combine",
-          "combine_place", "combine_reduce_bmm", "combine_reduce_sum", "shared_expert"]
+          "combine_place", "combine_place_gather", "combine_reduce_bmm", "combine_reduce_sum", "shared_expert"]
 
 
 def stages_table(cases: list[dict]) -> list[str]:

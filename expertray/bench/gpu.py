@@ -148,8 +148,11 @@ def router_stages(shape: Shape, cfg: GateConfig, gw: GateWeights, hidden: torch.
         "permute": device_ms(lambda: permute(hidden, plan), device, repeats),
         "expert_counts": device_ms(lambda: pipeline._expert_counts(routing.experts, experts), device, repeats),
         "combine": device_ms(lambda: combine(scratch, plan, routing.weights), device, repeats),
-        # combine_by_gather's two steps alone: rows to their (token, k) places, then the weighted sum
+        # combine_by_gather's two steps alone: rows to their (token, k) places (the scatter it uses with drops,
+        # the gather without), then the weighted sum
         "combine_place": device_ms(lambda: rows.new_empty(T_ * k, D).index_copy_(0, place, rows), device, repeats),
+        "combine_place_gather": device_ms(lambda: rows.index_select(0, torch.empty_like(place).scatter_(
+            0, place, torch.arange(T_ * k, device=device))), device, repeats),
         "combine_reduce_bmm": device_ms(lambda: torch.bmm(w.view(T_, 1, k), per_assignment.view(T_, k, D)),
                                         device, repeats),
         # the same sum as an elementwise product and a reduction over k (no batched GEMM)
