@@ -42,9 +42,10 @@ STAGES = ["gate_upcast", "gate_gemm", "gate_gemm_out_fp32", "gate_gemm_in_dtype"
 def stages_table(cases: list[dict]) -> list[str]:
     """Where the router's time goes: each stage's device ms, host syncs per prepare, the padded expert
     path beside the grouped GEMM (absent in results from before the breakdown)."""
-    cases = [c for c in cases if "router_stages" in c]
+    failed = [f"{c['shape']['name']} {c['phase']}: {c['errors']}" for c in cases if c.get("errors")]
+    cases = [c for c in cases if c.get("router_stages")]
     if not cases:
-        return []
+        return [f"failed: {f}" for f in failed]
     lines = ["| layer | phase | " + " | ".join(STAGES) + " | syncs/prepare | padded TFLOP/s | padded/matmul "
              "| padding |", "|" + "---|" * (len(STAGES) + 6)]
     for c in cases:
@@ -55,7 +56,7 @@ def stages_table(cases: list[dict]) -> list[str]:
                                         _f(c["tflops"].get("experts_padded")),
                                         _f(c["matmul_fraction"].get("experts_padded")),
                                         _f(c.get("padded_overhead"))]) + " |")
-    return lines
+    return lines + [f"failed: {f}" for f in failed]
 
 
 if __name__ == "__main__":

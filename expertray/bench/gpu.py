@@ -185,6 +185,19 @@ def router_stages(shape: Shape, cfg: GateConfig, gw: GateWeights, hidden: torch.
             "combine_host_syncs": host_syncs(lambda: combine(scratch, plan, routing.weights), device)}
 
 
+def _measured(name: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
+    """fn() for one of the added measurements (padded path, router stages), or None with the failure
+    recorded in `errors` under `name`: the figures measured before on the same run are kept, and `cli`
+    exits nonzero after writing them."""
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
 def fit_experts(shape: Shape, device: torch.device, dtype: torch.dtype) -> int:
     """Experts of `shape` whose weights fit in half the device's memory (all of them on a CPU)."""
     if device.type != "cuda":
@@ -241,11 +254,15 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     ms["plain_matmul"] = timed(lambda: a @ b, device, repeats)
     ms["router_prepare"] = timed(prepare, device, repeats)
     ms["router_finish"] = timed(finish, device, repeats)
+    errors: dict[str, str] = {}
     # the padded alternative is measured after the router: its [S, M, D] buffers must not crowd the rest
-    ms["experts_padded"] = timed(lambda: slots_swiglu(rows, counts, gate_up, down, grouped=False, padded=True),
-                                 device, repeats)
+    padded_ms = _measured("experts_padded", errors, lambda: timed(
+        lambda: slots_swiglu(rows, counts, gate_up, down, grouped=False, padded=True), device, repeats))
+    if padded_ms is not None:
+        ms["experts_padded"] = padded_ms
 
-    best = min(v for k, v in ms.items() if k.startswith("experts_"))
+    # the paths the actors' rule chooses between (the padded one joins them once PADDED_MAX_OVERHEAD is set)
+    best = min(v for k, v in ms.items() if k in ("experts_loop", "experts_grouped"))
     # what an actor would run (SlotStore with grouped=None): the grouped GEMM where it has a fast kernel and
     # prefer_grouped says so, else the loop; measured_best says whether that rule picked the faster path
     picked = "experts_grouped" if grouped_mm_fast(device, dtype, D, F) and prefer_grouped(counts) else "experts_loop"
@@ -258,8 +275,12 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
         "router_over_compute": (ms["router_prepare"] + ms["router_finish"]) / best,
         "rule_picks": picked, "rule_picked_the_faster": ms[picked] == best,
         "padded_overhead": len(counts) * padded_rows(counts) / max(n_rows, 1),
-        "router_stages": router_stages(shape, cfg, gw, hidden, experts, device, dtype, repeats),
+        "padded_faster": padded_ms is not None and padded_ms < best,
+        "router_stages": _measured("router_stages", errors, lambda: router_stages(
+            shape, cfg, gw, hidden, experts, device, dtype, repeats)),
     }
+    if errors:
+        result["errors"] = errors
     if phase == "decode":
         active = sum(1 for c in counts if c)
         weight_bytes = active * 3 * D * F * gate_up.element_size()
@@ -304,3 +325,7 @@ def cli(small: bool = typer.Option(None, "--small/--full", help="small shapes (d
              c.get("copy_fraction", {}).get("experts_loop", nan), c["router_over_compute"]] for c in r["cases"]]
     emit("gpu", r, rows, ["layer", "phase", "rows", "grouped/matmul", "loop/matmul", "grouped weights/copy",
                           "loop weights/copy", "router/compute"], as_json, out)
+    failed = {f"{c['shape']['name']} {c['phase']}": c["errors"] for c in r["cases"] if c.get("errors")}
+    if failed:
+        typer.echo(f"bench gpu: measurements failed (their figures are missing from the results): {failed}", err=True)
+        raise typer.Exit(1)
