@@ -100,12 +100,16 @@ def combine_by_gather(rows: torch.Tensor, plan: DispatchPlan, weights: torch.Ten
     destinations; zeros where an assignment was dropped) and a token's k rows are reduced by one batched
     [1, k] @ [k, D] product (fp32 accumulation, one rounding to the rows' dtype; TF32 if the caller
     enabled TF32 matmuls). Reads `rows` once, writes the buffer once, reads it once: ~3·N·D elements of
-    traffic, deterministic. `rows` is not modified."""
+    traffic, deterministic. `rows` is not modified. With nothing dropped the rows are a full permutation
+    of the assignments, so the buffer is one `index_select` through the inverse permutation (a row-wise
+    gather, CUDA's fastest indexed copy) instead of an `index_copy_` scatter; with drops, the scatter
+    into a zeroed buffer."""
     T, k, D = plan.num_tokens, plan.top_k, rows.shape[1]
     place = plan.token_index * k + plan.k_index  # [N] assignment index of each row, all distinct
     w = weights.reshape(-1).to(rows.dtype)
     if plan.num_rows == T * k:
-        per_assignment = rows.new_empty(T * k, D).index_copy_(0, place, rows)
+        source = torch.empty_like(place).scatter_(0, place, torch.arange(T * k, device=place.device))
+        per_assignment = rows.index_select(0, source)  # [T·k, D]: row of each assignment
     else:
         per_assignment = rows.new_zeros(T * k, D).index_copy_(0, place, rows)
         w = torch.zeros_like(w).index_copy_(0, place, w.index_select(0, place))

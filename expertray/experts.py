@@ -134,13 +134,63 @@ def prefer_grouped(counts: Sequence[int]) -> bool:
     return len(counts) <= GROUPED_MAX_GROUPS and sum(1 for n in counts if n) >= GROUPED_MIN_GROUPS
 
 
+def padded_rows(counts: Sequence[int], multiple: int = 16) -> int:
+    """Rows per slot of the padded layout: the largest count rounded up to `multiple` (0 when all are empty)."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    most = max(counts, default=0)
+    return -(-most // multiple) * multiple
+
+
+def padded_bmm_swiglu(rows: torch.Tensor, counts: Sequence[int], gate_up: torch.Tensor, down: torch.Tensor,
+                      multiple: int = 16) -> torch.Tensor:
+    """All slots as two batched GEMMs over a zero-padded [S, M, D] copy of the rows (M = `padded_rows`):
+    same contract as looped_swiglu. Trades S·M - N padded rows of extra FLOPs for one dense `torch.bmm`
+    per projection (cuBLAS strided-batched tiles instead of the grouped kernel's); worth it only when the
+    counts are even (padding overhead S·M / N close to 1) and many (a random DeepSeek-V3-like gate at 4096
+    tokens: max 168 rows per expert for a mean of 128, overhead 1.375 with M a multiple of 16, 1.5 of 64;
+    Mixtral-like: 1.06). Each row's place in the padded buffer
+    comes from the counts on the device (`repeat_interleave` with its size given: no host sync)."""
+    S, N, D = len(counts), rows.shape[0], rows.shape[1]
+    M = padded_rows(counts, multiple)
+    if N == 0:
+        return torch.empty_like(rows)
+    host = torch.tensor(list(counts), dtype=torch.long)
+    if rows.device.type == "cuda":
+        host = host.pin_memory()
+    c = host.to(rows.device, non_blocking=True)
+    slot = torch.repeat_interleave(torch.arange(S, device=rows.device), c, output_size=N)  # [N]
+    start = torch.cumsum(c, 0) - c
+    place = slot * M + torch.arange(N, device=rows.device) - start[slot]  # [N] row of the padded buffer
+    padded = rows.new_zeros(S * M, D).index_copy_(0, place, rows).view(S, M, D)
+    h = torch.bmm(padded, gate_up.transpose(-2, -1))  # [S, M, 2F]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(gate) * up, down.transpose(-2, -1))  # [S, M, D]
+    return y.view(S * M, D).index_select(0, place)
+
+
+# Largest padding overhead (padded rows S·M over routed rows N) at which `padded_bmm_swiglu` is preferred
+# to the grouped GEMM. 0: never, until `expertray bench gpu` (field experts_padded) measures it faster on a
+# device; the bench reports the overhead of each case (padded_overhead) so the threshold can be set from it.
+PADDED_MAX_OVERHEAD = 0.0
+
+
+def prefer_padded(counts: Sequence[int], multiple: int = 16) -> bool:
+    """Whether a call with these per-slot counts should run as padded batched GEMMs (given a fast kernel)."""
+    n = sum(counts)
+    return n > 0 and len(counts) * padded_rows(counts, multiple) <= PADDED_MAX_OVERHEAD * n
+
+
 def slots_swiglu(rows: torch.Tensor, counts: Sequence[int], gate_up: torch.Tensor, down: torch.Tensor,
-                 grouped: bool) -> torch.Tensor:
-    """Rows [N, D] grouped by slot → [N, D], by one grouped GEMM (`grouped`) or the per-slot loop."""
+                 grouped: bool, padded: bool = False) -> torch.Tensor:
+    """Rows [N, D] grouped by slot → [N, D], by padded batched GEMMs (`padded`), one grouped GEMM
+    (`grouped`) or the per-slot loop."""
     if sum(counts) != rows.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but {rows.shape[0]} rows were given")
     if len(counts) != gate_up.shape[0]:
         raise ValueError(f"{len(counts)} counts for {gate_up.shape[0]} stacked slots")
+    if padded:
+        return padded_bmm_swiglu(rows, counts, gate_up, down)
     if grouped and rows.shape[0]:
         return grouped_mm_swiglu(rows, counts, gate_up, down)
     return looped_swiglu(rows, counts, gate_up, down)

@@ -91,9 +91,9 @@ class SigmoidGroupTopK(GatingRule):
             grouped = choice.view(T, cfg.num_groups, -1)
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             group_idx = group_scores.topk(cfg.topk_groups, dim=-1, sorted=False).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, -1)
-            choice = choice.masked_fill(~score_mask, float("-inf"))
+            # the groups left out, broadcast over their experts (no [T, E] mask is materialised)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(T, -1)
         idx = choice.topk(cfg.top_k, dim=-1).indices
         top = scores.gather(1, idx)
         if cfg.normalize:

@@ -18,7 +18,14 @@ import torch
 from expertray.config import MoELayerConfig
 from expertray.errors import UnknownExpertError
 from expertray.expert_math import expert_mlp
-from expertray.experts import grouped_mm_fast, prefer_grouped, slots_swiglu, swiglu
+from expertray.experts import (
+    grouped_mm_fast,
+    padded_bmm_swiglu,
+    prefer_grouped,
+    prefer_padded,
+    slots_swiglu,
+    swiglu,
+)
 from expertray.validation import tensor_view
 
 ExpertKey = tuple[int, int]  # (layer, logical expert)
@@ -154,7 +161,8 @@ class SlotStore:
 
         One grouped GEMM when the layer allows it (fast kernel), the experts come in stack order (the
         dispatch plan sorts them so) and there are enough of them (`prefer_grouped`, unless the store was
-        built with grouped=True); the per-slot loop otherwise."""
+        built with grouped=True); padded batched GEMMs instead when the counts are even enough
+        (`prefer_padded`); the per-slot loop otherwise."""
         if len(experts) != len(counts):
             raise ValueError(f"actor {self.owner}: {len(experts)} experts but {len(counts)} counts")
         if sum(counts) != rows.shape[0]:
@@ -169,6 +177,8 @@ class SlotStore:
             full = [0] * len(stack.experts)
             for s, n in zip(positions, counts):
                 full[s] = n
+            if self.grouped is None and prefer_padded(full):  # even counts: padded batched GEMMs
+                return padded_bmm_swiglu(rows, full, stack.gate_up, stack.down)
             if self.grouped is True or prefer_grouped(full):  # grouped=True forces it (tests, benches)
                 return slots_swiglu(rows, full, stack.gate_up, stack.down, grouped=True)
         out = torch.empty_like(rows)

@@ -30,7 +30,33 @@ def table(doc: dict) -> str:
             _f(frac.get("experts_grouped")), _f(frac["experts_loop"]),
             _f(c.get("weights_gbs", {}).get(best)), _f(c.get("copy_gbs")),
             _f(c.get("copy_fraction", {}).get(best)), _f(c["router_over_compute"])]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *stages_table(bench["cases"])])
+
+
+# router stages as `expertray bench gpu` names them (median_ms of router_stages), in pipeline order
+STAGES = ["gate_upcast", "gate_gemm", "gate_gemm_out_fp32", "gate_gemm_in_dtype", "gate_select", "routing_topk",
+          "routing_capacity_drop", "replica", "plan", "permute", "expert_counts", "pipeline_prepare", "combine",
+          "combine_place", "combine_place_gather", "combine_reduce_bmm", "combine_reduce_sum", "shared_expert"]
+
+
+def stages_table(cases: list[dict]) -> list[str]:
+    """Where the router's time goes: each stage's device ms, host syncs per prepare, the padded expert
+    path beside the grouped GEMM (absent in results from before the breakdown)."""
+    failed = [f"{c['shape']['name']} {c['phase']}: {c['errors']}" for c in cases if c.get("errors")]
+    cases = [c for c in cases if c.get("router_stages")]
+    if not cases:
+        return [f"failed: {f}" for f in failed]
+    lines = ["| layer | phase | " + " | ".join(STAGES) + " | syncs/prepare | padded TFLOP/s | padded/matmul "
+             "| padding |", "|" + "---|" * (len(STAGES) + 6)]
+    for c in cases:
+        st = c["router_stages"]
+        syncs = st.get("pipeline_prepare_host_syncs")
+        lines.append("| " + " | ".join([c["shape"]["name"], c["phase"], *(_f(st["median_ms"].get(s)) for s in STAGES),
+                                        "–" if syncs is None else str(syncs),
+                                        _f(c["tflops"].get("experts_padded")),
+                                        _f(c["matmul_fraction"].get("experts_padded")),
+                                        _f(c.get("padded_overhead"))]) + " |")
+    return lines + [f"failed: {f}" for f in failed]
 
 
 if __name__ == "__main__":

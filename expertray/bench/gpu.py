@@ -7,7 +7,12 @@ as many of its 256 experts as fit in half the device memory), at prefill (4096 t
   same FLOPs ([N, D] @ [D, 3F]);
 - at decode, bytes of the active experts' weights read per second, as a fraction of a device-to-device
   copy of the same bytes;
-- router work on the device (gate + plan + permute, then combine) against expert compute;
+- router work on the device (gate + plan + permute, then combine) against expert compute, and where it
+  goes: each stage of the router's `prepare` (gate GEMM, the family's selection, routing policy with and
+  without capacity, replica selection, plan, permute, expert counts) and `finish` (combine and its two
+  steps, the shared expert) timed alone with device events, plus the host synchronisations one whole
+  `pipeline.prepare` makes (CUDA's sync debug mode, counted);
+- an alternative expert path measured beside the others: padded batched GEMMs (`padded_bmm_swiglu`);
 - which path the actors' rule (`prefer_grouped`) would pick, and whether it is the faster one measured.
 Medians over repeats; every timed call ends with a device synchronize. Needs no Ray. On a CPU the same
 command runs with small shapes (`--small`, the default there) so CI exercises it.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +31,16 @@ from typing import Any
 import torch
 import typer
 
+from expertray import pipeline
 from expertray.bench.report import emit, median
-from expertray.config import GateConfig
+from expertray.config import CapacityConfig, GateConfig, MoELayerConfig
 from expertray.devices import DEVICE_ENV, resolve_device, synchronize
 from expertray.dispatch import build_plan, combine, permute
-from expertray.experts import grouped_mm_fast, prefer_grouped, slots_swiglu
-from expertray.gating import GateWeights, gate
+from expertray.experts import SharedExpert, grouped_mm_fast, padded_rows, prefer_grouped, slots_swiglu
+from expertray.gating import GateWeights, gate, gating_rule, router_logits
+from expertray.placement_table import PlacementTable
+from expertray.policies.replica import REPLICA
+from expertray.policies.routing import ROUTING
 
 GOALS = {"prefill_matmul_fraction": 0.6, "decode_copy_fraction": 0.5, "router_over_compute_prefill": 0.10}
 
@@ -65,6 +75,127 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
         synchronize(device)
         out.append((time.perf_counter() - t0) * 1e3)
     return median(out)
+
+
+def device_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median device time of fn() in ms between two CUDA events around it (the wall time of `timed`
+    elsewhere): what one stage costs on the stream, without the fences' launch gaps."""
+    if device.type != "cuda":
+        return timed(fn, device, repeats, warmup)
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return median(out)
+
+
+def host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Host synchronisations one fn() call makes on CUDA (sync debug mode's warnings, counted); None
+    elsewhere."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
+def router_stages(shape: Shape, cfg: GateConfig, gw: GateWeights, hidden: torch.Tensor, experts: int,
+                  device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+    """Each stage of the router's prepare and finish timed alone on its real inputs (device events), the
+    whole `pipeline.prepare` (dropless top-k routing, round-robin replicas over 4 actors), and its host
+    synchronisations."""
+    T, D = hidden.shape
+    actors = min(4, experts)
+    route = PlacementTable.balanced(1, experts, [f"a{i}" for i in range(actors)]).route(0)
+    layer_cfg = MoELayerConfig(d_model=D, d_ff=shape.d_ff, gate=cfg)
+    topk, capped = ROUTING.create("topk"), ROUTING.create("capacity")
+    dropless, drop = CapacityConfig(), CapacityConfig(factor=1.25, overflow="drop")
+    selector = REPLICA.create("round_robin")
+    rule = gating_rule(cfg.family)
+
+    logits = router_logits(hidden, gw)
+    g = rule(logits, cfg, gw)
+    routing = topk.route(g, dropless)
+    dests = selector.select(routing.experts, route)
+    plan = build_plan(dests, route.num_dests)
+    rows = permute(hidden, plan)
+    scratch = rows.clone()
+    T_, k = plan.num_tokens, plan.top_k
+    place = plan.token_index * k + plan.k_index
+    per_assignment = rows.new_empty(T_ * k, D).index_copy_(0, place, rows)
+    w = routing.weights.reshape(-1).to(dtype)
+
+    ms: dict[str, float] = {
+        "gate_upcast": device_ms(lambda: hidden.float(), device, repeats),
+        "gate_gemm": device_ms(lambda: router_logits(hidden, gw), device, repeats),
+        "gate_select": device_ms(lambda: rule(logits, cfg, gw), device, repeats),
+        "routing_topk": device_ms(lambda: topk.route(g, dropless), device, repeats),
+        "routing_capacity_drop": device_ms(lambda: capped.route(g, drop), device, repeats),
+        "replica": device_ms(lambda: selector.select(routing.experts, route), device, repeats),
+        "plan": device_ms(lambda: build_plan(dests, route.num_dests), device, repeats),
+        "permute": device_ms(lambda: permute(hidden, plan), device, repeats),
+        "expert_counts": device_ms(lambda: pipeline._expert_counts(routing.experts, experts), device, repeats),
+        "combine": device_ms(lambda: combine(scratch, plan, routing.weights), device, repeats),
+        # combine_by_gather's two steps alone: rows to their (token, k) places (the scatter it uses with drops,
+        # the gather without), then the weighted sum
+        "combine_place": device_ms(lambda: rows.new_empty(T_ * k, D).index_copy_(0, place, rows), device, repeats),
+        "combine_place_gather": device_ms(lambda: rows.index_select(0, torch.empty_like(place).scatter_(
+            0, place, torch.arange(T_ * k, device=device))), device, repeats),
+        "combine_reduce_bmm": device_ms(lambda: torch.bmm(w.view(T_, 1, k), per_assignment.view(T_, k, D)),
+                                        device, repeats),
+        # the same sum as an elementwise product and a reduction over k (no batched GEMM)
+        "combine_reduce_sum": device_ms(lambda: (per_assignment.view(T_, k, D) * w.view(T_, k, 1)).sum(1),
+                                        device, repeats),
+    }
+    # the gate GEMM without the fp32 copy of hidden, where the device has it: bf16 inputs with fp32 output
+    # (torch.mm out_dtype), and all-bf16 as transformers' Mixtral gate runs (softmax in fp32 after it)
+    w16 = gw.weight.to(dtype)
+    for name, fn in (("gate_gemm_out_fp32", lambda: torch.mm(hidden, w16.t(), out_dtype=torch.float32)),
+                     ("gate_gemm_in_dtype", lambda: torch.nn.functional.linear(hidden, w16))):
+        try:
+            ms[name] = device_ms(fn, device, repeats)
+        except (RuntimeError, NotImplementedError, TypeError):  # not on this device/torch: not measured
+            pass
+    if shape.family == "deepseek_v3":  # DeepSeek-V3: one shared expert of the routed experts' width
+        gen = torch.Generator(device=device).manual_seed(1)
+        shared = SharedExpert(
+            torch.randn(2 * shape.d_ff, D, generator=gen, device=device, dtype=dtype).div_(D**0.5),
+            torch.randn(D, shape.d_ff, generator=gen, device=device, dtype=dtype).div_(shape.d_ff**0.5))
+        ms["shared_expert"] = device_ms(lambda: shared(hidden), device, repeats)
+
+    def whole() -> pipeline.PreparedBatch:
+        return pipeline.prepare(hidden, 0, layer_cfg, gw, topk, selector, route, actors)
+
+    ms["pipeline_prepare"] = device_ms(whole, device, repeats)
+    prepare_stages = ("gate_gemm", "gate_select", "routing_topk", "replica", "plan", "permute", "expert_counts")
+    return {"median_ms": ms, "prepare_stages_sum_ms": sum(ms[s] for s in prepare_stages),
+            "pipeline_prepare_host_syncs": host_syncs(whole, device),
+            "combine_host_syncs": host_syncs(lambda: combine(scratch, plan, routing.weights), device)}
+
+
+def _measured(name: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
+    """fn() for one of the added measurements (padded path, router stages), or None with the failure
+    recorded in `errors` under `name`: the figures measured before on the same run are kept, and `cli`
+    exits nonzero after writing them."""
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
 
 def fit_experts(shape: Shape, device: torch.device, dtype: torch.dtype) -> int:
@@ -123,8 +254,15 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     ms["plain_matmul"] = timed(lambda: a @ b, device, repeats)
     ms["router_prepare"] = timed(prepare, device, repeats)
     ms["router_finish"] = timed(finish, device, repeats)
+    errors: dict[str, str] = {}
+    # the padded alternative is measured after the router: its [S, M, D] buffers must not crowd the rest
+    padded_ms = _measured("experts_padded", errors, lambda: timed(
+        lambda: slots_swiglu(rows, counts, gate_up, down, grouped=False, padded=True), device, repeats))
+    if padded_ms is not None:
+        ms["experts_padded"] = padded_ms
 
-    best = min(v for k, v in ms.items() if k.startswith("experts_"))
+    # the paths the actors' rule chooses between (the padded one joins them once PADDED_MAX_OVERHEAD is set)
+    best = min(v for k, v in ms.items() if k in ("experts_loop", "experts_grouped"))
     # what an actor would run (SlotStore with grouped=None): the grouped GEMM where it has a fast kernel and
     # prefer_grouped says so, else the loop; measured_best says whether that rule picked the faster path
     picked = "experts_grouped" if grouped_mm_fast(device, dtype, D, F) and prefer_grouped(counts) else "experts_loop"
@@ -136,7 +274,13 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
         "matmul_fraction": {k: v / tflops["plain_matmul"] for k, v in tflops.items() if k != "plain_matmul"},
         "router_over_compute": (ms["router_prepare"] + ms["router_finish"]) / best,
         "rule_picks": picked, "rule_picked_the_faster": ms[picked] == best,
+        "padded_overhead": len(counts) * padded_rows(counts) / max(n_rows, 1),
+        "padded_faster": padded_ms is not None and padded_ms < best,
+        "router_stages": _measured("router_stages", errors, lambda: router_stages(
+            shape, cfg, gw, hidden, experts, device, dtype, repeats)),
     }
+    if errors:
+        result["errors"] = errors
     if phase == "decode":
         active = sum(1 for c in counts if c)
         weight_bytes = active * 3 * D * F * gate_up.element_size()
@@ -181,3 +325,7 @@ def cli(small: bool = typer.Option(None, "--small/--full", help="small shapes (d
              c.get("copy_fraction", {}).get("experts_loop", nan), c["router_over_compute"]] for c in r["cases"]]
     emit("gpu", r, rows, ["layer", "phase", "rows", "grouped/matmul", "loop/matmul", "grouped weights/copy",
                           "loop weights/copy", "router/compute"], as_json, out)
+    failed = {f"{c['shape']['name']} {c['phase']}": c["errors"] for c in r["cases"] if c.get("errors")}
+    if failed:
+        typer.echo(f"bench gpu: measurements failed (their figures are missing from the results): {failed}", err=True)
+        raise typer.Exit(1)

@@ -10,6 +10,9 @@ from typer.testing import CliRunner
 
 from expertray.bench.gpu import Shape, run
 
+STAGES = {"gate_gemm", "gate_select", "routing_topk", "routing_capacity_drop", "replica", "plan", "permute",
+          "expert_counts", "pipeline_prepare", "combine", "combine_place", "combine_place_gather",
+          "combine_reduce_bmm", "combine_reduce_sum"}
 TINY = [Shape("tiny_mixtral", 32, 48, 4, 2), Shape("tiny_deepseek", 32, 16, 16, 4, "deepseek_v3", 4, 2)]
 
 
@@ -24,6 +27,12 @@ def test_bench_gpu_reports_compute_copy_and_router_figures(device: torch.device)
         assert all(v > 0 for v in case["median_ms"].values())
         assert set(case["matmul_fraction"]) == {k for k in case["median_ms"] if k.startswith("experts_")}
         assert case["router_over_compute"] > 0
+        assert "errors" not in case and case["padded_overhead"] >= 1
+        stages = case["router_stages"]
+        assert set(STAGES) <= set(stages["median_ms"]) and all(v > 0 for v in stages["median_ms"].values())
+        assert ("shared_expert" in stages["median_ms"]) == (case["shape"]["family"] == "deepseek_v3")
+        syncs = stages["pipeline_prepare_host_syncs"]
+        assert syncs is None if device.type == "cpu" else syncs >= 1  # at least the plan's slot counts
         if case["phase"] == "decode":
             assert 0 < case["active_experts"] <= case["shape"]["num_experts"]
             assert case["weight_bytes"] == case["active_experts"] * 3 * 32 * case["shape"]["d_ff"] * 4

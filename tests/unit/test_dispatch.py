@@ -82,3 +82,21 @@ def test_combine_rejects_mismatched_inputs() -> None:
         combine(torch.zeros(3, 4), plan, torch.ones(2, 3))
     with pytest.raises(ValueError, match="rows for a plan of 3"):
         combine(torch.zeros(4, 4), plan, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_combine_by_gather_without_drops_places_every_row_exactly(device: torch.device, dtype: torch.dtype
+                                                                   ) -> None:
+    """Dropless, the gather through the inverse permutation builds the same [T, k, D] buffer as scattering
+    each row to its (token, k) place: the combine is bit-identical to that construction, on
+    EXPERTRAY_DEVICE."""
+    T, S, k, D = 37, 9, 3, 16
+    gen = torch.Generator().manual_seed(11)
+    dest = torch.stack([torch.randperm(S, generator=gen)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=gen).to(device)
+    plan = build_plan(dest.to(device), S)
+    rows = torch.randn(plan.num_rows, D, generator=gen).to(device, dtype)
+    place = plan.token_index * k + plan.k_index
+    scattered = rows.new_empty(T * k, D).index_copy_(0, place, rows)
+    expected = torch.bmm(w.reshape(-1).to(dtype).view(T, 1, k), scattered.view(T, k, D)).view(T, D)
+    assert torch.equal(combine_by_gather(rows, plan, w), expected)

@@ -13,7 +13,10 @@ from expertray.experts import (
     ExpertWeights,
     grouped_mm_fast,
     grouped_swiglu,
+    padded_bmm_swiglu,
+    padded_rows,
     prefer_grouped,
+    prefer_padded,
     slots_swiglu,
     swiglu,
 )
@@ -139,3 +142,25 @@ def test_slot_store_automatic_choice_runs_the_loop_for_few_groups(monkeypatch: p
     monkeypatch.setattr("expertray.experts.GROUPED_MIN_GROUPS", 2)
     store.compute(1, [4, 9], [6, 4], rows)  # now enough groups: one grouped call over the whole stack
     assert calls == [True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padded_bmm_equals_the_loop(device: torch.device, dtype: torch.dtype) -> None:
+    w = ExpertWeights.random(len(COUNTS), D, F, seed=3, dtype=dtype)
+    gate_up, down = w.gate_up.to(device), w.down.to(device)
+    rows = torch.randn(sum(COUNTS), D, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    loop = slots_swiglu(rows, COUNTS, gate_up, down, grouped=False)
+    padded = slots_swiglu(rows, COUNTS, gate_up, down, grouped=False, padded=True)
+    assert padded.dtype == dtype and padded.device == rows.device and padded.shape == loop.shape
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(padded, loop, **tol)
+    assert padded_bmm_swiglu(rows[:0], [0] * len(COUNTS), gate_up, down).shape == (0, D)
+
+
+def test_padded_rows_and_the_padded_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert padded_rows([5, 0, 17], multiple=8) == 24 and padded_rows([], multiple=8) == 0
+    with pytest.raises(ValueError, match="multiple"):
+        padded_rows([1], multiple=0)
+    assert not prefer_padded([64] * 8)  # off until a device measures it faster
+    monkeypatch.setattr("expertray.experts.PADDED_MAX_OVERHEAD", 1.25)
+    assert prefer_padded([64] * 8) and not prefer_padded([64] * 7 + [129]) and not prefer_padded([0, 0])
