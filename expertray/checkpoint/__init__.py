@@ -3,7 +3,7 @@
 
 files.py (descriptor, tensor index from headers) → families.py (config.json → layer config, tensor names)
 → source.py (WeightSource: experts / router reads) → quant.py (FP8, MXFP4) → model.py (from_pretrained,
-backends, launch_checkpoint) → generate.py (the `expertray generate` logic) · synthetic.py (tiny test models).
+backends) → generate.py (the `expertray generate` logic) · synthetic.py (tiny test models).
 """
 
 from expertray.checkpoint.families import FAMILIES, supported_architectures
@@ -14,10 +14,9 @@ from expertray.checkpoint.model import (
     checkpoint_cluster_config,
     cluster_config,
     from_pretrained,
-    launch_checkpoint,
 )
 from expertray.checkpoint.source import RouterWeights, WeightSource, cached_source, resolve_dtype
 
 __all__ = ["BACKENDS", "FAMILIES", "CheckpointDescriptor", "InProcessCluster", "RouterWeights", "WeightSource",
            "cached_source", "checkpoint_cluster_config", "cluster_config", "describe", "from_pretrained",
-           "launch_checkpoint", "resolve_dtype", "supported_architectures"]
+           "resolve_dtype", "supported_architectures"]

@@ -103,16 +103,6 @@ def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: 
     return launch(cfg, detached=detached, checkpoint=descriptor, **launch_options)
 
 
-def launch_checkpoint(cfg: ClusterConfig, detached: bool = True, **launch_options: Any) -> Any:
-    """Start the Ray cluster serving checkpoint `cfg.model` (what `expertray up --model`, `--config` with
-    `model:` and the Serve app with model=PATH call); same as expertray.api.launch(cfg)."""
-    from expertray.api import launch
-
-    if not cfg.model:
-        raise ConfigError("cluster.model: empty; name the checkpoint directory to serve")
-    return launch(cfg, detached=detached, **launch_options)
-
-
 Backend = Callable[[CheckpointDescriptor, ClusterConfig], Any]
 BACKENDS: dict[str, Backend] = {"in_process": in_process_backend, "ray": ray_backend}
 

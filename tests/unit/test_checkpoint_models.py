@@ -229,13 +229,6 @@ def test_example_config_file_resolves_against_a_checkpoint(checkpoints) -> None:
     assert resolved.layer.capacity == cfg.layer.capacity and resolved.num_expert_actors == 8
 
 
-def test_launch_checkpoint_needs_a_model() -> None:
-    from expertray.checkpoint.model import launch_checkpoint
-
-    with pytest.raises(ConfigError, match="cluster.model: empty; name the checkpoint directory to serve"):
-        launch_checkpoint(ClusterConfig())
-
-
 def test_tied_embeddings_are_tied_not_required(tmp_path: Path) -> None:
     """A checkpoint saved with tie_word_embeddings has no lm_head tensor; the served model ties it."""
     from expertray.checkpoint.synthetic import tiny_model
