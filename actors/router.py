@@ -4,6 +4,11 @@
 Batches run one at a time under the batcher's dispatch lane (so a placement-table switch lands between
 batches) while new requests keep queueing. Each request gets exactly its own rows back, or a clear error by
 its `request_timeout_s` deadline; never a partial answer, never a hang.
+
+Failover: when a batch fails because actors died or hung (named by the transport's error or by Ray's
+RayActorError), the router masks them at once (`Failover`), switches from a broken collective group to the
+object store over the same actors, and the batcher retries on the surviving replicas while the controller
+heals in the background; the mask clears and the configured transport re-forms when the healed table lands.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from expertray.actors.transport import open_transport
+from expertray.actors.transport import PING_TIMEOUT_S, ObjectStoreTransport, open_transport
 from expertray.config import ClusterConfig
 from expertray.devices import assigned_device
 from expertray.errors import InputError, TransportError, UnknownExpertError
@@ -29,7 +34,7 @@ from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
-from expertray.runtime.datapath import BatchResult, LayerParams, run_layer
+from expertray.runtime.datapath import BatchResult, Failover, LayerParams, failed_actors, run_layer
 from expertray.runtime.rate import RateWindow
 from expertray.validation import check_hidden, check_layer
 
@@ -60,12 +65,16 @@ class RouterActor:
         self.batcher = Batcher(cfg.num_layers, BatchLimits(
             max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1e3,
             max_queue_tokens=cfg.max_queue_tokens, request_timeout_s=cfg.request_timeout_s,
-            batch_timeout_s=cfg.collective_timeout_s, heal_timeout_s=cfg.control_timeout_s),
-            self._run_batch, self._heal, is_transport_failure)
+            # past the transport's own deadline and its pings, so the transport names who failed
+            batch_timeout_s=cfg.collective_timeout_s + PING_TIMEOUT_S + 1.0, heal_timeout_s=cfg.control_timeout_s),
+            self._run_batch, self._heal, is_transport_failure, reroute=self._reroute)
         self.lane = self.batcher.lane
         self.table = PlacementTable.from_dict(table)
         self.handles = handles
         self.transport: Any = None
+        self.failover = Failover()
+        self.fallback = False  # serving on the object store because the collective group lost a member
+        self.closing: set[asyncio.Task] = set()
         self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0}
         self.timing_ms: dict[str, deque[float]] = {k: deque(maxlen=256) for k in
                                                    ("gate", "plan", "transport", "compute", "combine", "batch")}
@@ -114,9 +123,11 @@ class RouterActor:
         new = PlacementTable.from_dict(table)
         async with self.lane:
             self.handles = {**self.handles, **handles}
-            if reopen or new.actors != self.table.actors:
+            self.failover.install(new, healed=reopen)
+            if reopen or new.actors != self.table.actors or (self.fallback and not self.failover.suspects):
                 old = self.transport
                 self.transport = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
+                self.fallback = False
                 try:  # a group with a dead or hung member may not close cleanly; it is dropped either way
                     await asyncio.wait_for(old.close(), self.cfg.ping_timeout_s)
                 except Exception:  # noqa: BLE001 - logged; the new transport is already in place
@@ -152,11 +163,42 @@ class RouterActor:
 
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
-        policy = self.policy.for_layer(layer).for_route(self.table.route(layer))
+        policy = self.policy.for_layer(layer).for_route(self.table.masked_route(layer, self.failover.suspects))
         result = await run_layer(hidden.float(), layer, self.cfg.layer, self.layers[layer], policy, self.selector,
-                                 self.table, self.transport, expert_load=self.stats_.window_load(layer))
+                                 self.table, self.transport, expert_load=self.stats_.window_load(layer),
+                                 suspects=self.failover.suspects)
         self._record(layer, result)
         return result.output
+
+    def _reroute(self, exc: BaseException) -> bool:
+        """The batcher's failover (dispatch lane held): mask the actors `exc` names; if the transport is a
+        collective group (one dead member breaks it), serve on the object store over the same actors until the
+        healed table re-forms it. True when every expert still has a live replica (retry at once)."""
+        named = failed_actors(exc)
+        if isinstance(exc, RayActorError) and exc.actor_id:
+            named += tuple(a for a, h in self.handles.items() if h._actor_id.hex() == exc.actor_id)
+        covered = self.failover.mark(self.table, named)
+        if not self.failover.suspects:
+            return False  # nobody named (e.g. the batch deadline passed): wait for the heal
+        if self.transport.name != "object_store":
+            broken = self.transport
+            self.transport = ObjectStoreTransport([self.handles[a] for a in self.table.actors],
+                                                  self.cfg.collective_timeout_s, list(self.table.actors),
+                                                  reason=f"fallback: group lost {', '.join(sorted(named))}")
+            self.fallback = True
+            task = asyncio.get_running_loop().create_task(self._close_quietly(broken))
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+        log.warning("router %s: avoiding %s until healed (transport %s)", self.router_id,
+                    ", ".join(sorted(self.failover.suspects)), self.transport.name)
+        return covered
+
+    async def _close_quietly(self, transport: Any) -> None:
+        """Close a broken transport in the background, bounded by ping_timeout_s (a hung member never answers)."""
+        try:
+            await asyncio.wait_for(transport.close(), self.cfg.ping_timeout_s)
+        except Exception:  # noqa: BLE001 - the group is dropped either way
+            log.warning("router %s: closing the broken transport failed", self.router_id, exc_info=True)
 
     async def _heal(self, exc: BaseException) -> None:
         """Ask the controller to repair the cluster (the batcher bounds this by control_timeout_s)."""
@@ -209,6 +251,7 @@ class RouterActor:
                 "uptime_s": time.time() - self.started_at,
                 "tokens_per_s": self.token_rate.rate(time.monotonic()),
                 "transport": self.transport.name if self.transport else None, **self.counters,
+                "suspects": sorted(self.failover.suspects),
                 **self.batcher.counters.as_dict(), "healing": self.batcher.healing,
                 "queued_tokens": self.batcher.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),
