@@ -119,14 +119,21 @@ class RouterActor:
     async def set_table(self, table: dict[str, Any], handles: dict[str, Any], reopen: bool = False) -> int:
         """Switch to a new placement table between batches; returns the version now in use.
 
-        The transport is re-formed when the actor set changes or `reopen` (after a failure)."""
+        The transport is re-formed when the actor set changes or `reopen` (after a failure). While the router
+        serves on the object-store fallback (no group in use), the new transport forms before the lane is
+        taken, so batches keep flowing during the re-formation and the switch itself costs one batch gap."""
         new = PlacementTable.from_dict(table)
+        self.handles = {**self.handles, **handles}
+        formed = None
+        if self.fallback and (reopen or new.actors != self.table.actors):
+            formed = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
         async with self.lane:
-            self.handles = {**self.handles, **handles}
             self.failover.install(new, healed=reopen)
-            if reopen or new.actors != self.table.actors or (self.fallback and not self.failover.suspects):
+            if (formed is not None or reopen or new.actors != self.table.actors
+                    or (self.fallback and not self.failover.suspects)):
                 old = self.transport
-                self.transport = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
+                self.transport = formed or await asyncio.wait_for(self._open_transport(new),
+                                                                  self.cfg.control_timeout_s)
                 self.fallback = False
                 try:  # a group with a dead or hung member may not close cleanly; it is dropped either way
                     await asyncio.wait_for(old.close(), self.cfg.ping_timeout_s)
