@@ -28,6 +28,7 @@ import typer
 from expertray.api import Cluster, init_ray, launch, random_model
 from expertray.bench.report import emit, quantile
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+from expertray.errors import ConfigError
 from expertray.placement_table import PlacementTable
 
 SCENARIOS = ("kill_expert", "kill_replicated_expert", "hang_expert", "straggler", "kill_router",
@@ -76,16 +77,17 @@ class _Stream:
 
 
 def replicate_elsewhere(table: PlacementTable, victim: str) -> PlacementTable:
-    """`table` plus one replica, on another actor (fewest slots first), of every expert `victim` holds alone."""
+    """`table` plus a replica of every expert `victim` holds alone, all on one other actor (the one with the
+    fewest slots). One source for the heal: it loads the replacement from that actor in a single call
+    (concurrent loads into one expert actor race: see docs/RELIABILITY.md)."""
+    table.check_actor(victim)
     others = [a for a in table.actors if a != victim]
-    count = {a: len(table.slots_of(a)) for a in others}
+    if not others:
+        raise ConfigError(f"{victim!r} is the only actor: nowhere to replicate its experts")
+    target = min(others, key=lambda a: (len(table.slots_of(a)), a))
     for s in table.slots_of(victim):
-        holders = {r.actor for r in table.replicas(s.layer, s.expert)}
-        if holders - {victim}:
-            continue
-        target = min(others, key=lambda a: (count[a], a))
-        table = table.replicate(s.layer, s.expert, target)
-        count[target] += 1
+        if all(r.actor == victim for r in table.replicas(s.layer, s.expert)):
+            table = table.replicate(s.layer, s.expert, target)
     return table
 
 
@@ -167,9 +169,11 @@ def _scenario(name: str, cfg: ClusterConfig, before_s: float, after_s: float, to
         if o.startswith("error:"):
             errors[o[6:]] = errors.get(o[6:], 0) + 1
     lat = [(d - s) * 1e3 for s, d, _ in recs if s >= t_fault]
+    error_times = [d - t_fault for _, d, o in recs if o.startswith("error:")]
     return {"scenario": name, **{k: v for k, v in fault.items() if k != "pid"}, "requests": len(recs),
             "correct": sum(o == "correct" for *_, o in recs), "wrong": sum(o == "wrong" for *_, o in recs),
             "errors": sum(errors.values()), "error_kinds": errors, "hung": hung,
+            "errors_from_to_s": [min(error_times), max(error_times)] if error_times else None,
             "serving_again_s": after[0] - t_fault if after else None,
             "p99_after_fault_ms": quantile(lat, 0.99) if lat else None,
             "heals": [h["reason"] for h in status["history"] if h["reason"].startswith("heal")],

@@ -200,3 +200,13 @@ def test_an_expert_with_no_surviving_replica_waits_for_the_heal_then_answers_exa
     torch.testing.assert_close(out, router.layers[0](x), atol=1e-5, rtol=0)
     c = batcher.counters
     assert c.masked_retries == 0 and c.served_while_healing == 0 and c.errors == 0 and router.healed
+
+
+def test_bench_replicates_every_expert_of_the_victim_onto_one_other_actor() -> None:
+    from expertray.bench.faults import replicate_elsewhere
+
+    table = PlacementTable.balanced(2, 8, ["a", "b", "c"]).replicate(0, 3, "c")
+    out = replicate_elsewhere(table, "b")
+    assert out.stranded(frozenset({"b"})) == [] and table.stranded(frozenset({"b"})) != []
+    assert {s.actor for s in set(out.slots) - set(table.slots)} == {"a"}  # a had fewer slots than c
+    assert set(table.slots) <= set(out.slots)
