@@ -208,5 +208,6 @@ def test_bench_replicates_every_expert_of_the_victim_onto_one_other_actor() -> N
     table = PlacementTable.balanced(2, 8, ["a", "b", "c"]).replicate(0, 3, "c")
     out = replicate_elsewhere(table, "b")
     assert out.stranded(frozenset({"b"})) == [] and table.stranded(frozenset({"b"})) != []
-    assert {s.actor for s in set(out.slots) - set(table.slots)} == {"a"}  # a had fewer slots than c
+    assert {s.actor for s in set(out.slots) - set(table.slots)} == {"c"}  # c has the fewest slots (5 vs 6)
+    assert len(out.slots) - len(table.slots) == 5  # b's 6 experts, one of which already had a replica
     assert set(table.slots) <= set(out.slots)
