@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from expertray.actors.transport import PING_TIMEOUT_S, ObjectStoreTransport, open_transport
+from expertray.actors.transport import ObjectStoreTransport, open_transport
 from expertray.config import ClusterConfig
 from expertray.devices import assigned_device
 from expertray.errors import InputError, TransportError, UnknownExpertError
@@ -65,8 +65,7 @@ class RouterActor:
         self.batcher = Batcher(cfg.num_layers, BatchLimits(
             max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1e3,
             max_queue_tokens=cfg.max_queue_tokens, request_timeout_s=cfg.request_timeout_s,
-            # past the transport's own deadline and its pings, so the transport names who failed
-            batch_timeout_s=cfg.collective_timeout_s + PING_TIMEOUT_S + 1.0, heal_timeout_s=cfg.control_timeout_s),
+            batch_timeout_s=cfg.collective_timeout_s, heal_timeout_s=cfg.control_timeout_s),
             self._run_batch, self._heal, is_transport_failure, reroute=self._reroute)
         self.lane = self.batcher.lane
         self.table = PlacementTable.from_dict(table)
