@@ -99,7 +99,6 @@ class BatcherCounters:
     masked_retries: int = 0  # failed batches retried at once on surviving replicas (no wait for the heal)
     served_while_healing: int = 0  # batches answered while a heal was still running
 
-
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
