@@ -8,6 +8,11 @@ combine in the serving dtype, and the answer goes back in the request's dtype.
 Batches run one at a time under the batcher's dispatch lane (so a placement-table switch lands between
 batches) while new requests keep queueing. Each request gets exactly its own rows back, or a clear error by
 its `request_timeout_s` deadline; never a partial answer, never a hang.
+
+Failover: when a batch fails because actors died or hung (named by the transport's error or by Ray's
+RayActorError), the router masks them at once (`Failover`), switches from a broken collective group to the
+object store over the same actors, and the batcher retries on the surviving replicas while the controller
+heals in the background; the mask clears and the configured transport re-forms when the healed table lands.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from expertray.actors.transport import open_transport
+from expertray.actors.transport import ObjectStoreTransport, open_transport
 from expertray.config import ClusterConfig
 from expertray.devices import assigned_device
 from expertray.errors import InputError, TransportError, UnknownExpertError
@@ -36,7 +41,7 @@ from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
-from expertray.runtime.datapath import BatchResult, LayerParams, run_layer
+from expertray.runtime.datapath import BatchResult, Failover, LayerParams, failed_actors, run_layer
 from expertray.runtime.rate import RateWindow
 from expertray.runtime.weights import router_params, serving_dtype
 from expertray.validation import check_hidden, check_layer
@@ -77,11 +82,14 @@ class RouterActor:
             max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1e3,
             max_queue_tokens=cfg.max_queue_tokens, request_timeout_s=cfg.request_timeout_s,
             batch_timeout_s=cfg.collective_timeout_s, heal_timeout_s=cfg.control_timeout_s),
-            self._run_batch, self._heal, is_transport_failure)
+            self._run_batch, self._heal, is_transport_failure, reroute=self._reroute)
         self.lane = self.batcher.lane
         self.table = PlacementTable.from_dict(table)
         self.handles = handles
         self.transport: Any = None
+        self.failover = Failover()
+        self.fallback = False  # serving on the object store because the collective group lost a member
+        self.closing: set[asyncio.Task] = set()
         self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0}
         self.timing_ms: dict[str, deque[float]] = {k: deque(maxlen=256) for k in
                                                    ("gate", "plan", "transport", "compute", "combine", "batch")}
@@ -126,16 +134,25 @@ class RouterActor:
     async def set_table(self, table: dict[str, Any], handles: dict[str, Any], reopen: bool = False) -> int:
         """Switch to a new placement table between batches; returns the version now in use.
 
-        The transport is re-formed when the actor set changes or `reopen` (after a failure)."""
+        The transport is re-formed when the actor set changes or `reopen` (after a failure). While the router
+        serves on the object-store fallback (no group in use), the new transport forms before the lane is
+        taken, so batches keep flowing during the re-formation and the switch itself costs one batch gap."""
         new = PlacementTable.from_dict(table)
         gone = sorted(set(self.table.actors) - set(new.actors))
         if reopen and gone:  # dead actors replaced: a batch waiting on them would wait for Ray to notice
             self.batch_dropped.set()  # (a killed node: ~15 s) before this switch could take the lane
+        self.handles = {**self.handles, **handles}
+        formed = None
+        if self.fallback and (reopen or new.actors != self.table.actors):
+            formed = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
         async with self.lane:
-            self.handles = {**self.handles, **handles}
-            if reopen or new.actors != self.table.actors:
+            self.failover.install(new, healed=reopen)
+            if (formed is not None or reopen or new.actors != self.table.actors
+                    or (self.fallback and not self.failover.suspects)):
                 old = self.transport
-                self.transport = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
+                self.transport = formed or await asyncio.wait_for(self._open_transport(new),
+                                                                  self.cfg.control_timeout_s)
+                self.fallback = False
                 try:  # a group with a dead or hung member may not close cleanly; it is dropped either way
                     await asyncio.wait_for(old.close(), self.cfg.ping_timeout_s)
                 except Exception:  # noqa: BLE001 - logged; the new transport is already in place
@@ -180,12 +197,12 @@ class RouterActor:
 
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
-        policy = self.policy.for_layer(layer).for_route(self.table.route(layer))
+        policy = self.policy.for_layer(layer).for_route(self.table.masked_route(layer, self.failover.suspects))
         hidden = hidden.to(self.device, non_blocking=True)  # the batch's one host -> device copy
         run = asyncio.ensure_future(run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy,
                                               self.selector, self.table, self.transport,
                                               expert_load=self.stats_.window_load(layer).to(self.device),
-                                              dtype=self.dtype))
+                                              dtype=self.dtype, suspects=self.failover.suspects))
         dropped = asyncio.ensure_future(self.batch_dropped.wait())
         try:
             await asyncio.wait({run, dropped}, return_when=asyncio.FIRST_COMPLETED)
@@ -199,6 +216,36 @@ class RouterActor:
         result = run.result()
         self._record(layer, result)
         return result.output
+
+    def _reroute(self, exc: BaseException) -> bool:
+        """The batcher's failover (dispatch lane held): mask the actors `exc` names; if the transport is a
+        collective group (one dead member breaks it), serve on the object store over the same actors until the
+        healed table re-forms it. True when every expert still has a live replica (retry at once)."""
+        named = failed_actors(exc)
+        if isinstance(exc, RayActorError) and exc.actor_id:
+            named += tuple(a for a, h in self.handles.items() if h._actor_id.hex() == exc.actor_id)
+        covered = self.failover.mark(self.table, named)
+        if not self.failover.suspects:
+            return False  # nobody named (e.g. the batch deadline passed): wait for the heal
+        if self.transport.name != "object_store":
+            broken = self.transport
+            self.transport = ObjectStoreTransport([self.handles[a] for a in self.table.actors],
+                                                  self.cfg.collective_timeout_s, list(self.table.actors),
+                                                  reason=f"fallback: group lost {', '.join(sorted(named))}")
+            self.fallback = True
+            task = asyncio.get_running_loop().create_task(self._close_quietly(broken))
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+        log.warning("router %s: avoiding %s until healed (transport %s)", self.router_id,
+                    ", ".join(sorted(self.failover.suspects)), self.transport.name)
+        return covered
+
+    async def _close_quietly(self, transport: Any) -> None:
+        """Close a broken transport in the background, bounded by ping_timeout_s (a hung member never answers)."""
+        try:
+            await asyncio.wait_for(transport.close(), self.cfg.ping_timeout_s)
+        except Exception:  # noqa: BLE001 - the group is dropped either way
+            log.warning("router %s: closing the broken transport failed", self.router_id, exc_info=True)
 
     async def _heal(self, exc: BaseException) -> None:
         """Ask the controller to repair the cluster (the batcher bounds this by control_timeout_s)."""
@@ -258,6 +305,7 @@ class RouterActor:
                 "transport": self.transport.name if self.transport else None,
                 "transport_detail": self.transport.describe() if self.transport else None,
                 "device": str(self.device), **self.counters,
+                "suspects": sorted(self.failover.suspects),
                 **self.batcher.counters.as_dict(), "healing": self.batcher.healing,
                 "queued_tokens": self.batcher.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),

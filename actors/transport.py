@@ -131,7 +131,7 @@ class ObjectStoreTransport(Transport):
         if pending:
             late = [b.actor for b, t in zip(busy, tasks) if t in pending]
             raise TransportError(f"layer {batch.layer}: actor(s) {self._names(late)} did not answer within "
-                                 f"{self.timeout_s:g} s; calls cancelled")
+                                 f"{self.timeout_s:g} s; calls cancelled", [self.actor_names[a] for a in late])
         results = [t.result() for t in tasks]
         outs = [from_host_array(rows_out, dtype) for rows_out, _ in results]
         out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else batch.rows.new_empty(batch.rows.shape)
@@ -202,15 +202,17 @@ class CollectiveTransport(Transport):
             compute_ms = await asyncio.wait_for(asyncio.gather(*calls), self.timeout_s)
         except (RuntimeError, asyncio.TimeoutError) as exc:  # gloo/NCCL raise RuntimeError subclasses
             late = [b.actor for b, call in zip(batch.buckets, calls) if not call.done()]
+            died = [b.actor for b, call in zip(batch.buckets, calls)
+                    if call.done() and not call.cancelled() and call.exception() is not None]
             for call, ref in zip(calls, refs):
                 call.cancel()
                 _cancel(ref)
             # One silent member stalls every member in the collective: a ping tells the hung from the waiting.
-            hung = await self._unresponsive(late)
+            hung = died + await self._unresponsive(late)
             raise TransportError(f"all-to-all in group {self.group_name} failed or passed its "
                                  f"{self.timeout_s:g} s deadline (unresponsive: {self._names(hung) or 'none'}; "
                                  f"still in the collective: {self._names([a for a in late if a not in hung]) or 'none'}"
-                                 f"): {exc or type(exc).__name__}") from exc
+                                 f"): {exc or type(exc).__name__}", [self.actor_names[a] for a in hung]) from exc
         return out, TransportStats(_sent_bytes(batch), {b.actor: ms for b, ms in zip(batch.buckets, compute_ms)
                                                         if b.num_rows})
 

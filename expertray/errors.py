@@ -44,7 +44,17 @@ class ExpertUnavailableError(ExpertRayError, RuntimeError):
 
 
 class TransportError(ExpertRayError, RuntimeError):
-    """Moving a batch to or from the expert actors failed (an actor died, a collective broke)."""
+    """Moving a batch to or from the expert actors failed (an actor died, a collective broke).
+
+    actors: the expert actor ids the transport found dead or unresponsive (empty when it could not tell);
+    the router masks them at once and retries on their surviving replicas."""
+
+    def __init__(self, message: str = "", actors: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(message)
+        self.actors = tuple(actors)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.actors)
 
 
 class BackpressureError(ExpertRayError, RuntimeError):

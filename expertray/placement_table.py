@@ -51,6 +51,23 @@ class LayerRoute:
         """[E] actor index of each logical expert's first replica (compiled once per table version)."""
         return tuple(int(self.dest_actor[r[0]]) for r in self.replicas)
 
+    def stranded(self, avoid: frozenset[int]) -> tuple[int, ...]:
+        """Logical experts whose every replica is on an actor index in `avoid` (no live copy to fall back on)."""
+        on = self.dest_actor.tolist()
+        return tuple(e for e, r in enumerate(self.replicas) if all(on[d] in avoid for d in r))
+
+    def masked(self, avoid: frozenset[int]) -> LayerRoute:
+        """This route with every replica on an actor index in `avoid` withheld from replica selection.
+
+        Destinations (dest_actor, dest_expert) stay as they are, so plans and buckets index the same slots and
+        an avoided actor simply gets no rows. An expert whose every replica is avoided keeps them all: its
+        tokens still go there and wait for the heal (see `stranded`)."""
+        if not avoid:
+            return self
+        on = self.dest_actor.tolist()
+        replicas = tuple(tuple(d for d in r if on[d] not in avoid) or r for r in self.replicas)
+        return LayerRoute(self.layer, self.dest_actor, self.dest_expert, replicas)
+
 
 @dataclass(frozen=True)
 class PlacementTable:
@@ -154,6 +171,32 @@ class PlacementTable:
         if not (0 <= layer < self.num_layers):
             raise UnknownExpertError(f"unknown layer {layer} (table has layers 0..{self.num_layers - 1})")
         return self._routes[layer]
+
+    def masked_route(self, layer: int, suspects: frozenset[str]) -> LayerRoute:
+        """`route(layer)` with replicas on `suspects` (actor ids; unknown ones ignored) withheld where the expert
+        has another replica (LayerRoute.masked); cached per suspect set, so selectors' per-route caches hold."""
+        avoid = frozenset(i for i, a in enumerate(self.actors) if a in suspects)
+        if not avoid:
+            return self.route(layer)
+        key = (layer, avoid)
+        hit = self._masked.get(key)
+        if hit is None:
+            if len(self._masked) >= 4 * self.num_layers:  # suspect sets of a long-lived table: forget the oldest
+                del self._masked[next(iter(self._masked))]
+            hit = self._masked[key] = self.route(layer).masked(avoid)
+        return hit
+
+    def stranded(self, suspects: frozenset[str]) -> list[tuple[int, int]]:
+        """(layer, expert) pairs whose every replica is on one of `suspects`: requests touching them must wait
+        for a heal; every other expert can be served at once from a surviving replica."""
+        avoid = frozenset(i for i, a in enumerate(self.actors) if a in suspects)
+        if not avoid:
+            return []
+        return [(layer, e) for layer in range(self.num_layers) for e in self.route(layer).stranded(avoid)]
+
+    @cached_property
+    def _masked(self) -> dict[tuple[int, frozenset[int]], LayerRoute]:
+        return {}
 
     # --- changes (each returns a new version) -------------------------------------------------------
     def with_slots(self, slots: Iterable[Slot], actors: Sequence[str] | None = None) -> PlacementTable:

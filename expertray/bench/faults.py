@@ -1,11 +1,15 @@
 """`expertray bench faults`: inject one fault per scenario under a concurrent request stream and count what
 the clients saw: requests, correct, wrong, errors, hung, and the time from the fault to serving again.
 
-Scenarios: kill an expert actor; SIGSTOP (hang) an expert actor; a 3x straggler; kill a router (of two);
-kill the detached controller (Ray restarts it); corrupt the snapshot, kill the controller, then kill an
-expert actor while the controller runs degraded. Every answer is compared with the in-process MoELayer
-(atol 1e-5). `hung`: a request with no answer and no error within request_timeout_s + 10 s.
-`serving again`: from the fault to the first correct answer to a request sent after it.
+Scenarios: kill an expert actor; kill an expert actor whose every expert also has a replica on another
+actor (`kill_replicated_expert`: routers fail over to the replicas at once, the heal runs in the background);
+SIGSTOP (hang) an expert actor; a 3x straggler; kill a router (of two); kill the detached controller (Ray
+restarts it); corrupt the snapshot, kill the controller, then kill an expert actor while the controller runs
+degraded. Every answer is compared with the in-process MoELayer (atol 1e-5). `hung`: a request with no
+answer and no error within request_timeout_s + 10 s. `serving again`: from the fault to the first correct
+answer to a request sent after it. `heal done`: from the fault to the controller's first heal event (the
+replacement actor loaded and every router switched). Router counters: `masked_retries` (batches retried at
+once on surviving replicas) and `served_while_healing` (batches answered while a heal was still running).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import typer
 from expertray.api import Cluster, init_ray, launch, random_model
 from expertray.bench.report import emit, quantile
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+from expertray.errors import ConfigError
+from expertray.placement_table import PlacementTable
 
-SCENARIOS = ("kill_expert", "hang_expert", "straggler", "kill_router", "kill_controller",
-             "bad_snapshot_then_expert_death")
+SCENARIOS = ("kill_expert", "kill_replicated_expert", "hang_expert", "straggler", "kill_router",
+             "kill_controller", "bad_snapshot_then_expert_death")
+VICTIM = "expert-1"
 HUNG_GRACE_S = 10.0
 
 
@@ -69,8 +76,35 @@ class _Stream:
         return sum(t.is_alive() for t in self.threads)
 
 
+def replicate_elsewhere(table: PlacementTable, victim: str) -> PlacementTable:
+    """`table` plus a replica of every expert `victim` holds alone, all on one other actor (the one with the
+    fewest slots). One source for the heal: it loads the replacement from that actor in a single call
+    (concurrent loads into one expert actor race: see docs/RELIABILITY.md)."""
+    table.check_actor(victim)
+    others = [a for a in table.actors if a != victim]
+    if not others:
+        raise ConfigError(f"{victim!r} is the only actor: nowhere to replicate its experts")
+    target = min(others, key=lambda a: (len(table.slots_of(a)), a))
+    for s in table.slots_of(victim):
+        if all(r.actor == victim for r in table.replicas(s.layer, s.expert)):
+            table = table.replicate(s.layer, s.expert, target)
+    return table
+
+
+def _prepare(name: str, cluster: Cluster) -> dict[str, Any]:
+    """Set the scenario up before the stream starts (kill_replicated_expert: replicate the victim's experts)."""
+    if name != "kill_replicated_expert":
+        return {}
+    table = cluster.table()
+    event = cluster.apply_table(replicate_elsewhere(table, VICTIM), f"bench: replicate {VICTIM}'s experts")
+    return {"replicas_added": len(event["added"])}
+
+
 def _inject(name: str, cluster: Cluster, cfg: ClusterConfig) -> dict[str, Any]:
     """Apply the scenario's fault; returns what was done (and anything to undo)."""
+    if name == "kill_replicated_expert":
+        ray.kill(ray.get_actor(f"expertray-{VICTIM}", namespace="expertray"), no_restart=True)
+        return {"fault": f"ray.kill({VICTIM}), every expert of it replicated elsewhere"}
     if name == "kill_expert":
         ray.kill(ray.get_actor("expertray-expert-1", namespace="expertray"), no_restart=True)
         return {"fault": "ray.kill(expert-1)"}
@@ -111,13 +145,15 @@ def _scenario(name: str, cfg: ClusterConfig, before_s: float, after_s: float, to
     stream = _Stream(cluster, layers, cfg.layer.d_model, tokens, clients)
     fault: dict[str, Any] = {}
     try:
+        prepared = _prepare(name, cluster)
         stream.start()
         time.sleep(before_s)
-        t_fault = time.perf_counter()
-        fault = _inject(name, cluster, cfg)
+        t_fault, t_fault_wall = time.perf_counter(), time.time()
+        fault = {**prepared, **_inject(name, cluster, cfg)}
         time.sleep(after_s)
         hung = stream.finish(cfg.request_timeout_s)
         status = cluster.status()
+        routers = _router_counters(cluster)
     finally:
         if "pid" in fault:
             try:
@@ -133,13 +169,31 @@ def _scenario(name: str, cfg: ClusterConfig, before_s: float, after_s: float, to
         if o.startswith("error:"):
             errors[o[6:]] = errors.get(o[6:], 0) + 1
     lat = [(d - s) * 1e3 for s, d, _ in recs if s >= t_fault]
+    error_times = [d - t_fault for _, d, o in recs if o.startswith("error:")]
     return {"scenario": name, **{k: v for k, v in fault.items() if k != "pid"}, "requests": len(recs),
             "correct": sum(o == "correct" for *_, o in recs), "wrong": sum(o == "wrong" for *_, o in recs),
             "errors": sum(errors.values()), "error_kinds": errors, "hung": hung,
+            "errors_from_to_s": [min(error_times), max(error_times)] if error_times else None,
             "serving_again_s": after[0] - t_fault if after else None,
             "p99_after_fault_ms": quantile(lat, 0.99) if lat else None,
             "heals": [h["reason"] for h in status["history"] if h["reason"].startswith("heal")],
+            "heal_done_s": next((h["t"] - t_fault_wall for h in status["history"]
+                                 if h["reason"].startswith("heal") and h["t"] >= t_fault_wall), None),
+            **routers,
             "routers_down_at_end": len(status["routers_down"]), "controller": status["controller"]}
+
+
+def _router_counters(cluster: Cluster) -> dict[str, int]:
+    """Failover counters summed over the live routers (0 where a router predates them or is gone)."""
+    out = {"masked_retries": 0, "served_while_healing": 0}
+    for r in cluster.routers:
+        try:
+            stats = ray.get(r.stats.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a killed router (kill_router scenario) has no counters
+            continue
+        for k in out:
+            out[k] += int(stats.get(k, 0))
+    return out
 
 
 def run(scenarios: tuple[str, ...] = SCENARIOS, transport: str = "auto", before_s: float = 3.0,
@@ -167,6 +221,6 @@ def cli(scenario: list[str] = typer.Option(list(SCENARIOS), "--scenario", help="
     hung, time to serving again."""
     r = run(tuple(scenario), transport=transport, after_s=after_s, clients=clients)
     rows = [[x["scenario"], x["requests"], x["correct"], x["wrong"], x["errors"], x["hung"], x["serving_again_s"],
-             x["p99_after_fault_ms"]] for x in r["scenarios"]]
+             x["heal_done_s"], x["p99_after_fault_ms"]] for x in r["scenarios"]]
     emit("faults", r, rows, ["scenario", "requests", "correct", "wrong", "errors", "hung", "serving again s",
-                             "p99 after fault ms"], as_json, out)
+                             "heal done s", "p99 after fault ms"], as_json, out)

@@ -6,8 +6,11 @@ Guarantees:
 - every submitted request gets its [T, D] output, or an exception, by `request_timeout_s` after it arrived
   (RequestTimeoutError when its deadline passes first; it is then withdrawn from the queue);
 - a batch whose transport fails (`is_transport_failure`, or no answer within `batch_timeout_s`) is put back
-  at the front of its queue in order, dispatch pauses while `heal` runs (at most `heal_timeout_s`), and each
-  request is retried until it has failed `max_attempts` times (then ExpertUnavailableError);
+  at the front of its queue in order and each request is retried until it has failed `max_attempts` times
+  (then ExpertUnavailableError); `heal` runs (at most `heal_timeout_s`) in the background;
+- before the retry, `reroute` (the router's failover) masks the actors the error names; when every expert
+  still has a live replica it answers True and the retry goes at once while the heal runs, otherwise
+  dispatch pauses until the heal ends (requests keep their deadlines);
 - batches run one at a time under `lane`, so a caller holding `lane` (a table switch) lands between batches;
 - the dispatch loop never ends on an error: a failed step is logged and the loop goes on.
 """
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RunBatch = Callable[[int, torch.Tensor], Awaitable[torch.Tensor]]  # (layer, hidden [T, D]) -> output [T, D]
 Heal = Callable[[BaseException], Awaitable[object]]
+Reroute = Callable[[BaseException], bool]  # transport failure -> "masked; every expert still served"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class BatcherCounters:
     rejected: int = 0
     heals: int = 0
     loop_errors: int = 0
+    masked_retries: int = 0  # failed batches retried at once on surviving replicas (no wait for the heal)
+    served_while_healing: int = 0  # batches answered while a heal was still running
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -102,12 +108,13 @@ class Batcher:
 
     def __init__(self, num_layers: int, limits: BatchLimits, run_batch: RunBatch, heal: Heal | None = None,
                  is_transport_failure: Callable[[BaseException], bool] = default_transport_failure,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, reroute: Reroute | None = None) -> None:
         if num_layers < 1:
             raise ConfigError(f"batcher.num_layers: must be >= 1, got {num_layers}")
         self.limits = limits
         self.run_batch = run_batch
         self.heal = heal
+        self.reroute = reroute
         self.is_transport_failure = is_transport_failure
         self.clock = clock
         self.queues: list[deque[Pending]] = [deque() for _ in range(num_layers)]
@@ -234,6 +241,8 @@ class Batcher:
             self._fail(batch, RuntimeError(f"layer {layer}: batch answered {out.shape[0]} rows for "
                                            f"{hidden.shape[0]} tokens; refusing a partial answer"))
             return
+        if self._heal_task is not None and not self._heal_task.done():
+            self.counters.served_while_healing += 1
         start = 0
         for p in batch:
             if not p.future.done():
@@ -247,13 +256,28 @@ class Batcher:
                 p.future.set_exception(exc)
 
     def _transport_failed(self, layer: int, batch: list[Pending], exc: BaseException) -> None:
-        """Requeue the batch (front, in order) unless a request is out of attempts; pause and heal."""
-        log.warning("batcher: batch on layer %d failed in transport (%s); healing", layer, exc)
+        """Requeue the batch (front, in order) unless a request is out of attempts; start a heal unless one is
+        running; pause dispatch until it ends unless `reroute` masked the failure with every expert served."""
         self.counters.retries += 1
         self._requeue(layer, batch, exc, count=True)
-        if self._healthy.is_set():
-            self._healthy.clear()
+        served = self._reroute(exc)
+        log.warning("batcher: batch on layer %d failed in transport (%s); %s", layer, exc,
+                    "retrying on surviving replicas while healing" if served else "pausing to heal")
+        if served:
+            self.counters.masked_retries += 1
+        if self._heal_task is None or self._heal_task.done():
             self._heal_task = asyncio.get_running_loop().create_task(self._heal(exc))
+        if not served:
+            self._healthy.clear()  # the running heal sets it again when it ends
+
+    def _reroute(self, exc: BaseException) -> bool:
+        if self.reroute is None:
+            return False
+        try:
+            return bool(self.reroute(exc))
+        except Exception:  # noqa: BLE001 - a failed failover falls back to waiting for the heal
+            log.warning("batcher: reroute failed; waiting for the heal", exc_info=True)
+            return False
 
     def _requeue(self, layer: int, batch: list[Pending], exc: BaseException, count: bool) -> None:
         for p in reversed(batch):

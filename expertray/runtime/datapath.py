@@ -2,18 +2,24 @@
 
 The RouterActor's `run_batch` is this function plus bookkeeping; tests run it with an in-process transport
 (`InProcessTransport`) and compare with MoELayer.forward.
+
+`Failover` is the router's mask of suspect actors: a transport failure names the actors that died or hung,
+and until the controller installs a healed table, replica selection avoids them wherever an expert has
+another replica (PlacementTable.masked_route), so requests flow on the survivors without waiting for the heal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from expertray.config import MoELayerConfig
+from expertray.errors import TransportError
 from expertray.experts import ExpertWeights, SharedExpert, swiglu
 from expertray.gating import GateWeights
 from expertray.pipeline import PreparedBatch, ReplicaSelector, RoutingPolicy, finish, prepare
@@ -59,13 +65,15 @@ class BatchResult:
 
 async def run_layer(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, params: LayerParams,
                     policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Exchange,
-                    expert_load: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> BatchResult:
+                    expert_load: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                    suspects: frozenset[str] = frozenset()) -> BatchResult:
     """Route hidden [T, D] through `layer` on `table`, exchange the buckets, combine.
 
     The gate sees `hidden` (and computes in float32); rows go out, and the combine and shared expert run,
-    in the serving `dtype` (None: hidden's), as MoELayer.forward does; output [T, D] is in that dtype."""
+    in the serving `dtype` (None: hidden's), as MoELayer.forward does; output [T, D] is in that dtype.
+    suspects: actor ids to avoid wherever an expert has another replica (`Failover.suspects`)."""
     t0 = time.perf_counter()
-    route = table.route(layer)
+    route = table.masked_route(layer, suspects)
     batch = prepare(hidden, layer, cfg, params.gate, policy, selector, route, len(table.actors),
                     expert_load=expert_load, rows_dtype=dtype)
     t1 = time.perf_counter()
@@ -73,6 +81,34 @@ async def run_layer(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, param
     t2 = time.perf_counter()
     out = finish(batch, rows_out, hidden if dtype is None else hidden.to(dtype), params.shared)
     return BatchResult(out, batch, tstats, (t0, t1, t2, time.perf_counter()))
+
+
+def failed_actors(exc: BaseException) -> tuple[str, ...]:
+    """The actor ids a transport failure names as dead or unresponsive (TransportError.actors); () if none."""
+    return exc.actors if isinstance(exc, TransportError) else ()
+
+
+@dataclass
+class Failover:
+    """The actors a router avoids until the controller installs a healed table (Ray-free).
+
+    suspects: actor ids named by transport failures since the last healed table."""
+
+    suspects: frozenset[str] = frozenset()
+
+    def mark(self, table: PlacementTable, actors: Iterable[str]) -> bool:
+        """Add `actors` (those in `table`) to the suspects; True when at least one was named and every logical
+        expert still has a replica off the suspects, i.e. a retry can be served at once without a heal."""
+        named = frozenset(a for a in actors if a in table.actors)
+        if not named:
+            return False
+        self.suspects |= named
+        return not table.stranded(self.suspects)
+
+    def install(self, table: PlacementTable, healed: bool) -> None:
+        """A new table is in use: a healed one (the controller re-checked every actor) clears the mask; any
+        other keeps the suspects it still names."""
+        self.suspects = frozenset() if healed else frozenset(a for a in self.suspects if a in table.actors)
 
 
 @dataclass
