@@ -9,6 +9,7 @@ other activation (clamped SwiGLU) or biases go through `expert_math.expert_mlp`,
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,10 @@ class SlotStore:
         self.layer_cfg = layer_cfg
         self.plain = layer_cfg is None or (layer_cfg.expert_activation == "swiglu" and not layer_cfg.expert_bias)
         self._layers: dict[int, LayerStack] = {}
+        # Loads and unloads arrive on concurrent actor threads (a heal loading from two sources at once): each
+        # read-modify-restack of a layer holds this lock, or one load's slots would be lost. compute() reads
+        # a layer's stack with one dict lookup and needs no lock: stacks are replaced, never changed.
+        self._mutate = threading.RLock()
 
     # --- weights -------------------------------------------------------------------------------------
     def add(self, weights: Mapping[ExpertKey, SlotWeights]) -> None:
@@ -84,9 +89,10 @@ class SlotStore:
                 raise ValueError(f"actor {self.owner}: expert {layer}:{expert} came with {len(tensors)} tensors, "
                                  f"expected {want} ({'weights and biases' if want == 4 else 'gate_up and down'})")
             by_layer.setdefault(int(layer), {})[int(expert)] = tuple(self._to_device(t) for t in tensors)
-        for layer, new in by_layer.items():
-            held = {e: self.get((layer, e)) for e in self._layers[layer].experts} if layer in self._layers else {}
-            self._restack(layer, {**held, **new})
+        with self._mutate:
+            for layer, new in by_layer.items():
+                held = {e: self.get((layer, e)) for e in self._layers[layer].experts} if layer in self._layers else {}
+                self._restack(layer, {**held, **new})
 
     def add_stacked(self, layer: int, experts: Sequence[int], gate_up: torch.Tensor, down: torch.Tensor,
                     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> None:
@@ -99,23 +105,25 @@ class SlotStore:
         if (gate_up_bias is not None) != has_bias:
             raise ValueError(f"actor {self.owner}: layer {layer}: expert biases "
                              f"{'given' if gate_up_bias is not None else 'missing'} but layer.expert_bias={has_bias}")
-        if layer in self._layers:
-            stack = LayerStack(list(experts), gate_up, down, False, gate_up_bias, down_bias)
-            self.add({(layer, e): stack.slot(s) for s, e in enumerate(experts)})
-            return
-        tensors = [None if t is None else self._to_device(t) for t in (gate_up, down, gate_up_bias, down_bias)]
-        grouped = self._grouped(tensors[0], tensors[1])
-        self._layers[layer] = LayerStack(list(experts), tensors[0], tensors[1], grouped, tensors[2], tensors[3])
+        with self._mutate:
+            if layer in self._layers:
+                stack = LayerStack(list(experts), gate_up, down, False, gate_up_bias, down_bias)
+                self.add({(layer, e): stack.slot(s) for s, e in enumerate(experts)})
+                return
+            tensors = [None if t is None else self._to_device(t) for t in (gate_up, down, gate_up_bias, down_bias)]
+            grouped = self._grouped(tensors[0], tensors[1])
+            self._layers[layer] = LayerStack(list(experts), tensors[0], tensors[1], grouped, tensors[2], tensors[3])
 
     def remove(self, keys: Iterable[ExpertKey]) -> None:
         """Drop slots (unknown keys are ignored: unloading twice is harmless)."""
         drop: dict[int, set[int]] = {}
         for layer, expert in keys:
             drop.setdefault(int(layer), set()).add(int(expert))
-        for layer, experts in drop.items():
-            if layer in self._layers:
-                keep = {e: self.get((layer, e)) for e in self._layers[layer].experts if e not in experts}
-                self._restack(layer, keep)
+        with self._mutate:
+            for layer, experts in drop.items():
+                if layer in self._layers:
+                    keep = {e: self.get((layer, e)) for e in self._layers[layer].experts if e not in experts}
+                    self._restack(layer, keep)
 
     def get(self, key: ExpertKey) -> tuple[torch.Tensor, ...]:
         """Views of one held slot: (gate_up [2F, D], down [D, F]) plus (gate_up_bias [2F], down_bias [D])

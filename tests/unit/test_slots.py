@@ -164,3 +164,29 @@ def test_padded_rows_and_the_padded_rule(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not prefer_padded([64] * 8)  # off until a device measures it faster
     monkeypatch.setattr("expertray.experts.PADDED_MAX_OVERHEAD", 1.25)
     assert prefer_padded([64] * 8) and not prefer_padded([64] * 7 + [129]) and not prefer_padded([0, 0])
+
+
+def test_concurrent_loads_and_unloads_lose_no_slot() -> None:
+    """Loads from several threads at once (a heal copying from two source actors) all land: each
+    read-modify-restack of a layer is serialised, so no thread's slots are overwritten by another's."""
+    import threading
+
+    store = SlotStore("a", torch.device("cpu"), torch.float32)
+    d, f, threads, per_thread = 8, 12, 8, 16
+    barrier = threading.Barrier(threads)
+
+    def load(t: int) -> None:
+        barrier.wait()
+        for i in range(per_thread):
+            e = t * per_thread + i
+            store.add({(0, e): (torch.full((2 * f, d), float(e)), torch.full((d, f), float(e)))})
+            store.add({(1, e): (torch.zeros(2 * f, d), torch.zeros(d, f))})
+            store.remove([(1, e)])
+
+    workers = [threading.Thread(target=load, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert store.keys() == [(0, e) for e in range(threads * per_thread)]
+    assert all(float(store.get((0, e))[0][0, 0]) == e for e in range(threads * per_thread))
