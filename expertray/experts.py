@@ -169,16 +169,28 @@ def padded_bmm_swiglu(rows: torch.Tensor, counts: Sequence[int], gate_up: torch.
     return y.view(S * M, D).index_select(0, place)
 
 
-# Largest padding overhead (padded rows S·M over routed rows N) at which `padded_bmm_swiglu` is preferred
-# to the grouped GEMM. 0: never, until `expertray bench gpu` (field experts_padded) measures it faster on a
-# device; the bench reports the overhead of each case (padded_overhead) so the threshold can be set from it.
-PADDED_MAX_OVERHEAD = 0.0
+# Largest padding overhead (padded rows S·M over routed rows N) at which `padded_bmm_swiglu` replaces the
+# grouped GEMM. Measured on an H200 (bf16, `expertray bench gpu`, third device run), DeepSeek-V3-like, 256
+# groups: prefill (128 rows each on average, padding 1.25x) padded ran at 364 TFLOP/s against the grouped
+# GEMM's 280; decode (4 rows each, padding 4.0x) 15.5 against 13 — reading the weights dominates there. So
+# padded up to the largest overhead measured to win; a skewed call (one hot expert) stays grouped.
+PADDED_MAX_OVERHEAD = 4.0
 
 
 def prefer_padded(counts: Sequence[int], multiple: int = 16) -> bool:
-    """Whether a call with these per-slot counts should run as padded batched GEMMs (given a fast kernel)."""
+    """Whether padded batched GEMMs cost little enough padding for these per-slot counts."""
     n = sum(counts)
     return n > 0 and len(counts) * padded_rows(counts, multiple) <= PADDED_MAX_OVERHEAD * n
+
+
+def expert_path(counts: Sequence[int], fast_kernel: bool) -> str:
+    """Which expert-compute path a call with these per-slot row counts takes: "padded" (batched GEMMs over
+    a zero-padded [S, M, D]), "grouped" (one torch._grouped_mm per projection) or "loop" (a GEMM per slot).
+    Only where the device has a fast grouped kernel (`grouped_mm_fast`) do the first two apply: with many
+    groups (`prefer_grouped`), padded when the padding is small (`prefer_padded`), else grouped."""
+    if not fast_kernel or not prefer_grouped(counts):
+        return "loop"
+    return "padded" if prefer_padded(counts) else "grouped"
 
 
 def slots_swiglu(rows: torch.Tensor, counts: Sequence[int], gate_up: torch.Tensor, down: torch.Tensor,

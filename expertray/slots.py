@@ -20,10 +20,9 @@ from expertray.config import MoELayerConfig
 from expertray.errors import UnknownExpertError
 from expertray.expert_math import expert_mlp
 from expertray.experts import (
+    expert_path,
     grouped_mm_fast,
     padded_bmm_swiglu,
-    prefer_grouped,
-    prefer_padded,
     slots_swiglu,
     swiglu,
 )
@@ -185,9 +184,10 @@ class SlotStore:
             full = [0] * len(stack.experts)
             for s, n in zip(positions, counts):
                 full[s] = n
-            if self.grouped is None and prefer_padded(full):  # even counts: padded batched GEMMs
+            path = "grouped" if self.grouped is True else expert_path(full, fast_kernel=True)  # True: tests
+            if path == "padded":
                 return padded_bmm_swiglu(rows, full, stack.gate_up, stack.down)
-            if self.grouped is True or prefer_grouped(full):  # grouped=True forces it (tests, benches)
+            if path == "grouped":
                 return slots_swiglu(rows, full, stack.gate_up, stack.down, grouped=True)
         out = torch.empty_like(rows)
         start = 0

@@ -36,7 +36,7 @@ from expertray.bench.report import emit, median
 from expertray.config import CapacityConfig, GateConfig, MoELayerConfig
 from expertray.devices import DEVICE_ENV, resolve_device, synchronize
 from expertray.dispatch import build_plan, combine, permute
-from expertray.experts import SharedExpert, grouped_mm_fast, padded_rows, prefer_grouped, slots_swiglu
+from expertray.experts import SharedExpert, expert_path, grouped_mm_fast, padded_rows, slots_swiglu
 from expertray.gating import GateWeights, gate, gating_rule, router_logits
 from expertray.placement_table import PlacementTable
 from expertray.policies.replica import REPLICA
@@ -261,11 +261,9 @@ def run_case(shape: Shape, tokens: int, phase: str, device: torch.device, dtype:
     if padded_ms is not None:
         ms["experts_padded"] = padded_ms
 
-    # the paths the actors' rule chooses between (the padded one joins them once PADDED_MAX_OVERHEAD is set)
-    best = min(v for k, v in ms.items() if k in ("experts_loop", "experts_grouped"))
-    # what an actor would run (SlotStore with grouped=None): the grouped GEMM where it has a fast kernel and
-    # prefer_grouped says so, else the loop; measured_best says whether that rule picked the faster path
-    picked = "experts_grouped" if grouped_mm_fast(device, dtype, D, F) and prefer_grouped(counts) else "experts_loop"
+    # the paths the actors' rule (experts.expert_path) chooses between, and what it picks here
+    best = min(v for k, v in ms.items() if k in ("experts_loop", "experts_grouped", "experts_padded"))
+    picked = f"experts_{expert_path(counts, grouped_mm_fast(device, dtype, D, F))}"
     flops = 6.0 * n_rows * D * F
     tflops = {k: flops / (v / 1e3) / 1e12 for k, v in ms.items() if k.startswith("experts_") or k == "plain_matmul"}
     result: dict[str, Any] = {

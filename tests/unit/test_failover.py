@@ -202,6 +202,7 @@ def test_an_expert_with_no_surviving_replica_waits_for_the_heal_then_answers_exa
     assert c.masked_retries == 0 and c.served_while_healing == 0 and c.errors == 0 and router.healed
 
 
+@pytest.mark.ray  # the fault bench module imports Ray
 def test_bench_replicates_every_expert_of_the_victim_onto_one_other_actor() -> None:
     from expertray.bench.faults import replicate_elsewhere
 

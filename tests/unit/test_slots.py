@@ -11,6 +11,7 @@ from expertray.experts import (
     GROUPED_MAX_GROUPS,
     GROUPED_MIN_GROUPS,
     ExpertWeights,
+    expert_path,
     grouped_mm_fast,
     grouped_swiglu,
     padded_bmm_swiglu,
@@ -161,9 +162,16 @@ def test_padded_rows_and_the_padded_rule(monkeypatch: pytest.MonkeyPatch) -> Non
     assert padded_rows([5, 0, 17], multiple=8) == 24 and padded_rows([], multiple=8) == 0
     with pytest.raises(ValueError, match="multiple"):
         padded_rows([1], multiple=0)
-    assert not prefer_padded([64] * 8)  # off until a device measures it faster
     monkeypatch.setattr("expertray.experts.PADDED_MAX_OVERHEAD", 1.25)
     assert prefer_padded([64] * 8) and not prefer_padded([64] * 7 + [129]) and not prefer_padded([0, 0])
+
+
+def test_expert_path_follows_the_measured_rule() -> None:
+    even, skewed = [128] * 256, [4] * 255 + [1024]  # DeepSeek-like prefill; one hot expert
+    assert expert_path(even, fast_kernel=True) == "padded"  # 1.0x padding: batched GEMMs
+    assert expert_path(skewed, fast_kernel=True) == "grouped"  # padding ~ 128x: one grouped GEMM
+    assert expert_path([1024] * 8, fast_kernel=True) == "loop"  # few large experts: a GEMM each
+    assert expert_path(even, fast_kernel=False) == "loop"  # no fast kernel (CPU, fp32): the loop
 
 
 def test_concurrent_loads_and_unloads_lose_no_slot() -> None:
