@@ -88,6 +88,17 @@ def node_affinity(demand: dict[str, float], nodes: list[NodeInfo], used: dict[st
     return node.node_id, {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=True)}
 
 
+async def answers(handle: Any, timeout_s: float) -> bool:
+    """Whether the actor behind `handle` (None: not running) answers a ping within `timeout_s`."""
+    if handle is None:
+        return False
+    try:
+        await asyncio.wait_for(handle.ping.remote(), timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
+        return False
+
+
 class RayActorPool:
     """ActorPool over Ray expert actors (see expertray/runtime/control.py)."""
 
@@ -101,16 +112,10 @@ class RayActorPool:
         return self.ctl._new_actor()
 
     async def ping(self, actor: str) -> bool:
-        handle = self.ctl.handles.get(actor)
-        if handle is None:
-            return False
-        try:
-            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
-        except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
-            self.ctl._node_suspect(actor, True)
-            return False
-        self.ctl._node_suspect(actor, False)
-        return True
+        alive = await answers(self.ctl.handles.get(actor), self.ctl.cfg.ping_timeout_s)
+        if actor in self.ctl.handles:
+            self.ctl._node_suspect(actor, not alive)
+        return alive
 
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
         """Give `actor` the weights of `keys`: copied from live actor `source`; else, for a checkpoint cluster,
@@ -150,14 +155,7 @@ class RayRouterPool:
         return list(self.ctl.routers)
 
     async def ping(self, router: str) -> bool:
-        handle = self.ctl.routers.get(router)
-        if handle is None:
-            return False
-        try:
-            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.ping_timeout_s)
-            return True
-        except Exception:  # noqa: BLE001 - dead, hung or unreachable
-            return False
+        return await answers(self.ctl.routers.get(router), self.ctl.cfg.ping_timeout_s)
 
     async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
         handle = self.ctl.routers.get(router)
