@@ -129,24 +129,8 @@ def test_slots_created_after_start_serve_identical_outputs(ray_session, tmp_path
         cluster.shutdown()
 
 
-def _until(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
-def _info(cluster):
-    try:
-        return ray.get(cluster.controller.info.remote(), timeout=10)
-    except Exception:  # noqa: BLE001 - restarting
-        return None
-
-
-def test_restarted_controller_serves_the_checkpoint_its_snapshot_records(ray_session, tmp_path) -> None:
+def test_restarted_controller_serves_the_checkpoint_its_snapshot_records(ray_session, tmp_path, until,
+                                                                        controller_info) -> None:
     """The snapshot records the checkpoint (path, shard digests), never weights; a restarted controller heals
     a dead actor whose experts have no other replica by having the new actor re-read the checkpoint."""
     path = write_tiny_checkpoint("mixtral", tmp_path / "mixtral", seed=7)
@@ -163,7 +147,7 @@ def test_restarted_controller_serves_the_checkpoint_its_snapshot_records(ray_ses
         recorded = load_controller_snapshot(snapshot)[1].checkpoint
         assert recorded["path"] == str(path.resolve()) and recorded["shards"]
         ray.kill(cluster.controller, no_restart=False)
-        info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
+        info = until(lambda: (i := controller_info(cluster)) and i["restored"] and i, 60, "controller restarted")
         assert info["weights"] == "checkpoint" and not info["degraded"] and info["expert_bytes_held"] == 0
         assert not (Path(info["state_dir"]) / "weights.safetensors").exists()  # no weight store written
         ray.kill(ray.get_actor("expertray-expert-0", namespace="expertray"), no_restart=True)

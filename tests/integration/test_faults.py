@@ -125,16 +125,6 @@ def _exact(cluster, layers, n: int = 6) -> None:
         torch.testing.assert_close(cluster.forward(i % 2, x), layers[i % 2](x), atol=1e-5, rtol=0)
 
 
-def _until(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
 def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) -> None:
     """Hole 1: an actor slow past the batch deadline three times used to end the router's batch loop."""
     from expertray.errors import ExpertUnavailableError
@@ -166,7 +156,7 @@ def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) ->
         cluster.shutdown()
 
 
-def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session) -> None:
+def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session, until) -> None:
     """Hole 2: a dead router was never replaced, status()/replicate() raised, actors leaked."""
     cfg = _small(num_routers=2)
     layers = random_model(cfg)
@@ -181,7 +171,7 @@ def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session) ->
         status = cluster.status()  # never raises because a router died
         assert len(status["routers"]) + len(status["routers_down"]) == 2
         cluster.replicate(0, 3)  # a change with a router down replaces it instead of failing half-way
-        status = _until(lambda: (s := cluster.status()) and not s["routers_down"] and len(s["routers"]) == 2 and s,
+        status = until(lambda: (s := cluster.status()) and not s["routers_down"] and len(s["routers"]) == 2 and s,
                         30, "router replaced")
         assert {r["table_version"] for r in status["routers"]} == {cluster.table().version}
         names = [n for n in ray.util.list_named_actors() if n.startswith("expertray-expert-")]
@@ -223,7 +213,8 @@ def test_hung_actor_is_killed_and_replaced_while_status_answers(ray_session) -> 
         cluster.shutdown()
 
 
-def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_and_healing(ray_session) -> None:
+def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_and_healing(
+        ray_session, until, controller_info) -> None:
     """Holes 3, 5, 7: the default launch() (no snapshot_path) could not restart its controller; a corrupted
     snapshot left nothing to heal an expert death with."""
     from pathlib import Path
@@ -236,7 +227,7 @@ def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_a
         cluster.autoscale(True)
         before = cluster.table()
         ray.kill(cluster.controller, no_restart=False)
-        info = _until(lambda: (i := _info(cluster)) and i["restored"] and i, 60, "controller restarted")
+        info = until(lambda: (i := controller_info(cluster)) and i["restored"] and i, 60, "controller restarted")
         assert info["restored"] and not info["degraded"] and cluster.table() == before
         assert cluster.autoscale()["on"] is True  # the autoscaler's on/off and its state were persisted
         cluster.autoscale(False)
@@ -244,19 +235,14 @@ def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_a
         state_dir = Path(info["state_dir"])
         (state_dir / "snapshot.msgpack").write_bytes(b"\x00 not msgpack")
         ray.kill(cluster.controller, no_restart=False)
-        info = _until(lambda: (i := _info(cluster)) and i["degraded"] and i, 60, "restarted on a bad snapshot")
+        info = until(lambda: (i := controller_info(cluster)) and i["degraded"] and i, 60, "restarted on a bad snapshot")
         assert "corrupted msgpack" in info["snapshot_error"]
         assert cluster.table() == before  # rebuilt from the routers
         assert cluster.status()["controller"]["snapshot_error"] == info["snapshot_error"]
         ray.kill(ray.get_actor("expertray-expert-0", namespace="expertray"), no_restart=True)
         _exact(cluster, layers)
-        _until(lambda: "expert-0" not in cluster.table().actors, 30, "dead actor replaced")
+        until(lambda: "expert-0" not in cluster.table().actors, 30, "dead actor replaced")
     finally:
         cluster.shutdown()
 
 
-def _info(cluster):
-    try:
-        return ray.get(cluster.controller.info.remote(), timeout=10)
-    except Exception:  # noqa: BLE001 - restarting
-        return None
