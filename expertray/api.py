@@ -35,6 +35,9 @@ from expertray.validation import check_hidden, check_layer
 
 DEADLINE_GRACE_S = 2.0  # past a request's deadline, so the router's own RequestTimeoutError arrives first
 CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
+# A placement change is three controller steps (load the new slots, switch the routers, unload the old),
+# each bounded by control_timeout_s there; the client waits for all of them and a margin.
+CHANGE_STEPS = 4
 
 log = logging.getLogger(__name__)
 
@@ -186,45 +189,50 @@ class Cluster:
             raise RouterUnavailableError(f"layer {layer}: routers died and no live router answered within "
                                          f"request_timeout_s={self.cfg.request_timeout_s:g} s") from exc
 
+    def _ask(self, refs: Any, steps: int = 1) -> Any:
+        """ray.get with a deadline: `steps` × control_timeout_s (queries 1, placement changes CHANGE_STEPS);
+        past it, GetTimeoutError (a hung controller or router never hangs the caller)."""
+        return ray.get(refs, timeout=steps * self.cfg.control_timeout_s)
+
     def status(self) -> dict[str, Any]:
-        return ray.get(self.controller.status.remote())
+        return self._ask(self.controller.status.remote())
 
     def table(self) -> PlacementTable:
-        return PlacementTable.from_dict(ray.get(self.controller.get_table.remote()))
+        return PlacementTable.from_dict(self._ask(self.controller.get_table.remote()))
 
     def replicate(self, layer: int, expert: int, actor: str | None = None) -> dict[str, Any]:
-        return ray.get(self.controller.replicate.remote(layer, expert, actor))
+        return self._ask(self.controller.replicate.remote(layer, expert, actor), steps=CHANGE_STEPS)
 
     def migrate(self, layer: int, expert: int, dst: str, src: str | None = None) -> dict[str, Any]:
-        return ray.get(self.controller.migrate.remote(layer, expert, dst, src))
+        return self._ask(self.controller.migrate.remote(layer, expert, dst, src), steps=CHANGE_STEPS)
 
     def drain(self, actor: str) -> dict[str, Any]:
-        return ray.get(self.controller.drain.remote(actor))
+        return self._ask(self.controller.drain.remote(actor), steps=CHANGE_STEPS)
 
     def add_actor(self) -> str:
-        return ray.get(self.controller.add_actor.remote())
+        return self._ask(self.controller.add_actor.remote(), steps=CHANGE_STEPS)
 
     def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
         """Re-plan every layer's placement from the observed load (see policies/placement.py)."""
-        return ray.get(self.controller.rebalance.remote(policy, slots_per_actor))
+        return self._ask(self.controller.rebalance.remote(policy, slots_per_actor), steps=CHANGE_STEPS)
 
     def start_trace(self, path: str) -> list[str]:
         """Record live routing of every router to msgpack traces (one file per router; the router's node)."""
         base = Path(path)
         paths = [str(base) if len(self.routers) == 1 else str(base.with_name(f"{base.stem}-router{i}{base.suffix}"))
                  for i in range(len(self.routers))]
-        return ray.get([r.start_trace.remote(p) for r, p in zip(self.routers, paths)])
+        return self._ask([r.start_trace.remote(p) for r, p in zip(self.routers, paths)])
 
     def stop_trace(self) -> list[int]:
         """Stop recording; returns each trace file's size in bytes."""
-        return ray.get([r.stop_trace.remote() for r in self.routers])
+        return self._ask([r.stop_trace.remote() for r in self.routers])
 
     def autoscale(self, on: bool | None = None) -> dict[str, Any]:
         """Turn the controller's autoscaler on (True) or off (False); None only reports its state."""
-        return ray.get(self.controller.autoscale.remote(on))
+        return self._ask(self.controller.autoscale.remote(on))
 
     def apply_table(self, table: PlacementTable, reason: str = "manual") -> dict[str, Any]:
-        return ray.get(self.controller.apply_table.remote(table, reason))
+        return self._ask(self.controller.apply_table.remote(table, reason), steps=CHANGE_STEPS)
 
     def shutdown(self) -> None:
         """Stop the routers, expert actors and the controller."""

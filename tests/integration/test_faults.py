@@ -246,3 +246,38 @@ def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_a
         cluster.shutdown()
 
 
+
+
+def test_a_hung_controller_never_hangs_the_client(ray_session) -> None:
+    """Every Cluster call to the controller has a deadline: control_timeout_s for queries, CHANGE_STEPS times
+    that for placement changes; past it the caller gets GetTimeoutError, not a hang."""
+    from expertray.api import CHANGE_STEPS, Cluster
+
+    cfg = _small(control_timeout_s=0.5)
+
+    @ray.remote(num_cpus=0)
+    class HungController:
+        def get_config(self) -> ClusterConfig:
+            return cfg
+
+        def get_routers(self) -> list:
+            return []
+
+        def status(self) -> dict:
+            time.sleep(60)
+            return {}
+
+        def replicate(self, layer: int, expert: int, actor: str | None) -> dict:
+            time.sleep(60)
+            return {}
+
+    fake = HungController.remote()
+    try:
+        cluster = Cluster(fake)
+        # without a deadline each call would block 60 s and then return {}: the timeout error is the proof
+        assert CHANGE_STEPS * cfg.control_timeout_s < 60
+        for call in (cluster.status, lambda: cluster.replicate(0, 1)):
+            with pytest.raises(ray.exceptions.GetTimeoutError):
+                call()
+    finally:
+        ray.kill(fake)
