@@ -38,6 +38,7 @@ CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
 # A placement change is three controller steps (load the new slots, switch the routers, unload the old),
 # each bounded by control_timeout_s there; the client waits for all of them and a margin.
 CHANGE_STEPS = 4
+PERSIST_BYTES_PER_S = 50e6  # a slow disk: launch() allows the controller this rate to persist in-memory weights
 
 log = logging.getLogger(__name__)
 
@@ -284,12 +285,27 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
     # the constructor gets only the config, so Ray can re-run it on a restart; the weights (or the checkpoint's
     # descriptor) go to start(), which persists them in the cluster's state directory for that restart
     controller = Controller.options(**opts).remote(cfg, detached)
+    deadline_s = start_deadline_s(cfg, layers=start_args[0])
     try:
-        ray.get(controller.start.remote(*start_args))
+        ray.get(controller.start.remote(*start_args), timeout=deadline_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(controller, no_restart=True)
+        raise RequestTimeoutError(f"launch: the cluster did not start within {deadline_s:.0f} s (expert actors, "
+                                  "weight loads or routers did not come up: are there resources for "
+                                  f"{cfg.num_expert_actors} expert actors and {cfg.num_routers} routers? "
+                                  "cluster.control_timeout_s sets the bound per step)") from None
     except BaseException:
         ray.kill(controller, no_restart=True)
         raise
     return Cluster(controller)
+
+
+def start_deadline_s(cfg: ClusterConfig, layers: list[MoELayer] | None) -> float:
+    """How long launch() waits for the controller's start: its bounded steps (the actors' loads run together,
+    then each router in turn, each within control_timeout_s), one step of slack for the controller's own
+    start, and the time to persist in-memory weights at PERSIST_BYTES_PER_S."""
+    persist_bytes = sum(m.experts.nbytes for m in layers or [])
+    return (cfg.num_routers + 2) * cfg.control_timeout_s + persist_bytes / PERSIST_BYTES_PER_S
 
 
 def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:

@@ -40,11 +40,6 @@ class DispatchPlan:
         """[S + 1] start row of each slot's segment."""
         return torch.cat([torch.zeros(1, dtype=torch.long, device=self.counts.device), torch.cumsum(self.counts, 0)])
 
-    def group_counts(self, slot_group: torch.Tensor, num_groups: int) -> torch.Tensor:
-        """Rows per group (e.g. per actor) given each slot's group id [S]; slots of a group must be contiguous."""
-        return torch.zeros(num_groups, dtype=torch.long, device=self.counts.device).index_add_(
-            0, slot_group.to(self.counts.device), self.counts)
-
 
 def build_plan(destinations: torch.Tensor, num_slots: int) -> DispatchPlan:
     """Plan from per-assignment destination slots [T, k] (-1 = dropped, not routed).

@@ -92,8 +92,6 @@ def test_dispatch_combine_round_trip_on_the_device(device: torch.device, dtype: 
     out = combine(rows.clone(), plan, w)
     assert out.device == x.device and out.dtype == dtype and plan.offsets.device == x.device
     torch.testing.assert_close(out, x, **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
-    assert plan.group_counts(torch.tensor([0, 0, 1, 1, 2, 2]), 3).tolist() == \
-        plan.counts.view(3, 2).sum(dim=1).tolist()
 
 
 @pytest.mark.parametrize("overflow", ["drop", "reroute", "dropless"])

@@ -49,10 +49,10 @@ def test_fully_dropped_token_gets_zero_row() -> None:
     assert out[1].abs().sum() == 0 and torch.allclose(out[0], torch.ones(3))
 
 
-def test_group_counts_per_actor() -> None:
+def test_offsets_start_each_slot_segment() -> None:
     dest = torch.tensor([[0, 3], [2, 3], [1, 0]])
     plan = build_plan(dest, 4)
-    assert plan.group_counts(torch.tensor([0, 0, 1, 1]), 2).tolist() == [3, 3]
+    assert plan.counts.tolist() == [2, 1, 1, 2]
     assert plan.offsets.tolist() == [0, 2, 3, 4, 6]
 
 
