@@ -1,6 +1,8 @@
 """Wire formats of the HTTP API, decoded with limits and errors that name the problem.
 
-application/msgpack: {"hidden": {"dtype": "float32", "shape": [..., D], "data": <raw little-endian bytes>}}.
+application/msgpack: {"hidden": {"dtype": "float32", "shape": [..., D], "data": <raw little-endian bytes>}};
+                     dtype float16 / float32 / float64 / bfloat16 (bf16: its 16-bit patterns, little-endian;
+                     it decodes to a torch bf16 tensor, numpy having no bf16). The answer comes in the same dtype.
 application/json:    {"hidden": [...[[x, ...], ...]...]} — nested lists of numbers, shape [..., D]; for small
                      inputs (at most MAX_JSON_BYTES, MAX_JSON_TOKENS tokens, MAX_JSON_DEPTH levels of nesting).
 Anything else is refused (`media_type`). Used by the Serve app and its clients (expertray.client).
@@ -14,10 +16,11 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import torch
 
 from expertray.errors import InputError, OversizeError
 
-WIRE_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+WIRE_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": np.uint16}
 MAX_WIRE_BYTES = 512 * 2**20
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -42,15 +45,23 @@ def media_type(content_type: str | None) -> str:
     return name
 
 
-def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+def encode_tensor(array: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """A numpy array, or a CPU tensor (bf16 included), as a wire tensor."""
+    name = ""
+    if isinstance(array, torch.Tensor):
+        if array.dtype == torch.bfloat16:
+            array, name = array.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16), "bfloat16"
+        else:
+            array = array.detach().cpu().numpy()
     a = np.ascontiguousarray(array)
-    if a.dtype.name not in WIRE_DTYPES:
+    name = name or a.dtype.name
+    if name not in WIRE_DTYPES:
         raise InputError(f"dtype {a.dtype} cannot go on the wire (use one of {sorted(WIRE_DTYPES)})")
-    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.astype(a.dtype.newbyteorder("<")).tobytes()}
+    return {"dtype": name, "shape": list(a.shape), "data": a.astype(a.dtype.newbyteorder("<")).tobytes()}
 
 
-def decode_tensor(obj: Any, field: str = "hidden") -> np.ndarray:
-    """A wire tensor back to a numpy array; every malformed part is named."""
+def decode_tensor(obj: Any, field: str = "hidden") -> np.ndarray | torch.Tensor:
+    """A wire tensor back to a numpy array (bfloat16: a torch bf16 tensor); every malformed part is named."""
     if not isinstance(obj, dict):
         raise InputError(f"{field}: expected a map with dtype, shape, data; got {type(obj).__name__}")
     missing = [k for k in ("dtype", "shape", "data") if k not in obj]
@@ -69,8 +80,11 @@ def decode_tensor(obj: Any, field: str = "hidden") -> np.ndarray:
     if len(data) != expected:
         raise InputError(f"{field}.data: {len(data)} bytes do not match shape {list(shape)} of {dtype} "
                          f"({expected} bytes)")
-    return np.frombuffer(data, dtype=np.dtype(WIRE_DTYPES[dtype]).newbyteorder("<")).astype(
+    array = np.frombuffer(data, dtype=np.dtype(WIRE_DTYPES[dtype]).newbyteorder("<")).astype(
         WIRE_DTYPES[dtype], copy=False).reshape(shape)
+    if dtype == "bfloat16":  # a copy owns writable memory (frombuffer's view of the body is read-only)
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return array
 
 
 def pack(obj: Any) -> bytes:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -58,6 +59,7 @@ from expertray.errors import (
     RouterUnavailableError,
     UnknownExpertError,
 )
+from expertray.exchange import from_host_array
 
 __all__ = ["ExpertRayIngress", "app", "fit_to_cpus", "run_app"]
 
@@ -140,7 +142,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode(body: bytes, kind: str) -> np.ndarray:
+def _decode(body: bytes, kind: str) -> np.ndarray | torch.Tensor:
     if kind == MSGPACK:
         doc = unpack(body)
         if not isinstance(doc, dict) or "hidden" not in doc:
@@ -207,7 +209,9 @@ class ExpertRayIngress:
             return _error(503, f"overloaded: {self.inflight_tokens} tokens in flight", **{"Retry-After": "1"})
         self.inflight_tokens += tokens
         try:
-            out = np.asarray(await self.cluster.forward_wire(layer, *to_wire(x))).reshape(hidden.shape)
+            wire, wire_dtype = to_wire(x)
+            answer = await self.cluster.forward_wire(layer, wire, wire_dtype)
+            out = from_host_array(np.asarray(answer), wire_dtype).reshape(tuple(hidden.shape))
         except Exception as exc:  # noqa: BLE001 - mapped to a status below; nothing is swallowed
             cause = _root_cause(exc)
             if isinstance(cause, BackpressureError):
@@ -223,7 +227,8 @@ class ExpertRayIngress:
         finally:
             self.inflight_tokens -= tokens
         if kind == MSGPACK:
-            return Response(pack({"output": encode_tensor(out.astype(hidden.dtype, copy=False))}),
+            same = out if isinstance(hidden, torch.Tensor) else out.numpy().astype(hidden.dtype, copy=False)
+            return Response(pack({"output": encode_tensor(same)}),
                             media_type=MSGPACK)
         return JSONResponse({"output": out.tolist()})
 

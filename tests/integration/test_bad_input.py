@@ -181,7 +181,10 @@ HTTP_CASES = [
     ("mp-hidden-not-map", FWD, pack({"hidden": [1.0] * D}), MP, 400, "expected a map with dtype, shape, data"),
     ("mp-missing-keys", FWD, pack({"hidden": {"dtype": "float32"}}), MP, 400, "missing key(s) ['shape', 'data']"),
     ("mp-dtype-int8", FWD, _wire([1, D], b"x" * D, "int8"), MP, 400, "hidden.dtype: 'int8' not supported"),
-    ("mp-dtype-bfloat16", FWD, _wire([1, D], b"x" * 2 * D, "bfloat16"), MP, 400, "'bfloat16' not supported"),
+    ("mp-dtype-float8", FWD, _wire([1, D], b"x" * D, "float8_e4m3fn"), MP, 400, "'float8_e4m3fn' not supported"),
+    ("mp-bf16-short", FWD, _wire([2, D], b"\0" * 2 * D, "bfloat16"), MP, 400,
+     f"{2 * D} bytes do not match shape [2, 32] of bfloat16"),
+    ("mp-bf16-nan", FWD, _wire([1, D], b"\xc0\x7f" * D, "bfloat16"), MP, 400, "NaN or inf"),
     ("mp-shape-negative", FWD, _wire([-1, D], b""), MP, 400, "hidden.shape: must be a list of non-negative"),
     ("mp-shape-string", FWD, pack({"hidden": {"dtype": "float32", "shape": "4x32", "data": b""}}), MP, 400,
      "hidden.shape"),
@@ -262,6 +265,20 @@ def test_http_n_d_inputs_keep_their_shape(live) -> None:
     out = decode_tensor(unpack(payload)["output"])
     assert out.shape == (5, 1, 1, D)
     np.testing.assert_allclose(out.reshape(1, 5, D), ref, atol=1e-5, rtol=0)
+
+
+def test_http_bf16_answers_in_bf16(live) -> None:
+    """bf16 hidden states on the msgpack wire (its 16-bit patterns) come back bf16, in the request's shape."""
+    _, layers, base = live
+    x = GOOD.bfloat16().reshape(5, 1, D)
+    status, payload = _request(base + FWD, pack({"hidden": encode_tensor(x)}), MP)
+    assert status == 200, payload[:300]
+    wire = unpack(payload)["output"]
+    assert wire["dtype"] == "bfloat16" and len(wire["data"]) == 5 * D * 2
+    out = decode_tensor(wire)
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 1, D)
+    ref = layers[0](x.reshape(5, D).float())
+    torch.testing.assert_close(out.reshape(5, D).float(), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_http_rejections_are_counted_by_the_ingress(live) -> None:
