@@ -8,6 +8,7 @@ import urllib.request
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 
@@ -30,8 +31,10 @@ def post(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> R
         return Reply(e.code, e.read(), dict(e.headers))
 
 
-def forward(base_url: str, layer: int, hidden: np.ndarray, timeout_s: float = 60.0) -> np.ndarray:
-    """One MoE layer over HTTP with msgpack tensors; raises RuntimeError with the server's message on 4xx/5xx."""
+def forward(base_url: str, layer: int, hidden: np.ndarray | torch.Tensor, timeout_s: float = 60.0
+            ) -> np.ndarray | torch.Tensor:
+    """One MoE layer over HTTP with msgpack tensors (a bf16 tensor in, a bf16 tensor out); raises RuntimeError
+    with the server's message on 4xx/5xx."""
     reply = post(f"{base_url}/v1/layers/{layer}/forward", pack({"hidden": encode_tensor(hidden)}), MSGPACK,
                  timeout_s)
     if reply.status != 200:
