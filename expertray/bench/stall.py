@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ KINDS = ("migrate", "add_actor", "drain")
 
 
 def change_figures(records: list[tuple[float, float, str]], t_start: float, t_end: float, steady_s: float,
-                   batch_ms: float, swaps: list[float] = ()) -> dict[str, Any]:
+                   batch_ms: float, swaps: Sequence[float] = ()) -> dict[str, Any]:
     """Stall figures of one change that ran from `t_start` to `t_end`; records are (sent, done, outcome) in
     seconds on one clock, `batch_ms` the router's steady batch time, `swaps` the moments (same clock) the
     routers swapped tables under their batch lanes.
