@@ -76,11 +76,11 @@ class TableSwitch:
                     t2 = time.perf_counter()
                     old = swap(formed)
                     t3 = time.perf_counter()
-                self.last = {"at": time.time(), "form_s": t1 - t0, "lane_wait_s": t2 - t1, "lane_held_s": t3 - t2}
             except BaseException:
                 if formed is not None:
                     await self.close(formed)
                 raise
+            self.last = {"at": time.time(), "form_s": t1 - t0, "lane_wait_s": t2 - t1, "lane_held_s": t3 - t2}
             if old is not None:
                 await self.close(old)
 

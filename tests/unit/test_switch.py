@@ -192,3 +192,18 @@ def test_table_switch_rejects_bad_deadlines() -> None:
         TableSwitch(asyncio.Lock(), 0.0, 1.0)
     with pytest.raises(ValueError, match="close_timeout_s"):
         TableSwitch(asyncio.Lock(), 1.0, -1.0)
+
+
+def test_the_last_switch_reports_its_forming_and_lane_times() -> None:
+    router = _Router()
+
+    async def form() -> _Transport:
+        return _Transport(2.0)
+
+    async def go():
+        await router.switch.run(form, router.swap)
+
+    _serve(go, router)
+    last = router.switch.last
+    assert set(last) == {"at", "form_s", "lane_wait_s", "lane_held_s"}
+    assert all(last[k] >= 0 for k in ("form_s", "lane_wait_s", "lane_held_s")) and last["at"] > 0
