@@ -18,6 +18,7 @@ heals in the background; the mask clears and the configured transport re-forms w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
 from expertray.runtime.datapath import BatchResult, Failover, LayerParams, failed_actors, run_layer
 from expertray.runtime.rate import RateWindow
+from expertray.runtime.switch import TableSwitch, reform_needed
 from expertray.runtime.weights import router_params, serving_dtype
 from expertray.validation import check_hidden, check_layer
 
@@ -103,6 +105,7 @@ class RouterActor:
         self.started_at = time.time()
         self.loop_task: asyncio.Task | None = None
         self.batch_dropped = asyncio.Event()  # set by set_table when the controller replaced dead actors
+        self.switch = TableSwitch(self.lane, cfg.control_timeout_s, cfg.ping_timeout_s)
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self, controller: Any = None) -> str:
@@ -134,32 +137,38 @@ class RouterActor:
     async def set_table(self, table: dict[str, Any], handles: dict[str, Any], reopen: bool = False) -> int:
         """Switch to a new placement table between batches; returns the version now in use.
 
-        The transport is re-formed when the actor set changes or `reopen` (after a failure). While the router
-        serves on the object-store fallback (no group in use), the new transport forms before the lane is
-        taken, so batches keep flowing during the re-formation and the switch itself costs one batch gap."""
+        The transport is re-formed when the actor set changes, on `reopen` (after a failure), or when the
+        router serves on the object-store fallback and no suspect is left. The new transport forms before
+        the lane is taken (expertray/runtime/switch.py), so batches keep flowing on the old one during the
+        rendezvous and the switch itself waits for at most the batch in flight; the old transport closes
+        after the lane is released. If forming fails, the table and transport in use stay and the error
+        goes to the controller, which rolls the change back."""
         new = PlacementTable.from_dict(table)
-        gone = sorted(set(self.table.actors) - set(new.actors))
-        if reopen and gone:  # dead actors replaced: a batch waiting on them would wait for Ray to notice
-            self.batch_dropped.set()  # (a killed node: ~15 s) before this switch could take the lane
         self.handles = {**self.handles, **handles}
-        formed = None
-        if self.fallback and (reopen or new.actors != self.table.actors):
-            formed = await asyncio.wait_for(self._open_transport(new), self.cfg.control_timeout_s)
-        async with self.lane:
+
+        def form() -> Any:
+            after = dataclasses.replace(self.failover)  # the mask as it will be once `new` is installed
+            after.install(new, healed=reopen)
+            if not reform_needed(self.table.actors, new.actors, reopen, self.fallback, after.suspects):
+                return None
+            return self._open_transport(new)
+
+        def before_lane() -> None:
+            if reopen and set(self.table.actors) - set(new.actors):  # dead actors replaced: a batch waiting on
+                self.batch_dropped.set()  # them would wait for Ray to notice (a killed node: ~15 s) before the lane
+
+        def swap(formed: Any) -> Any:
             self.failover.install(new, healed=reopen)
-            if (formed is not None or reopen or new.actors != self.table.actors
-                    or (self.fallback and not self.failover.suspects)):
-                old = self.transport
-                self.transport = formed or await asyncio.wait_for(self._open_transport(new),
-                                                                  self.cfg.control_timeout_s)
+            old = None
+            if formed is not None:
+                old, self.transport = self.transport, formed
                 self.fallback = False
-                try:  # a group with a dead or hung member may not close cleanly; it is dropped either way
-                    await asyncio.wait_for(old.close(), self.cfg.ping_timeout_s)
-                except Exception:  # noqa: BLE001 - logged; the new transport is already in place
-                    log.warning("router %s: closing the old transport failed", self.router_id, exc_info=True)
                 self.bytes_out = [0] * len(new.actors)
             self.table = new
             self.batch_dropped.clear()
+            return old
+
+        await self.switch.run(form, swap, before_lane)
         return new.version
 
     # --- requests ------------------------------------------------------------------------------------
@@ -305,7 +314,7 @@ class RouterActor:
                 "transport": self.transport.name if self.transport else None,
                 "transport_detail": self.transport.describe() if self.transport else None,
                 "device": str(self.device), **self.counters,
-                "suspects": sorted(self.failover.suspects),
+                "suspects": sorted(self.failover.suspects), "last_switch": dict(self.switch.last),
                 **self.batcher.counters.as_dict(), "healing": self.batcher.healing,
                 "queued_tokens": self.batcher.queued_tokens, "layers": layers,
                 "bytes_out": dict(zip(self.table.actors, self.bytes_out)),

@@ -13,6 +13,10 @@ Each `exchange` has a deadline (`timeout_s`): an actor that does not answer in t
 TransportError, its call is cancelled, and the router treats it like a failed actor (issue 11, item 4).
 The rendezvous store of a collective group listens on the router's node address only and is sealed with
 a per-group secret that only members receive; see `expertray.exchange` and docs/RELIABILITY.md.
+
+Every CollectiveTransport forms a group of its own name, so a router switching tables forms the new group
+while the old one still serves batches (an expert actor is then a member of both, keyed by name; it joins on
+one of its threads while another computes) and closes the old one after the swap (expertray/runtime/switch.py).
 """
 
 from __future__ import annotations
@@ -158,7 +162,7 @@ class CollectiveTransport(Transport):
         super().__init__(handles, timeout_s, actor_names)
         self.device = device or torch.device("cpu")
         self.host = host
-        self.group_name = f"g-{uuid.uuid4().hex[:12]}"
+        self.group_name = f"g-{uuid.uuid4().hex[:12]}"  # one per formed group: old and new coexist on the actors
         self.choice: BackendChoice | None = None
         self._group: Group | None = None
 

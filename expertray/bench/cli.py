@@ -10,7 +10,7 @@ from expertray.bench import core, gpu, routing  # noqa: E402
 
 bench_app.command("core")(core.cli)
 try:  # the live-cluster benchmarks need Ray; `bench gpu` runs where Ray is not installed
-    from expertray.bench import elastic, faults, layer, load, recovery  # noqa: E402
+    from expertray.bench import elastic, faults, layer, load, recovery, stall  # noqa: E402
 except ModuleNotFoundError as exc:
     if exc.name is None or exc.name.split(".")[0] != "ray":
         raise
@@ -20,5 +20,6 @@ else:
     bench_app.command("faults")(faults.cli)
     bench_app.command("load")(load.cli)
     bench_app.command("recovery")(recovery.cli)
+    bench_app.command("stall")(stall.cli)
 bench_app.command("routing")(routing.cli)
 bench_app.command("gpu")(gpu.cli)

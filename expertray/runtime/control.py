@@ -4,10 +4,13 @@ and per-call deadlines, and that unit tests implement with fakes.
 
 A change (`apply`): (1) every new slot gets its weights (from a live actor holding the expert, else the
 weight store), (2) every router switches to the new table between two batches, (3) only then are slots
-that left the table unloaded and actors that left it killed. If step 1 or 2 fails, the change is undone:
-routers that switched go back to the old table (whose slots are all still loaded), slots loaded for the
-change are unloaded, actors created for it are killed, and the error is raised; the table version is
-unchanged, so routers and controller never disagree. A router that is dead (does not answer a ping) during
+that left the table unloaded and actors that left it killed. Routers switch concurrently (each forms its new
+transport while still serving, expertray/runtime/switch.py), so a change stalls the stream once, not once per
+router. If step 1 or 2 fails, the change is undone: every live router is switched back to the old table
+(whose slots are all still loaded; one that refused or passed its deadline too, since its switch may still
+land late and a router runs switches in arrival order), slots loaded for the change are unloaded, actors
+created for it are killed, and the error is raised; the table version is unchanged, so routers and
+controller never disagree. A router that is dead (does not answer a ping) during
 a switch is replaced by a new one serving the new table instead of failing the change.
 
 Healing (`heal`): actors that do not answer a ping within the pool's deadline are dead *or hung*; both are
@@ -144,9 +147,13 @@ class PlacementControl:
                 await self.routers.replace(r, new)
             return
         switched = [r for r, x in zip(ids, replies) if x == new.version]
-        back = await asyncio.gather(*[self.routers.set_table(r, old, True) for r in switched],
+        # Routers that refused are told too (no re-forming unless their actor set differs): one whose switch
+        # passed our deadline may still land on `new` later, and a router runs its switches in arrival order
+        # (expertray/runtime/switch.py), so this one lands after it and the router ends on `old`.
+        back_to = [(r, True) for r in switched] + [(r, False) for r, _ in refused]
+        back = await asyncio.gather(*[self.routers.set_table(r, old, reopen) for r, reopen in back_to],
                                     return_exceptions=True)
-        stuck = [r for r, x in zip(switched, back) if isinstance(x, BaseException)]
+        stuck = [r for (r, _), x in zip(back_to, back) if isinstance(x, BaseException)]
         for r in stuck:  # a router that can take neither table is replaced with the old one
             await self.routers.replace(r, old)
         raise ExpertRayError(f"routers {[r for r, _ in refused]} refused table v{new.version} "

@@ -190,3 +190,23 @@ def test_dead_router_is_replaced_and_recorded() -> None:
     assert asyncio.run(control.heal_routers()) == {"router-1": "router-2"}
     assert routers.ids() == ["router-0", "router-2"] and routers.tables["router-2"] == control.table
     assert "replaced routers" in events[-1]["reason"]
+
+
+def test_a_router_whose_switch_lands_after_the_deadline_is_switched_back_too() -> None:
+    """A switch that passed the controller's deadline may still land on the router (it runs switches in
+    arrival order): the rollback is sent to that router as well, so it ends on the old table."""
+    control, actors, routers, _ = _setup()
+    take = routers.set_table
+
+    async def late(router: str, table: PlacementTable, reopen: bool) -> int:
+        await take(router, table, reopen)  # lands on the router...
+        if router == "router-1" and table.version > 0:
+            raise TimeoutError("router-1 switching to v1: no answer within 30 s")  # ...after the deadline
+        return table.version
+
+    routers.set_table = late
+    with pytest.raises(ExpertRayError, match="rolled back"):
+        asyncio.run(control.apply(control.table.replicate(1, 2, "expert-0"), "replicate 1:2"))
+    assert control.table.version == 0
+    assert {r: t.version for r, t in routers.tables.items()} == {"router-0": 0, "router-1": 0}
+    _holdings_match(control, actors)

@@ -193,3 +193,29 @@ def test_collective_transport_names_a_member_that_never_answers() -> None:
     with pytest.raises(TransportError, match=r"unresponsive: a1; still in the collective: a0\)") as info:
         asyncio.run(scenario())
     assert info.value.actors == ("a1",)
+
+
+def test_a_new_group_forms_over_the_same_members_while_the_old_one_serves() -> None:
+    """A table switch (expertray/runtime/switch.py): the new group, of its own name, forms while batches still
+    run through the old group whose members are joining it; after the old one closes, only the new one stays."""
+    async def scenario() -> tuple[list[torch.Tensor], torch.Tensor, list[set[str]], str, str]:
+        a, b, c = ThreadMember(), ThreadMember(), ThreadMember()
+        old = CollectiveTransport([a, b], 20.0, ["a", "b"], torch.device("cpu"), host="127.0.0.1")
+        await old.open()
+        new = CollectiveTransport([a, b, c], 20.0, ["a", "b", "c"], torch.device("cpu"), host="127.0.0.1")
+        forming = asyncio.ensure_future(new.open())
+        outs = []
+        while not forming.done() or not outs:  # batches on the old group while the members join the new one
+            outs.append((await old.exchange(_batch([3, 2])))[0])
+        await forming
+        await old.close()
+        out_new, _ = await new.exchange(_batch([1, 2, 3]))
+        names = [set(m.groups) for m in (a, b, c)]
+        await new.close()
+        return outs, out_new, names, old.group_name, new.group_name
+
+    outs, out_new, names, old_name, new_name = asyncio.run(scenario())
+    assert old_name != new_name
+    assert all(torch.equal(out, _batch([3, 2]).rows * 2) for out in outs)
+    torch.testing.assert_close(out_new, _batch([1, 2, 3]).rows * 2, atol=0, rtol=0)
+    assert names == [{new_name}] * 3
