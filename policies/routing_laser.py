@@ -149,12 +149,16 @@ class LaserRouting(RoutingPolicy):
         mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)
         if idx.numel() < T:
             usable, mass, cand = usable.index_select(0, idx), mass.index_select(0, idx), cand.index_select(0, idx)
-        groups = torch.arange(E) if self.expert_groups is None else torch.tensor(self.expert_groups, dtype=torch.long)
-        chosen = self._place(cand, usable, mass, k, load, groups, budget)
-        pos = _first_true(chosen, k)  # ascending positions keep the choice best first
-        changed = chosen[:, k:].any(dim=1, keepdim=True)
+        groups = np.arange(E) if self.expert_groups is None else np.array(self.expert_groups)
+        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(
+            0, torch.from_numpy(groups), load.double())
+        top_mass = mass[:, :k].sum(dim=1, keepdim=True)  # [n, 1]
+        chosen = self._place(groups.take(cand.numpy()), usable.numpy(), mass.numpy(), top_mass, k, group_load, budget)
+        n, K = chosen.shape
+        pos = torch.from_numpy(chosen.nonzero()[1].reshape(n, k))  # k per row, ascending: best first
+        changed = torch.from_numpy(chosen[:, k:].any(axis=1, keepdims=True))
         top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
-        new_weights = torch.where(changed, _renormalised(top_weights, mass[:, :k], mass.gather(1, pos)), top_weights)
+        new_weights = torch.where(changed, _renormalised(top_weights, top_mass, mass.gather(1, pos)), top_weights)
         if idx.numel() == T:
             experts, weights = cand.gather(1, pos), new_weights
         else:
@@ -162,30 +166,28 @@ class LaserRouting(RoutingPolicy):
             weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
-    def _place(self, cand: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, k: int, load: torch.Tensor,
-               groups: torch.Tensor, budget: float) -> torch.Tensor:
+    def _place(self, g: np.ndarray, usable: np.ndarray, mass: np.ndarray, top_mass: torch.Tensor, k: int,
+               group_load: torch.Tensor, budget: float) -> np.ndarray:
         """[n, k + w] bool: which of its candidates each of n flat tokens uses.
 
-        cand [n, k + w]: each token's top-k, then its next w candidates (usable where `out_usable` [n, w]);
-        mass [n, k + w]: their gate probs; load [E]: projected load per expert; groups [E]: group (device) of
-        each expert, load is priced per group; budget: gate mass the n tokens may give up in all.
+        g [n, k + w]: the group (device) of each token's top-k, then of its next w candidates (usable where
+        `usable` [n, w]); mass [n, k + w]: their gate probs; top_mass [n, 1]: the top-k's sum; group_load
+        [G] float64: projected load per group (updated in place); budget: gate mass the n tokens may give up.
         Chunk by chunk, each token's swap pairs (`_pairs`) are built from the loads so far and `_take_level`
         (budget) or `_take_priced` (price) picks among them. A token never gives up more than
-        `max_mass_loss` of its top-k mass.
+        `max_mass_loss` of its top-k mass. Sums whose order could change a bit of the result run in torch.
         """
-        n, K = cand.shape
+        n, K = g.shape
         m = min(k, K - k)
-        chosen = torch.zeros(n, K, dtype=torch.bool)
+        chosen = np.zeros((n, K), dtype=bool)
         chosen[:, :k] = True
-        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, load.double())
-        mean = float(group_load.mean())
-        if m == 0 or n == 0 or mean <= 0:
+        if m == 0 or n == 0 or float(group_load.mean()) <= 0:
             return chosen
-        top_mass = mass[:, :k].sum(dim=1, keepdim=True)
         guard = self.max_mass_loss * top_mass
-        g = _lookup(groups, cand)
         chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
             0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
+        top_mass_n, guard_n, load = top_mass.numpy(), guard.numpy(), group_load.numpy()
+        chosen_flat = chosen.reshape(-1)
         budget_left, mass_left = budget, sum(chunk_masses)
         ceiling = math.inf
         # Chunk by chunk: pairs from the loads so far, taken with the chunk's pro-rata share of the budget.
@@ -194,117 +196,124 @@ class LaserRouting(RoutingPolicy):
             share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
             mass_left -= chunk_mass
             mean = float(group_load.mean())
-            p = self._pairs(g[c], out_usable[c], mass[c], guard[c], group_load, k, m)
+            p = self._pairs(g[c], usable[c], mass[c], top_mass_n[c], guard_n[c], load, mean, k, m)
             if self.balance_weight is None:
                 # first chunk: the level the whole batch can reach, estimated from its pairs as a sample of the
                 # batch's; no later chunk fills a destination above it (it would become the next peak)
                 whole = (budget, n / p.cost.shape[0]) if s == 0 else None
-                take, ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling, whole)
-                take &= (p.cost * take).cumsum(dim=1) <= guard[c]
+                take, ceiling = _take_level(p, load, mean, share, ceiling, whole)
+                take &= _cumsum(p.cost * take) <= guard_n[c]
             else:
-                take = _take_priced(p.price, p.ok, p.src, p.dst, group_load, mean).cumprod(dim=1).bool()
-            sel = chosen[c]
-            sel.scatter_(1, p.in_pos, ~take)
-            sel.scatter_(1, p.out_pos, take)
-            moved = take.reshape(-1).to(torch.float64)
-            group_load.index_add_(0, p.src.reshape(-1), -moved).index_add_(0, p.dst.reshape(-1), moved)
-            budget_left -= float((p.cost.reshape(-1) * moved).sum())
+                take = np.logical_and.accumulate(_take_priced(p, load, mean), axis=1)
+            chosen_flat[s * K + p.in_flat] = ~take
+            chosen_flat[s * K + p.out_flat] = take
+            moved = take.reshape(-1)
+            G = load.size
+            load -= np.bincount(p.src.reshape(-1), weights=moved, minlength=G)
+            load += np.bincount(p.dst.reshape(-1), weights=moved, minlength=G)
+            budget_left -= float(torch.from_numpy(p.cost.reshape(-1).astype(np.float64) * moved).sum())
         return chosen
 
-    def _pairs(self, g: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, guard: torch.Tensor,
-               group_load: torch.Tensor, k: int, m: int) -> _Pairs:
-        """Each token's m swap pairs: its top-k by group load (g [n, k + w] groups, group_load [G]), busiest
+    def _pairs(self, g: np.ndarray, usable: np.ndarray, mass: np.ndarray, top_mass: np.ndarray, guard: np.ndarray,
+               load: np.ndarray, mean: float, k: int, m: int) -> _Pairs:
+        """Each token's m swap pairs: its top-k by group load (g [n, k + w] groups, load [G], mean load), busiest
         first, against its other candidates — with a budget those on groups below the mean in score order,
-        with a fixed price the idlest first — and what each pair costs (mass [n, k + w]) and allows."""
+        with a fixed price the idlest first — and what each pair costs (mass [n, k + w]) and allows (guard,
+        top_mass [n, 1]). Sorts of a row order by small integer keys: each group's rank among the group loads
+        (equal loads share a rank, and ties keep their column order, as a stable sort does)."""
         n, K = g.shape
-        rel = _lookup((group_load / group_load.mean()).to(torch.float32), g)
-        in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
-        in_rel, in_pos = in_rel[:, :m], in_pos[:, :m]
+        w = K - k
+        rel_g = (load / mean).astype(np.float32)
+        rel = rel_g.take(g)
+        key_type = np.int16 if (rel_g.size + 1) * K < 2 ** 15 else np.int64
+        busiest = np.searchsorted(np.sort(-rel_g), -rel_g).astype(key_type)  # [G] 0 for the busiest
+        in_pos = np.argsort(busiest.take(g[:, :k]) * key_type(k) + np.arange(k, dtype=key_type), axis=1)[:, :m]
+        cols = np.arange(w, dtype=key_type)
         price = None
         if self.balance_weight is None:
             # usable candidates below the mean first, then the rest, each in score order (a stable partition)
-            order = torch.arange(K - k).expand(n, K - k)
-            below = out_usable & (rel[:, k:] < 1)
-            before = below.cumsum(dim=1)
-            rank = torch.where(below, before - 1, before[:, -1:] + order - before)
-            out_pos = torch.empty(n, K - k, dtype=torch.long).scatter_(1, rank, order)[:, :m]
-            # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
-            ahead = out_usable.gather(1, out_pos) & (in_rel > rel[:, k:].gather(1, out_pos))
-            out_pos = out_pos + k
-            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
-            ok = ahead & (cost <= guard)
+            below = usable & (rel[:, k:] < 1)
+            out_pos = np.argsort(np.where(below, cols, cols + key_type(w)), axis=1)[:, :m]
         else:
-            out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
-            out_pos, gap = out_pos[:, :m] + k, in_rel - out_rel[:, :m]
-            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
-            unit = mass[:, :k].sum(dim=1, keepdim=True) / k  # the token's average top-k expert mass
-            price = torch.where(gap > 0, cost.clamp_min(0) / (unit * gap.clamp_min(1e-12)), math.inf)
-            price = price.cummax(dim=1).values  # pair j only after pairs 1..j-1
-            ok = ((cost.cumsum(dim=1) <= guard) & (price <= self.balance_weight)).cumprod(dim=1).bool()
-        return _Pairs(in_pos, out_pos, cost, g.gather(1, in_pos), g.gather(1, out_pos), ok, price)
+            idlest = np.searchsorted(np.sort(rel_g), rel_g).astype(key_type)  # [G] 0 for the idlest
+            rank = np.where(usable, idlest.take(g[:, k:]), key_type(rel_g.size))
+            out_pos = np.argsort(rank * key_type(w) + cols, axis=1)[:, :m]
+        ahead = usable.reshape(-1).take(np.arange(0, n * w, w)[:, None] + out_pos)
+        rows = np.arange(0, n * K, K)[:, None]
+        in_flat, out_flat = rows + in_pos, rows + k + out_pos
+        rel_f, mass_f, g_f = rel.reshape(-1), mass.reshape(-1), g.reshape(-1)
+        in_rel, out_rel = rel_f.take(in_flat), rel_f.take(out_flat)
+        cost = mass_f.take(in_flat) - mass_f.take(out_flat)
+        if self.balance_weight is None:
+            # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
+            ok = ahead & (in_rel > out_rel) & (cost <= guard)
+        else:
+            gap = in_rel - np.where(ahead, out_rel, np.float32(math.inf))
+            unit = top_mass / np.float32(k)  # the token's average top-k expert mass
+            with np.errstate(divide="ignore", invalid="ignore"):
+                price = np.where(gap > 0, np.maximum(cost, np.float32(0)) / (unit * np.maximum(gap, np.float32(1e-12))),
+                                 np.float32(math.inf))
+            price = np.maximum.accumulate(price, axis=1)  # pair j only after pairs 1..j-1
+            ok = np.logical_and.accumulate((_cumsum(cost) <= guard) & (price <= np.float32(self.balance_weight)),
+                                           axis=1)
+        return _Pairs(in_flat, out_flat, cost, g_f.take(in_flat), g_f.take(out_flat), ok, price)
 
 
 @dataclass(frozen=True)
 class _Pairs:
-    """m swap pairs of n tokens, all [n, m]: positions (into the k + w candidates) of the top-k expert given
-    up and of the one taken, mass given up, source and destination groups, eligibility, price (fixed-price
-    mode only)."""
+    """m swap pairs of n tokens, all [n, m] numpy arrays: flat positions (into the chunk's [n, k + w]
+    candidates) of the top-k expert given up and of the one taken, mass given up (float32), source and
+    destination groups, eligibility, price (fixed-price mode only)."""
 
-    in_pos: torch.Tensor
-    out_pos: torch.Tensor
-    cost: torch.Tensor
-    src: torch.Tensor
-    dst: torch.Tensor
-    ok: torch.Tensor
-    price: torch.Tensor | None
-
-
-def _candidate_pairs(ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the eligible pairs (ok [n, m]) from a group above the mean to one below it
-    (excess [G]: group load minus the mean; src / dst [n, m] groups): no other pair can pass the caps."""
-    return (ok.reshape(-1) & (excess[src.reshape(-1)] >= 1) & (excess[dst.reshape(-1)] <= -1)).nonzero().squeeze(1)
+    in_flat: np.ndarray
+    out_flat: np.ndarray
+    cost: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    ok: np.ndarray
+    price: np.ndarray | None
 
 
-def _take_priced(price: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                 group_load: torch.Tensor, mean: float) -> torch.Tensor:
-    """[n, m] bool: the eligible pairs (ok; price, source / destination group, all [n, m]) taken in ascending
-    price while no group passes the mean load (group_load [G])."""
-    excess = (group_load - mean).to(torch.float32)
-    take = torch.zeros(ok.numel(), dtype=torch.bool)
-    pairs = _candidate_pairs(ok, src, dst, excess)
-    if pairs.numel():
-        order = pairs[price.reshape(-1)[pairs].sort(stable=True).indices]
-        src_o, dst_o = src.reshape(-1)[order], dst.reshape(-1)[order]
-        useful = _rank_within(src_o) < excess[src_o]
+def _cumsum(x: np.ndarray) -> np.ndarray:
+    """Row cumsum of float32 x [n, m] as torch computes it (a float64 running sum, each rounded to float32)."""
+    return np.cumsum(x, axis=1, dtype=np.float64).astype(np.float32)
+
+
+def _take_priced(p: _Pairs, load: np.ndarray, mean: float) -> np.ndarray:
+    """[n, m] bool: the eligible pairs of p taken in ascending price while no group passes the mean load
+    (load [G]). Only pairs from a group above the mean to one below it can pass the caps."""
+    excess = (load - mean).astype(np.float32)
+    src, dst = p.src.reshape(-1), p.dst.reshape(-1)
+    take = np.zeros(src.size, dtype=bool)
+    pairs = np.flatnonzero(p.ok.reshape(-1) & (excess.take(src) >= 1) & (excess.take(dst) <= -1))
+    if pairs.size:
+        order = pairs.take(np.argsort(p.price.reshape(-1).take(pairs), kind="stable"))
+        src_o, dst_o = src.take(order), dst.take(order)
+        useful = _rank_within_np(src_o) < excess.take(src_o)
         # a pair its source cap rejects takes no room at its destination (they all share the id -1 there)
-        take[order] = useful & (_rank_within(torch.where(useful, dst_o, -1)) < -excess[dst_o])
-    return take.view_as(ok)
+        take[order] = useful & (_rank_within_np(np.where(useful, dst_o, -1)) < -excess.take(dst_o))
+    return take.reshape(p.ok.shape)
 
 
-def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                group_load: torch.Tensor, mean: float, budget: float, ceiling: float = math.inf,
-                whole: tuple[float, float] | None = None) -> tuple[torch.Tensor, float]:
-    """([n, m] bool, ceiling): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
-    bring every group down to the lowest level the budget pays for: each group above the level gives up its
-    cheapest ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the
-    mean and the peak of group_load [G] that fits; destinations take pairs while they stay at or below both
-    the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
-    later chunks must bring down again). With `whole` = (batch budget, s) the ceiling is first found from
-    these pairs standing for s times as many (a sample of the batch's), from the same sorted pairs; the
-    ceiling used is returned.
-
-    Runs in numpy (calls on a few thousand entries cost a fraction of torch's), bit for bit as in torch."""
-    G = group_load.numel()
-    load = group_load.numpy()
-    src_n, dst_n = src.reshape(-1).numpy(), dst.reshape(-1).numpy()
-    cost_n = cost.reshape(-1).clamp_min(0).numpy()
-    take = np.zeros(ok.numel(), dtype=bool)
-    pairs = np.flatnonzero(ok.reshape(-1).numpy() & (load.take(src_n) >= mean + 1))
+def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling: float = math.inf,
+                whole: tuple[float, float] | None = None) -> tuple[np.ndarray, float]:
+    """([n, m] bool, ceiling): the eligible pairs of p that bring every group down to the lowest level the
+    budget pays for: each group above the level gives up its cheapest ceil(load - level) pairs (to a less
+    loaded group). The level is the lowest of 257 between the mean and the peak of load [G] that fits;
+    destinations take pairs while they stay at or below both the level and `ceiling` (the level the whole
+    batch can reach, so a chunk does not fill a destination that later chunks must bring down again). With
+    `whole` = (batch budget, s) the ceiling is first found from these pairs standing for s times as many (a
+    sample of the batch's), from the same sorted pairs; the ceiling used is returned."""
+    G = load.size
+    src_n, dst_n = p.src.reshape(-1), p.dst.reshape(-1)
+    cost_n = np.maximum(p.cost.reshape(-1), np.float32(0))
+    take = np.zeros(src_n.size, dtype=bool)
+    pairs = np.flatnonzero(p.ok.reshape(-1) & (load.take(src_n) >= mean + 1))
     if pairs.size == 0:
-        return torch.from_numpy(take).view(ok.shape), (mean if whole is not None else ceiling)
+        return take.reshape(p.ok.shape), (mean if whole is not None else ceiling)
     # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
     key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
-    order = pairs.take(torch.from_numpy(key).sort(stable=True).indices.numpy())  # torch's sort is the faster
+    order = pairs.take(np.argsort(key, kind="stable"))
     src_o, dst_o = src_n.take(order), dst_n.take(order)
     available = np.bincount(src_o, minlength=G)
     start = available.cumsum() - available
@@ -337,7 +346,7 @@ def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: to
     sel = (np.arange(order.size) - start.take(src_o)) < sampled.take(src_o)
     room_left = min(at, ceiling) - load.take(dst_o)
     take[order] = sel & (_rank_within_np(np.where(sel, dst_o, -1)) < room_left)
-    return torch.from_numpy(take).view(ok.shape), ceiling
+    return take.reshape(p.ok.shape), ceiling
 
 
 def _rank_within_np(ids: np.ndarray) -> np.ndarray:
@@ -351,30 +360,6 @@ def _rank_within_np(ids: np.ndarray) -> np.ndarray:
     out = np.empty_like(first)
     out[order] = first - start
     return out
-
-
-def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[index] for 1-D values and an index of any shape (index_select: much cheaper on CPU than
-    advanced indexing for the small tensors here)."""
-    return values.index_select(0, index.reshape(-1)).view(index.shape)
-
-
-def _rank_within(ids: torch.Tensor) -> torch.Tensor:
-    """[N] for each entry of ids [N], how many earlier entries have the same id."""
-    sorted_ids, order = ids.sort(stable=True)
-    first = torch.arange(ids.numel())
-    new = torch.ones(ids.numel(), dtype=torch.bool)
-    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    start = torch.where(new, first, 0).cummax(0).values
-    return torch.empty_like(first).scatter_(0, order, first - start)
-
-
-def _first_true(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, k] positions of the k True entries of each row of mask [n, K], ascending."""
-    n, K = mask.shape
-    dest = torch.where(mask, mask.cumsum(dim=1) - 1, k)  # column k collects the False entries
-    out = torch.empty(n, k + 1, dtype=torch.long)
-    return out.scatter_(1, dest, torch.arange(K).expand(n, K))[:, :k]
 
 
 def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tensor:
@@ -402,12 +387,12 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
 
 def _renormalised(weights: torch.Tensor, top_mass: torch.Tensor, picked_mass: torch.Tensor) -> torch.Tensor:
     """Combine weights [n, k] for picked experts with gate probs `picked_mass` [n, k], normalised the way the
-    gate normalised its own top-k (weights [n, k], gate probs `top_mass` [n, k]).
+    gate normalised its own top-k (weights [n, k], the sum of their gate probs `top_mass` [n, 1]).
 
     A family that renormalises its top-k (Mixtral, DeepSeek-V3 with scaling, GPT-OSS) gives weights whose
     per-token sum differs from the probs' sum; then the picked probs are scaled to the same per-token sum.
     """
     w_sum = weights.sum(dim=1, keepdim=True)
-    renormalises = (w_sum - top_mass.sum(dim=1, keepdim=True)).abs() > 1e-5 * w_sum.abs().clamp_min(1e-12)
+    renormalises = (w_sum - top_mass).abs() > 1e-5 * w_sum.abs().clamp_min(1e-12)
     scaled = picked_mass * (w_sum / picked_mass.sum(dim=1, keepdim=True).clamp_min(1e-30))
     return torch.where(renormalises, scaled, picked_mass)
