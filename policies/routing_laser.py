@@ -155,8 +155,9 @@ class LaserRouting(RoutingPolicy):
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)  # [n, 1]
         chosen = self._place(groups.take(cand.numpy()), usable.numpy(), mass.numpy(), top_mass, k, group_load, budget)
         n, K = chosen.shape
-        pos = torch.from_numpy(chosen.nonzero()[1].reshape(n, k))  # k per row, ascending: best first
-        changed = torch.from_numpy(chosen[:, k:].any(axis=1, keepdims=True))
+        # k per row, ascending (best first): a token changed if its last one is past its top-k
+        pos = torch.from_numpy(np.flatnonzero(chosen).reshape(n, k) - np.arange(0, n * K, K)[:, None])
+        changed = pos[:, k - 1:] >= k
         top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
         new_weights = torch.where(changed, _renormalised(top_weights, top_mass, mass.gather(1, pos)), top_weights)
         if idx.numel() == T:
@@ -275,8 +276,14 @@ class _Pairs:
 
 
 def _cumsum(x: np.ndarray) -> np.ndarray:
-    """Row cumsum of float32 x [n, m] as torch computes it (a float64 running sum, each rounded to float32)."""
-    return np.cumsum(x, axis=1, dtype=np.float64).astype(np.float32)
+    """Row cumsum of float32 x [n, m] as torch computes it (a float64 running sum, each rounded to float32),
+    column by column: numpy's cumsum along short rows costs several times more."""
+    out = np.empty(x.shape, dtype=np.float32)
+    running = np.zeros(x.shape[0])
+    for j in range(x.shape[1]):
+        running = running + x[:, j]
+        out[:, j] = running
+    return out
 
 
 def _take_priced(p: _Pairs, load: np.ndarray, mean: float) -> np.ndarray:
@@ -343,9 +350,10 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     if whole is not None:
         ceiling = level(whole[0], math.inf, whole[1])[0]
     at, sampled = level(budget, ceiling, 1.0)
-    sel = (np.arange(order.size) - start.take(src_o)) < sampled.take(src_o)
-    room_left = min(at, ceiling) - load.take(dst_o)
-    take[order] = sel & (_rank_within_np(np.where(sel, dst_o, -1)) < room_left)
+    # each source's cheapest `sampled`, then per destination the first of those its room below the level allows
+    sel = np.flatnonzero((np.arange(order.size) - start.take(src_o)) < sampled.take(src_o))
+    dst_sel = dst_o.take(sel)
+    take[order.take(sel[_rank_within_np(dst_sel) < min(at, ceiling) - load.take(dst_sel)])] = True
     return take.reshape(p.ok.shape), ceiling
 
 
