@@ -153,7 +153,11 @@ class LaserRouting(RoutingPolicy):
         group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(
             0, torch.from_numpy(groups), load.double())
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)  # [n, 1]
-        chosen = self._place(groups.take(cand.numpy()), usable.numpy(), mass.numpy(), top_mass, k, group_load, budget)
+        group_ids = groups.astype(np.int16 if groups.max() < 2 ** 15 else np.int64)
+        cand_n, mass_n = cand.numpy(), mass.numpy()
+        chosen = self._place(group_ids.take(cand_n[:, :k]), group_ids.take(cand_n[:, k:]),
+                             None if bool(usable.all()) else usable.numpy(), mass_n[:, :k].copy(),
+                             mass_n[:, k:].copy(), top_mass, group_load, budget)
         n, K = chosen.shape
         # k per row, ascending (best first): a token changed if its last one is past its top-k
         pos = torch.from_numpy(np.flatnonzero(chosen).reshape(n, k) - np.arange(0, n * K, K)[:, None])
@@ -167,28 +171,28 @@ class LaserRouting(RoutingPolicy):
             weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
-    def _place(self, g: np.ndarray, usable: np.ndarray, mass: np.ndarray, top_mass: torch.Tensor, k: int,
-               group_load: torch.Tensor, budget: float) -> np.ndarray:
-        """[n, k + w] bool: which of its candidates each of n flat tokens uses.
+    def _place(self, g_top: np.ndarray, g_out: np.ndarray, usable: np.ndarray | None, mass_top: np.ndarray,
+               mass_out: np.ndarray, top_mass: torch.Tensor, group_load: torch.Tensor, budget: float) -> np.ndarray:
+        """[n, k + w] bool: which of its candidates (top-k, then the next w) each of n flat tokens uses.
 
-        g [n, k + w]: the group (device) of each token's top-k, then of its next w candidates (usable where
-        `usable` [n, w]); mass [n, k + w]: their gate probs; top_mass [n, 1]: the top-k's sum; group_load
-        [G] float64: projected load per group (updated in place); budget: gate mass the n tokens may give up.
-        Chunk by chunk, each token's swap pairs (`_pairs`) are built from the loads so far and `_take_level`
-        (budget) or `_take_priced` (price) picks among them. A token never gives up more than
-        `max_mass_loss` of its top-k mass. Sums whose order could change a bit of the result run in torch.
+        g_top [n, k], g_out [n, w]: the group (device) of each token's top-k and of its next w candidates
+        (usable where `usable` [n, w]; None: all are); mass_top [n, k], mass_out [n, w]: their gate probs;
+        top_mass [n, 1]: the top-k's sum; group_load [G] float64: projected load per group (updated in
+        place); budget: gate mass the n tokens may give up. Chunk by chunk, each token's swap pairs (`_pairs`)
+        are built from the loads so far and `_take_level` (budget) or `_take_priced` (price) picks among them.
+        A token never gives up more than `max_mass_loss` of its top-k mass. Sums whose order could change a
+        bit of the result run in torch.
         """
-        n, K = g.shape
-        m = min(k, K - k)
-        chosen = np.zeros((n, K), dtype=bool)
-        chosen[:, :k] = True
+        (n, k), w = g_top.shape, g_out.shape[1]
+        m = min(k, w)
+        chosen_top, chosen_out = np.ones((n, k), dtype=bool), np.zeros((n, w), dtype=bool)
         if m == 0 or n == 0 or float(group_load.mean()) <= 0:
-            return chosen
+            return np.concatenate([chosen_top, chosen_out], axis=1)
         guard = self.max_mass_loss * top_mass
         chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
             0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
         top_mass_n, guard_n, load = top_mass.numpy(), guard.numpy(), group_load.numpy()
-        chosen_flat = chosen.reshape(-1)
+        top_flat, out_flat = chosen_top.reshape(-1), chosen_out.reshape(-1)
         budget_left, mass_left = budget, sum(chunk_masses)
         ceiling = math.inf
         # Chunk by chunk: pairs from the loads so far, taken with the chunk's pro-rata share of the budget.
@@ -197,7 +201,8 @@ class LaserRouting(RoutingPolicy):
             share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
             mass_left -= chunk_mass
             mean = float(group_load.mean())
-            p = self._pairs(g[c], usable[c], mass[c], top_mass_n[c], guard_n[c], load, mean, k, m)
+            p = self._pairs(g_top[c], g_out[c], None if usable is None else usable[c], mass_top[c], mass_out[c],
+                            top_mass_n[c], guard_n[c], load, mean, m)
             if self.balance_weight is None:
                 # first chunk: the level the whole batch can reach, estimated from its pairs as a sample of the
                 # batch's; no later chunk fills a destination above it (it would become the next peak)
@@ -206,50 +211,50 @@ class LaserRouting(RoutingPolicy):
                 take &= _cumsum(p.cost * take) <= guard_n[c]
             else:
                 take = np.logical_and.accumulate(_take_priced(p, load, mean), axis=1)
-            chosen_flat[s * K + p.in_flat] = ~take
-            chosen_flat[s * K + p.out_flat] = take
+            top_flat[s * k + p.in_flat] = ~take
+            out_flat[s * w + p.out_flat] = take
             moved = take.reshape(-1)
-            G = load.size
-            load -= np.bincount(p.src.reshape(-1), weights=moved, minlength=G)
-            load += np.bincount(p.dst.reshape(-1), weights=moved, minlength=G)
+            load -= np.bincount(p.src.reshape(-1), weights=moved, minlength=load.size)
+            load += np.bincount(p.dst.reshape(-1), weights=moved, minlength=load.size)
             budget_left -= float(torch.from_numpy(p.cost.reshape(-1).astype(np.float64) * moved).sum())
-        return chosen
+        return np.concatenate([chosen_top, chosen_out], axis=1)
 
-    def _pairs(self, g: np.ndarray, usable: np.ndarray, mass: np.ndarray, top_mass: np.ndarray, guard: np.ndarray,
-               load: np.ndarray, mean: float, k: int, m: int) -> _Pairs:
-        """Each token's m swap pairs: its top-k by group load (g [n, k + w] groups, load [G], mean load), busiest
-        first, against its other candidates — with a budget those on groups below the mean in score order,
-        with a fixed price the idlest first — and what each pair costs (mass [n, k + w]) and allows (guard,
-        top_mass [n, 1]). Sorts of a row order by small integer keys: each group's rank among the group loads
-        (equal loads share a rank, and ties keep their column order, as a stable sort does)."""
-        n, K = g.shape
-        w = K - k
-        rel_g = (load / mean).astype(np.float32)
-        rel = rel_g.take(g)
-        key_type = np.int16 if (rel_g.size + 1) * K < 2 ** 15 else np.int64
-        busiest = np.searchsorted(np.sort(-rel_g), -rel_g).astype(key_type)  # [G] 0 for the busiest
-        in_pos = np.argsort(busiest.take(g[:, :k]) * key_type(k) + np.arange(k, dtype=key_type), axis=1)[:, :m]
-        cols = np.arange(w, dtype=key_type)
-        price = None
+    def _pairs(self, g_top: np.ndarray, g_out: np.ndarray, usable: np.ndarray | None, mass_top: np.ndarray,
+               mass_out: np.ndarray, top_mass: np.ndarray, guard: np.ndarray, load: np.ndarray, mean: float,
+               m: int) -> _Pairs:
+        """Each token's m swap pairs: its top-k by group load (g_top [n, k] groups, load [G], mean load),
+        busiest first, against its next candidates (g_out [n, w], usable [n, w] or None) — with a budget those
+        on groups below the mean in score order, with a fixed price the idlest first — and what each pair
+        costs (mass_top [n, k], mass_out [n, w]) and allows (guard, top_mass [n, 1]). A row is ordered by
+        small integer keys: its group's rank among the group loads (equal loads share a rank) then the
+        column, as a stable sort of the loads orders it."""
+        (n, k), w = g_top.shape, g_out.shape[1]
+        rel = (load / mean).astype(np.float32)  # [G]
+        G = rel.size
+        key_type = np.int16 if (G + 1) * max(k, w) < 2 ** 15 else np.int64
+        busiest = np.searchsorted(np.sort(-rel), -rel).astype(key_type) * key_type(k)  # [G] 0 for the busiest
+        in_pos = np.argsort(busiest.take(g_top) + np.arange(k, dtype=key_type), axis=1)[:, :m]
         if self.balance_weight is None:
             # usable candidates below the mean first, then the rest, each in score order (a stable partition)
-            below = usable & (rel[:, k:] < 1)
-            out_pos = np.argsort(np.where(below, cols, cols + key_type(w)), axis=1)[:, :m]
+            rank, last = np.where(rel < 1, 0, w).astype(key_type), w
         else:
-            idlest = np.searchsorted(np.sort(rel_g), rel_g).astype(key_type)  # [G] 0 for the idlest
-            rank = np.where(usable, idlest.take(g[:, k:]), key_type(rel_g.size))
-            out_pos = np.argsort(rank * key_type(w) + cols, axis=1)[:, :m]
-        ahead = usable.reshape(-1).take(np.arange(0, n * w, w)[:, None] + out_pos)
-        rows = np.arange(0, n * K, K)[:, None]
-        in_flat, out_flat = rows + in_pos, rows + k + out_pos
-        rel_f, mass_f, g_f = rel.reshape(-1), mass.reshape(-1), g.reshape(-1)
-        in_rel, out_rel = rel_f.take(in_flat), rel_f.take(out_flat)
-        cost = mass_f.take(in_flat) - mass_f.take(out_flat)
+            rank, last = np.searchsorted(np.sort(rel), rel).astype(key_type) * key_type(w), G * w  # the idlest first
+        out_key = rank.take(g_out) if usable is None else np.where(usable, rank.take(g_out), key_type(last))
+        out_pos = np.argsort(out_key + np.arange(w, dtype=key_type), axis=1)[:, :m]
+        in_flat, out_flat = np.arange(0, n * k, k)[:, None] + in_pos, np.arange(0, n * w, w)[:, None] + out_pos
+        src, dst = g_top.reshape(-1).take(in_flat), g_out.reshape(-1).take(out_flat)
+        in_rel, out_rel = rel.take(src), rel.take(dst)
+        cost = mass_top.reshape(-1).take(in_flat) - mass_out.reshape(-1).take(out_flat)
+        price = None
         if self.balance_weight is None:
             # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
-            ok = ahead & (in_rel > out_rel) & (cost <= guard)
+            ok = (in_rel > out_rel) & (cost <= guard)
+            if usable is not None:
+                ok &= usable.reshape(-1).take(out_flat)
         else:
-            gap = in_rel - np.where(ahead, out_rel, np.float32(math.inf))
+            if usable is not None:
+                out_rel = np.where(usable.reshape(-1).take(out_flat), out_rel, np.float32(math.inf))
+            gap = in_rel - out_rel
             unit = top_mass / np.float32(k)  # the token's average top-k expert mass
             with np.errstate(divide="ignore", invalid="ignore"):
                 price = np.where(gap > 0, np.maximum(cost, np.float32(0)) / (unit * np.maximum(gap, np.float32(1e-12))),
@@ -257,14 +262,14 @@ class LaserRouting(RoutingPolicy):
             price = np.maximum.accumulate(price, axis=1)  # pair j only after pairs 1..j-1
             ok = np.logical_and.accumulate((_cumsum(cost) <= guard) & (price <= np.float32(self.balance_weight)),
                                            axis=1)
-        return _Pairs(in_flat, out_flat, cost, g_f.take(in_flat), g_f.take(out_flat), ok, price)
+        return _Pairs(in_flat, out_flat, cost, src, dst, ok, price)
 
 
 @dataclass(frozen=True)
 class _Pairs:
-    """m swap pairs of n tokens, all [n, m] numpy arrays: flat positions (into the chunk's [n, k + w]
-    candidates) of the top-k expert given up and of the one taken, mass given up (float32), source and
-    destination groups, eligibility, price (fixed-price mode only)."""
+    """m swap pairs of n tokens, all [n, m] numpy arrays: flat positions of the top-k expert given up (into the
+    chunk's [n, k]) and of the one taken (into its [n, w]), mass given up (float32), source and destination
+    groups, eligibility, price (fixed-price mode only)."""
 
     in_flat: np.ndarray
     out_flat: np.ndarray
@@ -319,7 +324,7 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     if pairs.size == 0:
         return take.reshape(p.ok.shape), (mean if whole is not None else ceiling)
     # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
-    key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
+    key = (src_n.take(pairs).astype(np.int64) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
     order = pairs.take(np.argsort(key, kind="stable"))
     src_o, dst_o = src_n.take(order), dst_n.take(order)
     available = np.bincount(src_o, minlength=G)
