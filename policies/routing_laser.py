@@ -112,11 +112,15 @@ class LaserRouting(RoutingPolicy):
         """This policy pricing load per group (e.g. the device holding each expert)."""
         return dataclasses.replace(self, expert_groups=groups, layer_overrides={})
 
-    def flat_tokens(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """[T] bool: tokens whose gate distribution (probs [T, E], top-k experts [T, k]) is not peaked."""
-        dist = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-30)
-        peaked = dist.gather(1, experts).sum(dim=1) >= self.mass_threshold
+    def flat_tokens(self, probs: torch.Tensor, experts: torch.Tensor,
+                    top_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """[T] bool: tokens whose gate distribution (probs [T, E], top-k experts [T, k]; top_probs [T, k]: their
+        probs, when the caller has them) is not peaked."""
+        total = probs.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        top_probs = probs.gather(1, experts) if top_probs is None else top_probs
+        peaked = (top_probs / total).sum(dim=1) >= self.mass_threshold  # no [T, E] division
         if self.entropy_threshold >= 0:
+            dist = probs / total
             entropy = -torch.special.xlogy(dist, dist).sum(dim=1) / math.log(probs.shape[1])
             peaked |= entropy <= self.entropy_threshold
         return ~peaked
@@ -131,7 +135,9 @@ class LaserRouting(RoutingPolicy):
             raise InputError(f"expert_load must have {E} entries (one per logical expert), got {load.numel()}")
         if self.expert_groups is not None and len(self.expert_groups) != E:
             raise InputError(f"routing.laser.expert_groups has {len(self.expert_groups)} entries for {E} experts")
-        flat = self.flat_tokens(gate.probs, gate.experts) if widen > 0 and T > 0 else torch.zeros(T, dtype=torch.bool)
+        top_probs = gate.probs.gather(1, gate.experts)
+        flat = (self.flat_tokens(gate.probs, gate.experts, top_probs) if widen > 0 and T > 0
+                else torch.zeros(T, dtype=torch.bool))
         idx = flat.nonzero().squeeze(1)
         if idx.numel() == 0 or (self.balance_weight is None and self.mass_budget == 0):
             return apply_capacity(gate, capacity)
@@ -139,8 +145,7 @@ class LaserRouting(RoutingPolicy):
             raise InputError(f"routing.laser moves tokens on CPU tensors (its chunk steps run in numpy); the gate "
                              f"output is on {gate.probs.device}")
         # The projected load: every token's top-k demand; swaps update it as they are taken.
-        load += torch.bincount(gate.experts.reshape(-1), minlength=E).to(load.dtype)
-        top_probs = gate.probs.gather(1, gate.experts)
+        load += torch.from_numpy(np.bincount(gate.experts.numpy().reshape(-1), minlength=E)).to(load.dtype)
         budget = self.mass_budget * float(top_probs.sum(dtype=torch.float64))
         # Candidates in score order: the gate's top-k (best first), then the next best. Working on all rows
         # and then picking the flat ones is cheaper than gathering flat rows of [T, E] tensors.
