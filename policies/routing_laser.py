@@ -236,16 +236,18 @@ class LaserRouting(RoutingPolicy):
         (n, k), w = g_top.shape, g_out.shape[1]
         rel = (load / mean).astype(np.float32)  # [G]
         G = rel.size
-        key_type = np.int16 if (G + 1) * max(k, w) < 2 ** 15 else np.int64
+        key_type = np.int16 if (G + 1) * (k + w) < 2 ** 15 else np.int64
         busiest = np.searchsorted(np.sort(-rel), -rel).astype(key_type) * key_type(k)  # [G] 0 for the busiest
-        in_pos = np.argsort(busiest.take(g_top) + np.arange(k, dtype=key_type), axis=1)[:, :m]
         if self.balance_weight is None:
             # usable candidates below the mean first, then the rest, each in score order (a stable partition)
             rank, last = np.where(rel < 1, 0, w).astype(key_type), w
         else:
             rank, last = np.searchsorted(np.sort(rel), rel).astype(key_type) * key_type(w), G * w  # the idlest first
+        # one sort of each row: the top-k (keys below G * k), then the next candidates (keys from G * k)
         out_key = rank.take(g_out) if usable is None else np.where(usable, rank.take(g_out), key_type(last))
-        out_pos = np.argsort(out_key + np.arange(w, dtype=key_type), axis=1)[:, :m]
+        keys = np.concatenate([busiest.take(g_top), out_key + key_type(G * k)], axis=1)
+        order = np.argsort(keys + np.concatenate([np.arange(k, dtype=key_type), np.arange(w, dtype=key_type)]), axis=1)
+        in_pos, out_pos = order[:, :m], order[:, k:k + m] - k
         in_flat, out_flat = np.arange(0, n * k, k)[:, None] + in_pos, np.arange(0, n * w, w)[:, None] + out_pos
         src, dst = g_top.reshape(-1).take(in_flat), g_out.reshape(-1).take(out_flat)
         in_rel, out_rel = rel.take(src), rel.take(dst)
@@ -412,5 +414,7 @@ def _renormalised(weights: torch.Tensor, top_mass: torch.Tensor, picked_mass: to
     """
     w_sum = weights.sum(dim=1, keepdim=True)
     renormalises = (w_sum - top_mass).abs() > 1e-5 * w_sum.abs().clamp_min(1e-12)
+    if not bool(renormalises.any()):  # e.g. OLMoE: the weights are the probs
+        return picked_mass
     scaled = picked_mass * (w_sum / picked_mass.sum(dim=1, keepdim=True).clamp_min(1e-30))
     return torch.where(renormalises, scaled, picked_mass)
