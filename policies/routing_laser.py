@@ -336,27 +336,27 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     src_o, dst_o = src_n.take(order), dst_n.take(order)
     available = np.bincount(src_o, minlength=G)
     start = available.cumsum() - available
-    spent = np.concatenate([np.zeros(1), cost_n.take(order).astype(np.float64).cumsum()])
+    spent = np.zeros(order.size + 1)
+    np.cumsum(cost_n.take(order), dtype=np.float64, out=spent[1:])
     receives = np.zeros(G)
     receives[dst_o] = 1.0
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
-    # Sums over groups run in torch (its summation order is the reference).
+    # Sums over groups run in torch (its summation order is the reference), the three of a level at once.
     levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1).numpy()
     excess = np.maximum(np.ceil(load - levels), 0)
     base = spent.take(start)
     available_f = available.astype(np.float32)
-
-    def row_sums(x: np.ndarray) -> np.ndarray:
-        return torch.from_numpy(x).sum(dim=1).numpy()
+    terms = np.empty((3, *excess.shape))  # [3, P, G]: mass spent, moves, room below the level
 
     def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
         """The lowest fitting level and the [G] pairs each group gives up there."""
-        moves = np.minimum(excess, available_f * np.float32(scale))  # float32 products, as torch's
+        moves = np.minimum(excess, available_f * np.float32(scale), out=terms[1])  # float32 products, as torch's
         sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available)  # the sample's cheapest pairs
-        room = row_sums(np.maximum(np.minimum(levels, ceiling) - load, 0) * receives)
-        fits = (row_sums(spent.take(start + sampled) - base) * scale <= budget) & (row_sums(moves) <= room)
-        first = int(fits.argmax())
+        np.subtract(spent.take(start + sampled), base, out=terms[0])
+        np.multiply(np.maximum(np.minimum(levels, ceiling) - load, 0), receives, out=terms[2])
+        spend, moved, room = torch.from_numpy(terms).sum(dim=2).numpy()
+        first = int(((spend * scale <= budget) & (moved <= room)).argmax())
         return float(levels[first, 0]), sampled[first]
 
     if whole is not None:
