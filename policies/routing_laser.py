@@ -13,8 +13,10 @@ applied to the new choice as `apply_capacity` would.
 
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
 every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
-k chosen, w = widen, G groups (devices). CPU tensors: the chunk steps on a few thousand entries run in numpy,
-where one call costs a fraction of torch's (the sums whose order matters stay in torch).
+k chosen, w = widen, G groups (devices). The chunk steps on a few thousand entries run in numpy, where one call
+costs a fraction of torch's (the sums whose order matters stay in torch); a gate output on an accelerator
+keeps its [T, E] steps there and sends the flat tokens' [n, 2 (k + w) + 1] candidates, flags and masses to
+the host in one copy, and the chosen positions back.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class LaserRouting(RoutingPolicy):
         T, k = gate.experts.shape
         E = gate.probs.shape[1]
         widen = min(self.widen, E - k)
-        load = torch.zeros(E) if expert_load is None else expert_load.reshape(-1).to(torch.float32).clone()
+        load = torch.zeros(E) if expert_load is None else expert_load.reshape(-1).to("cpu", torch.float32).clone()
         if load.numel() != E:
             raise InputError(f"expert_load must have {E} entries (one per logical expert), got {load.numel()}")
         if self.expert_groups is not None and len(self.expert_groups) != E:
@@ -141,11 +143,11 @@ class LaserRouting(RoutingPolicy):
         idx = flat.nonzero().squeeze(1)
         if idx.numel() == 0 or (self.balance_weight is None and self.mass_budget == 0):
             return apply_capacity(gate, capacity)
-        if gate.probs.device.type != "cpu":
-            raise InputError(f"routing.laser moves tokens on CPU tensors (its chunk steps run in numpy); the gate "
-                             f"output is on {gate.probs.device}")
+        on_host = gate.probs.device.type == "cpu"
         # The projected load: every token's top-k demand; swaps update it as they are taken.
-        load += torch.from_numpy(np.bincount(gate.experts.numpy().reshape(-1), minlength=E)).to(load.dtype)
+        demand = (np.bincount(gate.experts.numpy().reshape(-1), minlength=E) if on_host
+                  else torch.bincount(gate.experts.reshape(-1), minlength=E).cpu().numpy())
+        load += torch.from_numpy(demand).to(load.dtype)
         budget = self.mass_budget * float(top_probs.sum(dtype=torch.float64))
         # Candidates in score order: the gate's top-k (best first), then the next best. Working on all rows
         # and then picking the flat ones is cheaper than gathering flat rows of [T, E] tensors.
@@ -159,13 +161,15 @@ class LaserRouting(RoutingPolicy):
             0, torch.from_numpy(groups), load.double())
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)  # [n, 1]
         group_ids = groups.astype(np.int16 if groups.max() < 2 ** 15 else np.int64)
-        cand_n, mass_n = cand.numpy(), mass.numpy()
+        # the chunk steps run on the host: a gate output on an accelerator sends these in one copy
+        cand_n, usable_n, mass_n, top_mass_n = _host([cand, usable, mass, top_mass], pack=not on_host)
         chosen = self._place(group_ids.take(cand_n[:, :k]), group_ids.take(cand_n[:, k:]),
-                             None if bool(usable.all()) else usable.numpy(), mass_n[:, :k].copy(),
-                             mass_n[:, k:].copy(), top_mass, group_load, budget)
+                             None if usable_n.all() else usable_n, np.ascontiguousarray(mass_n[:, :k]),
+                             np.ascontiguousarray(mass_n[:, k:]), torch.from_numpy(top_mass_n), group_load, budget)
         n, K = chosen.shape
         # k per row, ascending (best first): a token changed if its last one is past its top-k
         pos = torch.from_numpy(np.flatnonzero(chosen).reshape(n, k) - np.arange(0, n * K, K)[:, None])
+        pos = pos.to(cand.device)
         changed = pos[:, k - 1:] >= k
         top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
         new_weights = torch.where(changed, _renormalised(top_weights, top_mass, mass.gather(1, pos)), top_weights)
@@ -287,6 +291,17 @@ class _Pairs:
     price: np.ndarray | None
 
 
+def _host(tensors: list[torch.Tensor], pack: bool) -> list[np.ndarray]:
+    """numpy arrays of 2-D tensors [n, *] with one row count: views of CPU tensors, or (`pack`) one
+    device-to-host copy of all of them side by side as float64 (exact for gate probs, expert ids, flags)."""
+    if not pack:
+        return [t.numpy() for t in tensors]
+    packed = torch.cat([t.to(torch.float64) for t in tensors], dim=1).cpu().numpy()
+    ends = np.cumsum([t.shape[1] for t in tensors])
+    return [packed[:, end - t.shape[1]:end].astype(torch.empty(0, dtype=t.dtype).numpy().dtype)
+            for t, end in zip(tensors, ends, strict=True)]
+
+
 def _cumsum(x: np.ndarray) -> np.ndarray:
     """Row cumsum of float32 x [n, m] as torch computes it (a float64 running sum, each rounded to float32),
     column by column: numpy's cumsum along short rows costs several times more."""
@@ -395,9 +410,9 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
     if float(scores.amin()) < 0:  # negative floats order backwards as ints: flip their magnitude bits
         raw = raw ^ ((raw >> 31) & 0x7FFFFFFF)
     low = (1 << bits) - 1
-    keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32))
+    keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32, device=scores.device))
     keys.scatter_(1, exclude, torch.iinfo(torch.int32).min)
-    out = torch.empty(scores.shape[0], n, dtype=torch.long)
+    out = torch.empty(scores.shape[0], n, dtype=torch.long, device=scores.device)
     for j in range(n):
         best = keys.amax(dim=1, keepdim=True)
         out[:, j:j + 1] = (E - 1) - (best & low).long()
