@@ -16,7 +16,7 @@ every swap taken, so the first chunk already sees the batch's hot spots. Shapes:
 k chosen, w = widen, G groups (devices). The chunk steps on a few thousand entries run in numpy, where one call
 costs a fraction of torch's (the sums whose order matters stay in torch); a gate output on an accelerator
 keeps its [T, E] steps there and sends the flat tokens' [n, 2 (k + w) + 1] candidates, flags and masses to
-the host in one copy, and the chosen positions back.
+the host in one copy, and the chosen experts and their probs back.
 """
 
 from __future__ import annotations
@@ -167,16 +167,18 @@ class LaserRouting(RoutingPolicy):
                              None if usable_n.all() else usable_n, np.ascontiguousarray(mass_n[:, :k]),
                              np.ascontiguousarray(mass_n[:, k:]), torch.from_numpy(top_mass_n), group_load, budget)
         n, K = chosen.shape
-        # k per row, ascending (best first): a token changed if its last one is past its top-k
-        pos = torch.from_numpy(np.flatnonzero(chosen).reshape(n, k) - np.arange(0, n * K, K)[:, None])
-        pos = pos.to(cand.device)
-        changed = pos[:, k - 1:] >= k
+        # k per row, ascending (best first); a token changed if its last one is past its top-k
+        picks = np.flatnonzero(chosen)
+        changed = picks[k - 1::k] - np.arange(0, n * K, K) >= k
+        new_experts, picked_mass, changed = (torch.from_numpy(a).to(gate.probs.device) for a in (
+            cand_n.reshape(-1).take(picks).reshape(n, k), mass_n.reshape(-1).take(picks).reshape(n, k),
+            changed[:, None]))
         top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
-        new_weights = torch.where(changed, _renormalised(top_weights, top_mass, mass.gather(1, pos)), top_weights)
+        new_weights = torch.where(changed, _renormalised(top_weights, top_mass, picked_mass), top_weights)
         if idx.numel() == T:
-            experts, weights = cand.gather(1, pos), new_weights
+            experts, weights = new_experts, new_weights
         else:
-            experts = gate.experts.index_copy(0, idx, cand.gather(1, pos))
+            experts = gate.experts.index_copy(0, idx, new_experts)
             weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
