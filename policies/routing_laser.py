@@ -13,8 +13,10 @@ applied to the new choice as `apply_capacity` would.
 
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
 every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
-k chosen, w = widen, G groups (devices). CPU tensors: the chunk steps on a few thousand entries run in numpy,
-where one call costs a fraction of torch's (the sums whose order matters stay in torch).
+k chosen, w = widen, G groups (devices). The chunk steps on a few thousand entries run in numpy, where one call
+costs a fraction of torch's (the sums whose order matters stay in torch); a gate output on an accelerator
+keeps its [T, E] steps there and sends the flat tokens' [n, 2 (k + w) + 1] candidates, flags and masses to
+the host in one copy, and the chosen experts and their probs back.
 """
 
 from __future__ import annotations
@@ -112,11 +114,15 @@ class LaserRouting(RoutingPolicy):
         """This policy pricing load per group (e.g. the device holding each expert)."""
         return dataclasses.replace(self, expert_groups=groups, layer_overrides={})
 
-    def flat_tokens(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """[T] bool: tokens whose gate distribution (probs [T, E], top-k experts [T, k]) is not peaked."""
-        dist = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-30)
-        peaked = dist.gather(1, experts).sum(dim=1) >= self.mass_threshold
+    def flat_tokens(self, probs: torch.Tensor, experts: torch.Tensor,
+                    top_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """[T] bool: tokens whose gate distribution (probs [T, E], top-k experts [T, k]; top_probs [T, k]: their
+        probs, when the caller has them) is not peaked."""
+        total = probs.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        top_probs = probs.gather(1, experts) if top_probs is None else top_probs
+        peaked = (top_probs / total).sum(dim=1) >= self.mass_threshold  # no [T, E] division
         if self.entropy_threshold >= 0:
+            dist = probs / total
             entropy = -torch.special.xlogy(dist, dist).sum(dim=1) / math.log(probs.shape[1])
             peaked |= entropy <= self.entropy_threshold
         return ~peaked
@@ -126,21 +132,22 @@ class LaserRouting(RoutingPolicy):
         T, k = gate.experts.shape
         E = gate.probs.shape[1]
         widen = min(self.widen, E - k)
-        load = torch.zeros(E) if expert_load is None else expert_load.reshape(-1).to(torch.float32).clone()
+        load = torch.zeros(E) if expert_load is None else expert_load.reshape(-1).to("cpu", torch.float32).clone()
         if load.numel() != E:
             raise InputError(f"expert_load must have {E} entries (one per logical expert), got {load.numel()}")
         if self.expert_groups is not None and len(self.expert_groups) != E:
             raise InputError(f"routing.laser.expert_groups has {len(self.expert_groups)} entries for {E} experts")
-        flat = self.flat_tokens(gate.probs, gate.experts) if widen > 0 and T > 0 else torch.zeros(T, dtype=torch.bool)
+        top_probs = gate.probs.gather(1, gate.experts)
+        flat = (self.flat_tokens(gate.probs, gate.experts, top_probs) if widen > 0 and T > 0
+                else torch.zeros(T, dtype=torch.bool))
         idx = flat.nonzero().squeeze(1)
         if idx.numel() == 0 or (self.balance_weight is None and self.mass_budget == 0):
             return apply_capacity(gate, capacity)
-        if gate.probs.device.type != "cpu":
-            raise InputError(f"routing.laser moves tokens on CPU tensors (its chunk steps run in numpy); the gate "
-                             f"output is on {gate.probs.device}")
+        on_host = gate.probs.device.type == "cpu"
         # The projected load: every token's top-k demand; swaps update it as they are taken.
-        load += torch.bincount(gate.experts.reshape(-1), minlength=E).to(load.dtype)
-        top_probs = gate.probs.gather(1, gate.experts)
+        demand = (np.bincount(gate.experts.numpy().reshape(-1), minlength=E) if on_host
+                  else torch.bincount(gate.experts.reshape(-1), minlength=E).cpu().numpy())
+        load += torch.from_numpy(demand).to(load.dtype)
         budget = self.mass_budget * float(top_probs.sum(dtype=torch.float64))
         # Candidates in score order: the gate's top-k (best first), then the next best. Working on all rows
         # and then picking the flat ones is cheaper than gathering flat rows of [T, E] tensors.
@@ -149,43 +156,54 @@ class LaserRouting(RoutingPolicy):
         mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)
         if idx.numel() < T:
             usable, mass, cand = usable.index_select(0, idx), mass.index_select(0, idx), cand.index_select(0, idx)
-        groups = torch.arange(E) if self.expert_groups is None else torch.tensor(self.expert_groups, dtype=torch.long)
-        chosen = self._place(cand, usable, mass, k, load, groups, budget)
-        pos = _first_true(chosen, k)  # ascending positions keep the choice best first
-        changed = chosen[:, k:].any(dim=1, keepdim=True)
+        groups = np.arange(E) if self.expert_groups is None else np.array(self.expert_groups)
+        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(
+            0, torch.from_numpy(groups), load.double())
+        top_mass = mass[:, :k].sum(dim=1, keepdim=True)  # [n, 1]
+        group_ids = groups.astype(np.int16 if groups.max() < 2 ** 15 else np.int64)
+        # the chunk steps run on the host: a gate output on an accelerator sends these in one copy
+        cand_n, usable_n, mass_n, top_mass_n = _host([cand, usable, mass, top_mass], pack=not on_host)
+        chosen = self._place(group_ids.take(cand_n[:, :k]), group_ids.take(cand_n[:, k:]),
+                             None if usable_n.all() else usable_n, np.ascontiguousarray(mass_n[:, :k]),
+                             np.ascontiguousarray(mass_n[:, k:]), torch.from_numpy(top_mass_n), group_load, budget)
+        n, K = chosen.shape
+        # k per row, ascending (best first); a token changed if its last one is past its top-k
+        picks = np.flatnonzero(chosen)
+        changed = picks[k - 1::k] - np.arange(0, n * K, K) >= k
+        new_experts, picked_mass, changed = (torch.from_numpy(a).to(gate.probs.device) for a in (
+            cand_n.reshape(-1).take(picks).reshape(n, k), mass_n.reshape(-1).take(picks).reshape(n, k),
+            changed[:, None]))
         top_weights = gate.weights if idx.numel() == T else gate.weights.index_select(0, idx)
-        new_weights = torch.where(changed, _renormalised(top_weights, mass[:, :k], mass.gather(1, pos)), top_weights)
+        new_weights = torch.where(changed, _renormalised(top_weights, top_mass, picked_mass), top_weights)
         if idx.numel() == T:
-            experts, weights = cand.gather(1, pos), new_weights
+            experts, weights = new_experts, new_weights
         else:
-            experts = gate.experts.index_copy(0, idx, cand.gather(1, pos))
+            experts = gate.experts.index_copy(0, idx, new_experts)
             weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
-    def _place(self, cand: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, k: int, load: torch.Tensor,
-               groups: torch.Tensor, budget: float) -> torch.Tensor:
-        """[n, k + w] bool: which of its candidates each of n flat tokens uses.
+    def _place(self, g_top: np.ndarray, g_out: np.ndarray, usable: np.ndarray | None, mass_top: np.ndarray,
+               mass_out: np.ndarray, top_mass: torch.Tensor, group_load: torch.Tensor, budget: float) -> np.ndarray:
+        """[n, k + w] bool: which of its candidates (top-k, then the next w) each of n flat tokens uses.
 
-        cand [n, k + w]: each token's top-k, then its next w candidates (usable where `out_usable` [n, w]);
-        mass [n, k + w]: their gate probs; load [E]: projected load per expert; groups [E]: group (device) of
-        each expert, load is priced per group; budget: gate mass the n tokens may give up in all.
-        Chunk by chunk, each token's swap pairs (`_pairs`) are built from the loads so far and `_take_level`
-        (budget) or `_take_priced` (price) picks among them. A token never gives up more than
-        `max_mass_loss` of its top-k mass.
+        g_top [n, k], g_out [n, w]: the group (device) of each token's top-k and of its next w candidates
+        (usable where `usable` [n, w]; None: all are); mass_top [n, k], mass_out [n, w]: their gate probs;
+        top_mass [n, 1]: the top-k's sum; group_load [G] float64: projected load per group (updated in
+        place); budget: gate mass the n tokens may give up. Chunk by chunk, each token's swap pairs (`_pairs`)
+        are built from the loads so far and `_take_level` (budget) or `_take_priced` (price) picks among them.
+        A token never gives up more than `max_mass_loss` of its top-k mass. Sums whose order could change a
+        bit of the result run in torch.
         """
-        n, K = cand.shape
-        m = min(k, K - k)
-        chosen = torch.zeros(n, K, dtype=torch.bool)
-        chosen[:, :k] = True
-        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, load.double())
-        mean = float(group_load.mean())
-        if m == 0 or n == 0 or mean <= 0:
-            return chosen
-        top_mass = mass[:, :k].sum(dim=1, keepdim=True)
+        (n, k), w = g_top.shape, g_out.shape[1]
+        m = min(k, w)
+        chosen_top, chosen_out = np.ones((n, k), dtype=bool), np.zeros((n, w), dtype=bool)
+        if m == 0 or n == 0 or float(group_load.mean()) <= 0:
+            return np.concatenate([chosen_top, chosen_out], axis=1)
         guard = self.max_mass_loss * top_mass
-        g = _lookup(groups, cand)
         chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
             0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
+        top_mass_n, guard_n, load = top_mass.numpy(), guard.numpy(), group_load.numpy()
+        top_flat, out_flat = chosen_top.reshape(-1), chosen_out.reshape(-1)
         budget_left, mass_left = budget, sum(chunk_masses)
         ceiling = math.inf
         # Chunk by chunk: pairs from the loads so far, taken with the chunk's pro-rata share of the budget.
@@ -194,150 +212,178 @@ class LaserRouting(RoutingPolicy):
             share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
             mass_left -= chunk_mass
             mean = float(group_load.mean())
-            p = self._pairs(g[c], out_usable[c], mass[c], guard[c], group_load, k, m)
+            p = self._pairs(g_top[c], g_out[c], None if usable is None else usable[c], mass_top[c], mass_out[c],
+                            top_mass_n[c], guard_n[c], load, mean, m)
             if self.balance_weight is None:
                 # first chunk: the level the whole batch can reach, estimated from its pairs as a sample of the
                 # batch's; no later chunk fills a destination above it (it would become the next peak)
                 whole = (budget, n / p.cost.shape[0]) if s == 0 else None
-                take, ceiling = _take_level(p.cost, p.ok, p.src, p.dst, group_load, mean, share, ceiling, whole)
-                take &= (p.cost * take).cumsum(dim=1) <= guard[c]
+                take, ceiling = _take_level(p, load, mean, share, ceiling, whole)
+                take &= _cumsum(p.cost * take) <= guard_n[c]
             else:
-                take = _take_priced(p.price, p.ok, p.src, p.dst, group_load, mean).cumprod(dim=1).bool()
-            sel = chosen[c]
-            sel.scatter_(1, p.in_pos, ~take)
-            sel.scatter_(1, p.out_pos, take)
-            moved = take.reshape(-1).to(torch.float64)
-            group_load.index_add_(0, p.src.reshape(-1), -moved).index_add_(0, p.dst.reshape(-1), moved)
-            budget_left -= float((p.cost.reshape(-1) * moved).sum())
-        return chosen
+                take = np.logical_and.accumulate(_take_priced(p, load, mean), axis=1)
+            top_flat[s * k + p.in_flat] = ~take
+            out_flat[s * w + p.out_flat] = take
+            moved = take.reshape(-1)
+            load -= np.bincount(p.src.reshape(-1), weights=moved, minlength=load.size)
+            load += np.bincount(p.dst.reshape(-1), weights=moved, minlength=load.size)
+            budget_left -= float(torch.from_numpy(p.cost.reshape(-1).astype(np.float64) * moved).sum())
+        return np.concatenate([chosen_top, chosen_out], axis=1)
 
-    def _pairs(self, g: torch.Tensor, out_usable: torch.Tensor, mass: torch.Tensor, guard: torch.Tensor,
-               group_load: torch.Tensor, k: int, m: int) -> _Pairs:
-        """Each token's m swap pairs: its top-k by group load (g [n, k + w] groups, group_load [G]), busiest
-        first, against its other candidates — with a budget those on groups below the mean in score order,
-        with a fixed price the idlest first — and what each pair costs (mass [n, k + w]) and allows."""
-        n, K = g.shape
-        rel = _lookup((group_load / group_load.mean()).to(torch.float32), g)
-        in_rel, in_pos = rel[:, :k].sort(dim=1, descending=True)
-        in_rel, in_pos = in_rel[:, :m], in_pos[:, :m]
-        price = None
+    def _pairs(self, g_top: np.ndarray, g_out: np.ndarray, usable: np.ndarray | None, mass_top: np.ndarray,
+               mass_out: np.ndarray, top_mass: np.ndarray, guard: np.ndarray, load: np.ndarray, mean: float,
+               m: int) -> _Pairs:
+        """Each token's m swap pairs: its top-k by group load (g_top [n, k] groups, load [G], mean load),
+        busiest first, against its next candidates (g_out [n, w], usable [n, w] or None) — with a budget those
+        on groups below the mean in score order, with a fixed price the idlest first — and what each pair
+        costs (mass_top [n, k], mass_out [n, w]) and allows (guard, top_mass [n, 1]). A row is ordered by
+        small integer keys: its group's rank among the group loads (equal loads share a rank) then the
+        column, as a stable sort of the loads orders it."""
+        (n, k), w = g_top.shape, g_out.shape[1]
+        rel = (load / mean).astype(np.float32)  # [G]
+        G = rel.size
+        key_type = np.int16 if (G + 1) * (k + w) < 2 ** 15 else np.int64
+        busiest = np.searchsorted(np.sort(-rel), -rel).astype(key_type) * key_type(k)  # [G] 0 for the busiest
         if self.balance_weight is None:
             # usable candidates below the mean first, then the rest, each in score order (a stable partition)
-            order = torch.arange(K - k).expand(n, K - k)
-            below = out_usable & (rel[:, k:] < 1)
-            before = below.cumsum(dim=1)
-            rank = torch.where(below, before - 1, before[:, -1:] + order - before)
-            out_pos = torch.empty(n, K - k, dtype=torch.long).scatter_(1, rank, order)[:, :m]
-            # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
-            ahead = out_usable.gather(1, out_pos) & (in_rel > rel[:, k:].gather(1, out_pos))
-            out_pos = out_pos + k
-            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
-            ok = ahead & (cost <= guard)
+            rank, last = np.where(rel < 1, 0, w).astype(key_type), w
         else:
-            out_rel, out_pos = rel[:, k:].masked_fill(~out_usable, math.inf).sort(dim=1)
-            out_pos, gap = out_pos[:, :m] + k, in_rel - out_rel[:, :m]
-            cost = mass.gather(1, in_pos) - mass.gather(1, out_pos)
-            unit = mass[:, :k].sum(dim=1, keepdim=True) / k  # the token's average top-k expert mass
-            price = torch.where(gap > 0, cost.clamp_min(0) / (unit * gap.clamp_min(1e-12)), math.inf)
-            price = price.cummax(dim=1).values  # pair j only after pairs 1..j-1
-            ok = ((cost.cumsum(dim=1) <= guard) & (price <= self.balance_weight)).cumprod(dim=1).bool()
-        return _Pairs(in_pos, out_pos, cost, g.gather(1, in_pos), g.gather(1, out_pos), ok, price)
+            rank, last = np.searchsorted(np.sort(rel), rel).astype(key_type) * key_type(w), G * w  # the idlest first
+        # one sort of each row: the top-k (keys below G * k), then the next candidates (keys from G * k)
+        out_key = rank.take(g_out) if usable is None else np.where(usable, rank.take(g_out), key_type(last))
+        keys = np.concatenate([busiest.take(g_top), out_key + key_type(G * k)], axis=1)
+        order = np.argsort(keys + np.concatenate([np.arange(k, dtype=key_type), np.arange(w, dtype=key_type)]), axis=1)
+        in_pos, out_pos = order[:, :m], order[:, k:k + m] - k
+        in_flat, out_flat = np.arange(0, n * k, k)[:, None] + in_pos, np.arange(0, n * w, w)[:, None] + out_pos
+        src, dst = g_top.reshape(-1).take(in_flat), g_out.reshape(-1).take(out_flat)
+        in_rel, out_rel = rel.take(src), rel.take(dst)
+        cost = mass_top.reshape(-1).take(in_flat) - mass_out.reshape(-1).take(out_flat)
+        price = None
+        if self.balance_weight is None:
+            # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
+            ok = (in_rel > out_rel) & (cost <= guard)
+            if usable is not None:
+                ok &= usable.reshape(-1).take(out_flat)
+        else:
+            if usable is not None:
+                out_rel = np.where(usable.reshape(-1).take(out_flat), out_rel, np.float32(math.inf))
+            gap = in_rel - out_rel
+            unit = top_mass / np.float32(k)  # the token's average top-k expert mass
+            with np.errstate(divide="ignore", invalid="ignore"):
+                price = np.where(gap > 0, np.maximum(cost, np.float32(0)) / (unit * np.maximum(gap, np.float32(1e-12))),
+                                 np.float32(math.inf))
+            price = np.maximum.accumulate(price, axis=1)  # pair j only after pairs 1..j-1
+            ok = np.logical_and.accumulate((_cumsum(cost) <= guard) & (price <= np.float32(self.balance_weight)),
+                                           axis=1)
+        return _Pairs(in_flat, out_flat, cost, src, dst, ok, price)
 
 
 @dataclass(frozen=True)
 class _Pairs:
-    """m swap pairs of n tokens, all [n, m]: positions (into the k + w candidates) of the top-k expert given
-    up and of the one taken, mass given up, source and destination groups, eligibility, price (fixed-price
-    mode only)."""
+    """m swap pairs of n tokens, all [n, m] numpy arrays: flat positions of the top-k expert given up (into the
+    chunk's [n, k]) and of the one taken (into its [n, w]), mass given up (float32), source and destination
+    groups, eligibility, price (fixed-price mode only)."""
 
-    in_pos: torch.Tensor
-    out_pos: torch.Tensor
-    cost: torch.Tensor
-    src: torch.Tensor
-    dst: torch.Tensor
-    ok: torch.Tensor
-    price: torch.Tensor | None
-
-
-def _candidate_pairs(ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the eligible pairs (ok [n, m]) from a group above the mean to one below it
-    (excess [G]: group load minus the mean; src / dst [n, m] groups): no other pair can pass the caps."""
-    return (ok.reshape(-1) & (excess[src.reshape(-1)] >= 1) & (excess[dst.reshape(-1)] <= -1)).nonzero().squeeze(1)
+    in_flat: np.ndarray
+    out_flat: np.ndarray
+    cost: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    ok: np.ndarray
+    price: np.ndarray | None
 
 
-def _take_priced(price: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                 group_load: torch.Tensor, mean: float) -> torch.Tensor:
-    """[n, m] bool: the eligible pairs (ok; price, source / destination group, all [n, m]) taken in ascending
-    price while no group passes the mean load (group_load [G])."""
-    excess = (group_load - mean).to(torch.float32)
-    take = torch.zeros(ok.numel(), dtype=torch.bool)
-    pairs = _candidate_pairs(ok, src, dst, excess)
-    if pairs.numel():
-        order = pairs[price.reshape(-1)[pairs].sort(stable=True).indices]
-        src_o, dst_o = src.reshape(-1)[order], dst.reshape(-1)[order]
-        useful = _rank_within(src_o) < excess[src_o]
+def _host(tensors: list[torch.Tensor], pack: bool) -> list[np.ndarray]:
+    """numpy arrays of 2-D tensors [n, *] with one row count: views of CPU tensors, or (`pack`) one
+    device-to-host copy of all of them side by side as float64 (exact for gate probs, expert ids, flags)."""
+    if not pack:
+        return [t.numpy() for t in tensors]
+    packed = torch.cat([t.to(torch.float64) for t in tensors], dim=1).cpu().numpy()
+    ends = np.cumsum([t.shape[1] for t in tensors])
+    return [packed[:, end - t.shape[1]:end].astype(torch.empty(0, dtype=t.dtype).numpy().dtype)
+            for t, end in zip(tensors, ends, strict=True)]
+
+
+def _cumsum(x: np.ndarray) -> np.ndarray:
+    """Row cumsum of float32 x [n, m] as torch computes it (a float64 running sum, each rounded to float32),
+    column by column: numpy's cumsum along short rows costs several times more."""
+    out = np.empty(x.shape, dtype=np.float32)
+    running = np.zeros(x.shape[0])
+    for j in range(x.shape[1]):
+        running = running + x[:, j]
+        out[:, j] = running
+    return out
+
+
+def _take_priced(p: _Pairs, load: np.ndarray, mean: float) -> np.ndarray:
+    """[n, m] bool: the eligible pairs of p taken in ascending price while no group passes the mean load
+    (load [G]). Only pairs from a group above the mean to one below it can pass the caps."""
+    excess = (load - mean).astype(np.float32)
+    src, dst = p.src.reshape(-1), p.dst.reshape(-1)
+    take = np.zeros(src.size, dtype=bool)
+    pairs = np.flatnonzero(p.ok.reshape(-1) & (excess.take(src) >= 1) & (excess.take(dst) <= -1))
+    if pairs.size:
+        order = pairs.take(np.argsort(p.price.reshape(-1).take(pairs), kind="stable"))
+        src_o, dst_o = src.take(order), dst.take(order)
+        useful = _rank_within_np(src_o) < excess.take(src_o)
         # a pair its source cap rejects takes no room at its destination (they all share the id -1 there)
-        take[order] = useful & (_rank_within(torch.where(useful, dst_o, -1)) < -excess[dst_o])
-    return take.view_as(ok)
+        take[order] = useful & (_rank_within_np(np.where(useful, dst_o, -1)) < -excess.take(dst_o))
+    return take.reshape(p.ok.shape)
 
 
-def _take_level(cost: torch.Tensor, ok: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                group_load: torch.Tensor, mean: float, budget: float, ceiling: float = math.inf,
-                whole: tuple[float, float] | None = None) -> tuple[torch.Tensor, float]:
-    """([n, m] bool, ceiling): the eligible pairs (ok; mass cost, source / destination group, all [n, m]) that
-    bring every group down to the lowest level the budget pays for: each group above the level gives up its
-    cheapest ceil(load - level) pairs (to a less loaded group). The level is the lowest of 257 between the
-    mean and the peak of group_load [G] that fits; destinations take pairs while they stay at or below both
-    the level and `ceiling` (the level the whole batch can reach, so a chunk does not fill a destination that
-    later chunks must bring down again). With `whole` = (batch budget, s) the ceiling is first found from
-    these pairs standing for s times as many (a sample of the batch's), from the same sorted pairs; the
-    ceiling used is returned.
-
-    Runs in numpy (calls on a few thousand entries cost a fraction of torch's), bit for bit as in torch."""
-    G = group_load.numel()
-    load = group_load.numpy()
-    src_n, dst_n = src.reshape(-1).numpy(), dst.reshape(-1).numpy()
-    cost_n = cost.reshape(-1).clamp_min(0).numpy()
-    take = np.zeros(ok.numel(), dtype=bool)
-    pairs = np.flatnonzero(ok.reshape(-1).numpy() & (load.take(src_n) >= mean + 1))
+def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling: float = math.inf,
+                whole: tuple[float, float] | None = None) -> tuple[np.ndarray, float]:
+    """([n, m] bool, ceiling): the eligible pairs of p that bring every group down to the lowest level the
+    budget pays for: each group above the level gives up its cheapest ceil(load - level) pairs (to a less
+    loaded group). The level is the lowest of 257 between the mean and the peak of load [G] that fits;
+    destinations take pairs while they stay at or below both the level and `ceiling` (the level the whole
+    batch can reach, so a chunk does not fill a destination that later chunks must bring down again). With
+    `whole` = (batch budget, s) the ceiling is first found from these pairs standing for s times as many (a
+    sample of the batch's), from the same sorted pairs; the ceiling used is returned."""
+    G = load.size
+    src_n, dst_n = p.src.reshape(-1), p.dst.reshape(-1)
+    cost_n = np.maximum(p.cost.reshape(-1), np.float32(0))
+    take = np.zeros(src_n.size, dtype=bool)
+    pairs = np.flatnonzero(p.ok.reshape(-1) & (load.take(src_n) >= mean + 1))
     if pairs.size == 0:
-        return torch.from_numpy(take).view(ok.shape), (mean if whole is not None else ceiling)
+        return take.reshape(p.ok.shape), (mean if whole is not None else ceiling)
     # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
-    key = (src_n.take(pairs) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
-    order = pairs.take(torch.from_numpy(key).sort(stable=True).indices.numpy())  # torch's sort is the faster
+    key = (src_n.take(pairs).astype(np.int64) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
+    order = pairs.take(np.argsort(key, kind="stable"))
     src_o, dst_o = src_n.take(order), dst_n.take(order)
     available = np.bincount(src_o, minlength=G)
     start = available.cumsum() - available
-    spent = np.concatenate([np.zeros(1), cost_n.take(order).astype(np.float64).cumsum()])
+    spent = np.zeros(order.size + 1)
+    np.cumsum(cost_n.take(order), dtype=np.float64, out=spent[1:])
     receives = np.zeros(G)
     receives[dst_o] = 1.0
     # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
     # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
-    # Sums over groups run in torch (its summation order is the reference).
+    # Sums over groups run in torch (its summation order is the reference), the three of a level at once.
     levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1).numpy()
     excess = np.maximum(np.ceil(load - levels), 0)
     base = spent.take(start)
     available_f = available.astype(np.float32)
-
-    def row_sums(x: np.ndarray) -> np.ndarray:
-        return torch.from_numpy(x).sum(dim=1).numpy()
+    terms = np.empty((3, *excess.shape))  # [3, P, G]: mass spent, moves, room below the level
 
     def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
         """The lowest fitting level and the [G] pairs each group gives up there."""
-        moves = np.minimum(excess, available_f * np.float32(scale))  # float32 products, as torch's
+        moves = np.minimum(excess, available_f * np.float32(scale), out=terms[1])  # float32 products, as torch's
         sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available)  # the sample's cheapest pairs
-        room = row_sums(np.maximum(np.minimum(levels, ceiling) - load, 0) * receives)
-        fits = (row_sums(spent.take(start + sampled) - base) * scale <= budget) & (row_sums(moves) <= room)
-        first = int(fits.argmax())
+        np.subtract(spent.take(start + sampled), base, out=terms[0])
+        np.multiply(np.maximum(np.minimum(levels, ceiling) - load, 0), receives, out=terms[2])
+        spend, moved, room = torch.from_numpy(terms).sum(dim=2).numpy()
+        first = int(((spend * scale <= budget) & (moved <= room)).argmax())
         return float(levels[first, 0]), sampled[first]
 
     if whole is not None:
         ceiling = level(whole[0], math.inf, whole[1])[0]
     at, sampled = level(budget, ceiling, 1.0)
-    sel = (np.arange(order.size) - start.take(src_o)) < sampled.take(src_o)
-    room_left = min(at, ceiling) - load.take(dst_o)
-    take[order] = sel & (_rank_within_np(np.where(sel, dst_o, -1)) < room_left)
-    return torch.from_numpy(take).view(ok.shape), ceiling
+    # each source's cheapest `sampled`, then per destination the first of those its room below the level allows
+    sel = np.flatnonzero((np.arange(order.size) - start.take(src_o)) < sampled.take(src_o))
+    dst_sel = dst_o.take(sel)
+    take[order.take(sel[_rank_within_np(dst_sel) < min(at, ceiling) - load.take(dst_sel)])] = True
+    return take.reshape(p.ok.shape), ceiling
 
 
 def _rank_within_np(ids: np.ndarray) -> np.ndarray:
@@ -353,30 +399,6 @@ def _rank_within_np(ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[index] for 1-D values and an index of any shape (index_select: much cheaper on CPU than
-    advanced indexing for the small tensors here)."""
-    return values.index_select(0, index.reshape(-1)).view(index.shape)
-
-
-def _rank_within(ids: torch.Tensor) -> torch.Tensor:
-    """[N] for each entry of ids [N], how many earlier entries have the same id."""
-    sorted_ids, order = ids.sort(stable=True)
-    first = torch.arange(ids.numel())
-    new = torch.ones(ids.numel(), dtype=torch.bool)
-    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    start = torch.where(new, first, 0).cummax(0).values
-    return torch.empty_like(first).scatter_(0, order, first - start)
-
-
-def _first_true(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, k] positions of the k True entries of each row of mask [n, K], ascending."""
-    n, K = mask.shape
-    dest = torch.where(mask, mask.cumsum(dim=1) - 1, k)  # column k collects the False entries
-    out = torch.empty(n, k + 1, dtype=torch.long)
-    return out.scatter_(1, dest, torch.arange(K).expand(n, K))[:, :k]
-
-
 def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tensor:
     """[T, n] the n best-scoring experts per token outside `exclude` [T, k], best first (scores [T, E]).
 
@@ -390,9 +412,9 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
     if float(scores.amin()) < 0:  # negative floats order backwards as ints: flip their magnitude bits
         raw = raw ^ ((raw >> 31) & 0x7FFFFFFF)
     low = (1 << bits) - 1
-    keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32))
+    keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32, device=scores.device))
     keys.scatter_(1, exclude, torch.iinfo(torch.int32).min)
-    out = torch.empty(scores.shape[0], n, dtype=torch.long)
+    out = torch.empty(scores.shape[0], n, dtype=torch.long, device=scores.device)
     for j in range(n):
         best = keys.amax(dim=1, keepdim=True)
         out[:, j:j + 1] = (E - 1) - (best & low).long()
@@ -402,12 +424,14 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
 
 def _renormalised(weights: torch.Tensor, top_mass: torch.Tensor, picked_mass: torch.Tensor) -> torch.Tensor:
     """Combine weights [n, k] for picked experts with gate probs `picked_mass` [n, k], normalised the way the
-    gate normalised its own top-k (weights [n, k], gate probs `top_mass` [n, k]).
+    gate normalised its own top-k (weights [n, k], the sum of their gate probs `top_mass` [n, 1]).
 
     A family that renormalises its top-k (Mixtral, DeepSeek-V3 with scaling, GPT-OSS) gives weights whose
     per-token sum differs from the probs' sum; then the picked probs are scaled to the same per-token sum.
     """
     w_sum = weights.sum(dim=1, keepdim=True)
-    renormalises = (w_sum - top_mass.sum(dim=1, keepdim=True)).abs() > 1e-5 * w_sum.abs().clamp_min(1e-12)
+    renormalises = (w_sum - top_mass).abs() > 1e-5 * w_sum.abs().clamp_min(1e-12)
+    if not bool(renormalises.any()):  # e.g. OLMoE: the weights are the probs
+        return picked_mass
     scaled = picked_mass * (w_sum / picked_mass.sum(dim=1, keepdim=True).clamp_min(1e-30))
     return torch.where(renormalises, scaled, picked_mass)

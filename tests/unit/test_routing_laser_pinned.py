@@ -55,7 +55,8 @@ def test_parameters_and_prior_load_match_the_reference(params: dict[str, object]
     if device_aware:
         params = {**params, "expert_groups": tuple((7 * e) % devices for e in range(E))}
     prior = torch.arange(E, dtype=torch.float32).flip(0) * 3
-    for load in (None, prior):
+    fractional = torch.rand(E, generator=torch.Generator().manual_seed(5)) * 97.3  # as a decayed load window gives
+    for load in (None, prior, fractional):
         new = ROUTING.create("laser", **params).route(gate, DROPLESS, expert_load=load)
         _same(new, ReferenceLaser(**params).route(gate, DROPLESS, expert_load=load))
 
