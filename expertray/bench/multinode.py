@@ -1,7 +1,7 @@
 """Multi-node scenarios on a real Ray cluster of several raylets on this machine (`ray.cluster_utils.Cluster`),
 run in a process of their own (a process holds one Ray connection; the test session already has one).
 
-    python -m expertray.bench.multinode [--scenarios spread,connect,grow,remove_node] [--repeats 1]
+    python -m expertray.bench.multinode [--scenarios spread,connect,grow,remove_node,collective,...] [--repeats 1]
 
 tests/integration/test_multinode.py runs it and checks the result; `expertray bench recovery` runs the
 kill_actor and remove_node scenarios with repeats and reports recovery figures (docs/RELIABILITY.md).
@@ -20,6 +20,11 @@ Scenarios, in order, on one cluster (each records its result or its error; later
   correct answer or a clear error, none hangs; after healing every answer is correct. A fresh worker then
   joins, so a repeat has room again.
 - kill_actor: one expert actor on a worker is killed (ray.kill) under a stream; the same checks.
+- collective: the cluster is relaunched on the same raylets with transport="collective" (gloo): routers
+  (rank 0, rendezvous store on their node address) form groups with expert actors on other raylets, each
+  worker raylet with a node address of its own (127.0.0.2, .3, ...); answers equal the in-process layers.
+- collective_remove_node: remove_node under a stream on that cluster; then every router is back on a
+  re-formed collective group and answers correctly.
 Both fault scenarios report recovery figures (`recovery_figures`): time from the fault to the first correct
 answer to a request sent after it, time until latency is steady again, the largest latency, and p99 before.
 
@@ -30,6 +35,7 @@ The cluster is shut down in `finally`; SIGTERM and the internal budget (SIGALRM)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -50,9 +56,21 @@ from expertray.names import CONTROLLER, NAMESPACE, ray_name  # noqa: E402
 
 D = 16
 LOOPBACK = "127.0.0.1"
-SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor")
-DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node")
+SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor", "collective", "collective_remove_node")
+DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node", "collective", "collective_remove_node")
 SLOTS_PER_WORKER = 2
+
+
+_worker_ips = itertools.count(2)
+
+
+def _worker_ip() -> str:
+    """A node address of its own for each worker raylet (127.0.0.2, .3, ...: Linux routes all of 127/8 to
+    loopback), as on a real cluster where every node has its own IP; the head is 127.0.0.1."""
+    n = next(_worker_ips)
+    if n > 254:
+        raise RuntimeError("more than 253 worker raylets started in one run")
+    return f"127.0.0.{n}"
 
 
 def recovery_figures(records: list[tuple[float, float, str]], t_fault: float) -> dict[str, float | None]:
@@ -212,7 +230,7 @@ def scenario_grow(c: Any, layers: list[Any], cluster: Any, workers: dict[str, An
     stream = Stream(c, layers, seed=10).start()
     try:
         time.sleep(1.0)
-        node = cluster.add_node(num_cpus=1, resources={"expert_slot": 3}, node_ip_address=LOOPBACK)
+        node = cluster.add_node(num_cpus=1, resources={"expert_slot": 3}, node_ip_address=_worker_ip())
         workers[node.node_id] = node
         actor = c.add_actor()
         where = _where(c.status())
@@ -247,7 +265,7 @@ def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, 
     out = {"removed_actors": doomed, "replaced_on_live_nodes": all(n in workers for n in after.values()),
            "stream": result, **stream.figures(t_remove), "healed_s": healed_s,
            "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_remove)}
-    node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=LOOPBACK)
+    node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=_worker_ip())
     workers[node.node_id] = node  # room for the next repeat
     return out
 
@@ -273,6 +291,69 @@ def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> d
         result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
     return {"killed": victim, "stream": result, **stream.figures(t_kill), "healed_s": healed_s,
             "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_kill)}
+
+
+def relaunch_collective(c: Any, layers: list[Any]) -> Any:
+    """Stop the running expertray cluster and launch the same model on the same Ray cluster with
+    transport="collective" (gloo on CPU): the routers form a group with expert actors on other raylets."""
+    import dataclasses
+
+    import ray
+
+    from expertray.api import launch
+
+    cfg = dataclasses.replace(c.cfg, transport="collective")
+    c.shutdown()
+
+    def controller_gone() -> bool:
+        try:
+            ray.get_actor(CONTROLLER, namespace=NAMESPACE)
+        except ValueError:
+            return True
+        return False
+
+    _wait(controller_gone, 30, "the object-store cluster's controller gone")  # its name frees asynchronously
+    return launch(cfg, layers, detached=False)
+
+
+def _transports(st: dict[str, Any]) -> list[list[Any]]:
+    """[transport, backend] of every router (sorted, for comparison)."""
+    return sorted([r.get("transport"), (r.get("transport_detail") or {}).get("backend")] for r in st["routers"])
+
+
+def scenario_collective(c: Any, layers: list[Any], workers: dict[str, Any]) -> dict[str, Any]:
+    """The collective transport across raylets: routers (rank 0, hosting the rendezvous store on their node
+    address) and expert actors on workers with node addresses of their own; answers equal the in-process
+    layers."""
+    st = c.status()
+    ips = {n["node_id"]: n["ip"] for n in st["nodes"] if "node_id" in n}
+    where = _where(st)
+    router_nodes = [(r.get("node") or {}).get("node_id") for r in st["routers"]]
+    return {"transports": _transports(st), "cfg_transport": c.cfg.transport,
+            "actor_ips": sorted({str(ips.get(n)) for n in where.values()}),
+            "router_ips": sorted(str(ips.get(n)) for n in router_nodes),
+            "actors_on_head": sum(n not in workers for n in where.values()),
+            "routers_with_actors_elsewhere": sum(any(a != r for a in where.values()) for r in router_nodes),
+            "routers": len(router_nodes), "correct": _correct(c, layers, n=10)}
+
+
+def scenario_collective_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, Any]
+                               ) -> dict[str, Any]:
+    """remove_node under a stream with the collective transport (routers fall back to the object store
+    while the group re-forms); then every router serves on a re-formed group again, correctly."""
+    if c.cfg.transport != "collective":
+        raise RuntimeError("collective_remove_node needs the collective scenario before it (it launches "
+                           "the collective cluster)")
+    out = scenario_remove(c, layers, cluster, workers)
+
+    def regrouped() -> list[list[Any]] | None:
+        got = _transports(c.status())
+        return got if all(t == "collective" for t, _ in got) else None
+
+    t = time.monotonic()
+    transports = _wait(regrouped, 30, "every router on a re-formed collective group")
+    return {**out, "transports_after": transports, "regrouped_s": round(time.monotonic() - t, 2),
+            "correct_regrouped": _correct(c, layers, n=10)}
 
 
 def main() -> None:
@@ -310,7 +391,7 @@ def main() -> None:
         workers = {}
         for _ in range(args.workers):
             node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER},
-                                    node_ip_address=LOOPBACK)
+                                    node_ip_address=_worker_ip())
             workers[node.node_id] = node
         cluster.wait_for_nodes()
         os.environ["RAY_ADDRESS"] = cluster.address  # any implicit re-init attaches here, never elsewhere
@@ -322,11 +403,19 @@ def main() -> None:
                             max_expert_actors=8)
         layers = random_model(cfg)
         c = launch(cfg, layers, detached=False)
+
+        def collective() -> dict[str, Any]:
+            nonlocal c
+            c = relaunch_collective(c, layers)
+            return scenario_collective(c, layers, workers)
+
         runs = {"spread": lambda: scenario_spread(c, layers, workers),
                 "connect": lambda: scenario_connect(cluster.address),
                 "grow": lambda: scenario_grow(c, layers, cluster, workers),
                 "remove_node": lambda: scenario_remove(c, layers, cluster, workers),
-                "kill_actor": lambda: scenario_kill_actor(c, layers, workers)}
+                "kill_actor": lambda: scenario_kill_actor(c, layers, workers),
+                "collective": collective,
+                "collective_remove_node": lambda: scenario_collective_remove(c, layers, cluster, workers)}
         for name in names:
             repeats = args.repeats if name in ("remove_node", "kill_actor") else 1
             for i in range(repeats):

@@ -1,5 +1,7 @@
-"""expertray on a real multi-node Ray (head + worker raylets on this machine, `expert_slot` standing in for
-GPUs): placement by node, a second driver, growing onto a joining node, losing a node under a stream.
+"""expertray on a real multi-node Ray (head + worker raylets on this machine, each worker with a node address
+of its own, `expert_slot` standing in for GPUs): placement by node, a second driver, growing onto a joining
+node, losing a node under a stream; then the same model with the collective transport (gloo), its group
+spanning raylets: correct answers, and losing a node under a stream.
 
 The scenarios run in expertray/bench/multinode.py, in a process of its own (this process already
 holds the session's Ray connection), once for the module; each test checks one scenario's JSON result.
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-BUDGET_S = 240  # the driver's own budget; it then shuts its cluster down and still prints its result
+BUDGET_S = 300  # the driver's own budget; it then shuts its cluster down and still prints its result
 TIMEOUT_S = BUDGET_S + 60
 CLEAR_ERRORS = {"RequestTimeoutError", "ExpertUnavailableError", "RouterUnavailableError"}
 
@@ -87,3 +89,22 @@ def test_losing_a_node_under_a_stream_loses_nothing(scenarios) -> None:
     _no_loss(s["stream"])
     assert s["first_ok_s"] is not None  # answers flowed again after the loss
     assert s["correct_after"]
+
+
+def test_collective_group_spans_raylets_and_answers_correctly(scenarios) -> None:
+    s = _scenario(scenarios, "collective")
+    assert s["cfg_transport"] == "collective"
+    assert s["transports"] == [["collective", "gloo"]] * s["routers"] and s["routers"] >= 1
+    assert s["actors_on_head"] == 0 and "127.0.0.1" not in s["actor_ips"] and len(s["actor_ips"]) >= 2
+    assert s["routers_with_actors_elsewhere"] == s["routers"]  # every router's group crosses raylets
+    assert s["correct"]
+
+
+def test_collective_losing_a_node_under_a_stream_loses_nothing_and_regroups(scenarios) -> None:
+    s = _scenario(scenarios, "collective_remove_node")
+    assert len(s["removed_actors"]) == 2 and s["replaced_on_live_nodes"]
+    _no_loss(s["stream"])
+    assert s["first_ok_s"] is not None
+    assert s["correct_after"]
+    assert s["transports_after"] and all(t == ["collective", "gloo"] for t in s["transports_after"])
+    assert s["correct_regrouped"]
