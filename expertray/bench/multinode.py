@@ -56,7 +56,8 @@ from expertray.names import CONTROLLER, NAMESPACE, ray_name  # noqa: E402
 
 D = 16
 LOOPBACK = "127.0.0.1"
-SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor", "collective", "collective_remove_node")
+SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor", "collective", "collective_remove_node",
+             "autoscale")
 DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node", "collective", "collective_remove_node")
 SLOTS_PER_WORKER = 2
 
@@ -356,6 +357,178 @@ def scenario_collective_remove(c: Any, layers: list[Any], cluster: Any, workers:
             "correct_regrouped": _correct(c, layers, n=10)}
 
 
+# --- growth through a real autoscaler: Ray's fake multi-node provider answering request_resources -------------
+
+AUTOSCALE_WORKER_TYPE = "expert.worker"
+
+
+def fake_autoscaler_config(gcs_address: str, head_cpus: int, max_workers: int) -> dict[str, Any]:
+    """A v1 autoscaling config whose provider is Ray's fake multi-node one: it starts worker raylets as local
+    processes when the autoscaler asks (one node type: 1 CPU, SLOTS_PER_WORKER expert slots).
+
+    Written in full because the installed Ray wheel lacks the provider's `example.yaml`, which both
+    `ray.cluster_utils.AutoscalingCluster` and the `fake_multinode` provider type read (FileNotFoundError);
+    the same provider class loads as an `external` one. Node updaters and launch-config checks are off
+    (there is nothing to ssh into), nodes are told apart by node id (they share one IP), and new nodes
+    join the head's GCS at `gcs_address` (the provider would assume port 6379)."""
+    return {
+        "cluster_name": "expertray-fake", "max_workers": max_workers, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "gcs_address": gcs_address, "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            AUTOSCALE_WORKER_TYPE: {"resources": {"CPU": 1, "expert_slot": SLOTS_PER_WORKER}, "node_config": {},
+                                    "min_workers": 1, "max_workers": max_workers}}}
+
+
+def _kill_run_processes(tmp: str, grace_s: float = 5.0) -> list[int]:
+    """End the processes of this run that outlive `Cluster.shutdown` (the raylets the fake provider started
+    from the autoscaler's process): those whose command line names this run's private temp dir, by pid,
+    SIGTERM then SIGKILL. Returns their pids. Nothing else on the machine is touched."""
+    def ours() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if tmp.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    found = ours()
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return found
+
+
+def _expert_nodes() -> dict[str, str]:
+    """Live nodes offering expert_slot: node id -> IP."""
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("expert_slot")}
+
+
+def scenario_autoscale(tmp: str) -> dict[str, Any]:
+    """Growth through Ray's autoscaler. The head has no expert_slot; the autoscaler keeps one 2-slot worker
+    (min_workers 1, max_workers 2). Two expert actors fill it; under a stream `add_actor` finds no node with
+    room, the controller calls request_resources, the autoscaler starts a worker and the actor lands there
+    and serves (grow_s: from the add_actor call to the actor in the table, answering). A further actor fills
+    that worker; the next finds no room with the autoscaler at max_workers: the add must fail within the
+    controller's deadline with a clear error, leaving no pending actor behind."""
+    import ray
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+    from ray.cluster_utils import Cluster
+
+    from expertray.api import launch, random_model
+    from expertray.client import free_port
+    from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+
+    port = free_port(LOOPBACK)
+    path = os.path.join(tmp, "autoscaling.json")
+    with open(path, "w") as f:
+        json.dump(fake_autoscaler_config(f"{LOOPBACK}:{port}", head_cpus=2, max_workers=2), f)
+    os.environ.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})  # read by the monitor
+    cluster = c = None
+    try:
+        cluster = Cluster()
+        os.environ["RAY_OVERRIDE_NODE_ID_FOR_TESTING"] = FAKE_HEAD_NODE_ID  # the provider's head node id
+        try:
+            cluster.add_node(num_cpus=2, include_dashboard=False, node_ip_address=LOOPBACK, temp_dir=tmp,
+                             gcs_server_port=port, autoscaling_config=path)
+        finally:
+            os.environ.pop("RAY_OVERRIDE_NODE_ID_FOR_TESTING", None)
+        os.environ["RAY_ADDRESS"] = cluster.address
+        ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+        first = _wait(_expert_nodes, 90, "the autoscaler's first worker (min_workers 1)")
+        cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=24, gate=GateConfig("mixtral", 4, 2)),
+                            num_layers=2, num_expert_actors=2, transport="object_store", actor_num_cpus=0.1,
+                            actor_resources={"expert_slot": 1}, router_num_cpus=0.25, max_wait_ms=5.0,
+                            metrics_port=-1, request_timeout_s=30.0, ping_timeout_s=2.0, control_timeout_s=30.0,
+                            max_expert_actors=8)
+        layers = random_model(cfg)
+        c = launch(cfg, layers, detached=False)
+        stream = Stream(c, layers, seed=40).start()
+        try:
+            time.sleep(1.0)
+            t = time.monotonic()
+            grown = c.add_actor()
+            grow_s = time.monotonic() - t
+            request = ray.get(c.controller.info.remote(), timeout=cfg.control_timeout_s)["resource_request"]
+            where = _where(c.status())
+            nodes = _expert_nodes()
+            time.sleep(1.0)
+        finally:
+            result = stream.finish(join_s=cfg.request_timeout_s + 10)
+        filler = c.add_actor()  # the new worker's second slot: no request needed
+        t = time.monotonic()
+        try:
+            extra = c.add_actor()
+            no_room = {"error": None, "added": extra}
+        except Exception as exc:  # noqa: BLE001 - the expected outcome: recorded and checked by the test
+            no_room = {"error": f"{type(exc).__name__}: {str(exc)[-600:]}"}  # the tail: the controller's message
+        no_room["s"] = round(time.monotonic() - t, 2)
+        st = c.status()
+        return {"grow_s": round(grow_s, 2), "resource_request": request,
+                "new_actor_node_new": where.get(grown) in nodes and where.get(grown) not in first,
+                "expert_nodes": len(nodes), "stream": result, "filler_node": _where(st).get(filler) in nodes,
+                "no_room": no_room, "actors_after": len(st["actors"]),
+                "all_alive_after": all(a["alive"] for a in st["actors"].values()),
+                "correct_after": _correct(c, layers, n=6)}
+    finally:
+        for step in ((lambda: c.shutdown()) if c is not None else None, ray.shutdown,
+                     cluster.shutdown if cluster is not None else None):
+            try:
+                if step is not None:
+                    step()
+            except Exception:  # noqa: BLE001 - the processes are ended below whatever happened here
+                traceback.print_exc()
+        left = _kill_run_processes(tmp)
+        if left:
+            print(f"ended {len(left)} leftover process(es) of this run: {left}", file=sys.stderr)
+
+
+def autoscale_main(budget_s: int) -> None:
+    """Run scenario_autoscale on a cluster of its own; prints the same one-line JSON as main()."""
+    signal.signal(signal.SIGTERM, _raise_budget)
+    signal.signal(signal.SIGALRM, _raise_budget)
+    signal.alarm(budget_s)
+    t0 = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="ermn-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp
+    os.makedirs(os.path.join(tmp, "ray"))
+    results: dict[str, Any] = {}
+    try:
+        results["autoscale"] = {**scenario_autoscale(tmp), "wall_s": round(time.monotonic() - t0, 2)}
+    except Budget as exc:
+        results["_run"] = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - recorded; the test shows it
+        results["autoscale"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+    finally:
+        signal.alarm(0)
+        _kill_run_processes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps({"scenarios": results, "wall_s": round(time.monotonic() - t0, 2)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=int, default=200)
@@ -366,6 +539,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each fault scenario (kill_actor, remove_node)")
     args = parser.parse_args()
     names = [n for n in args.scenarios.split(",") if n]
+    if "autoscale" in names:  # a cluster of its own, with an autoscaler
+        if names != ["autoscale"]:
+            parser.error("autoscale runs alone: it starts its own cluster with Ray's fake autoscaler")
+        autoscale_main(args.budget_s)
+        return
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or args.repeats < 1 or args.workers < 2:
         parser.error(f"unknown scenario(s) {unknown} (known: {', '.join(SCENARIOS)})" if unknown

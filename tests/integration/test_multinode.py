@@ -19,19 +19,20 @@ from typing import Any
 import pytest
 
 BUDGET_S = 300  # the driver's own budget; it then shuts its cluster down and still prints its result
-TIMEOUT_S = BUDGET_S + 60
+AUTOSCALE_BUDGET_S = 300
 CLEAR_ERRORS = {"RequestTimeoutError", "ExpertUnavailableError", "RouterUnavailableError"}
 
 
-@pytest.fixture(scope="module")
-def scenarios() -> dict[str, Any]:
+def _run_driver(args: list[str], budget_s: int) -> dict[str, Any]:
+    """Run expertray.bench.multinode with `args` in a process of its own; its scenarios' results."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "expertray.bench.multinode", "--budget-s", str(BUDGET_S)],
+    timeout_s = budget_s + 60
+    proc = subprocess.Popen([sys.executable, "-m", "expertray.bench.multinode", "--budget-s", str(budget_s), *args],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.terminate()  # SIGTERM: the driver shuts its cluster down in `finally`
         try:
@@ -39,12 +40,17 @@ def scenarios() -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # its raylets share its process group
             out, err = proc.communicate()
-        pytest.fail(f"multi-node driver did not finish within {TIMEOUT_S} s; stderr tail: {err[-3000:]}")
+        pytest.fail(f"multi-node driver did not finish within {timeout_s} s; stderr tail: {err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith('{"scenarios"')]
     assert proc.returncode == 0 and lines, f"driver exited {proc.returncode}; stderr tail: {err[-3000:]}"
     result = json.loads(lines[-1])
     assert "_run" not in result["scenarios"], result["scenarios"]["_run"]
     return result["scenarios"]
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> dict[str, Any]:
+    return _run_driver([], BUDGET_S)
 
 
 def _scenario(scenarios: dict[str, Any], name: str) -> dict[str, Any]:
@@ -108,3 +114,19 @@ def test_collective_losing_a_node_under_a_stream_loses_nothing_and_regroups(scen
     assert s["correct_after"]
     assert s["transports_after"] and all(t == ["collective", "gloo"] for t in s["transports_after"])
     assert s["correct_regrouped"]
+
+
+@pytest.mark.slow
+def test_the_autoscaler_starts_a_node_for_a_new_actor_and_a_node_that_never_comes_is_a_clear_error() -> None:
+    """Ray's fake multi-node autoscaler (worker raylets started as local processes) answers the
+    controller's request_resources: ~100 s on 2 cores, so slow."""
+    s = _scenario(_run_driver(["--scenarios", "autoscale"], AUTOSCALE_BUDGET_S), "autoscale")
+    assert s["resource_request"]["bundles"] == 3  # two actors kept + the new one
+    assert s["resource_request"]["bundle"] == {"CPU": 0.1, "expert_slot": 1}
+    assert s["new_actor_node_new"] and s["expert_nodes"] == 2
+    _no_loss(s["stream"])
+    assert s["filler_node"]
+    assert s["no_room"].get("error") and "did not start within" in s["no_room"]["error"]
+    assert "request_resources" in s["no_room"]["error"]
+    assert s["actors_after"] == 4 and s["all_alive_after"]  # the pending actor is gone, the rest serve
+    assert s["correct_after"]
