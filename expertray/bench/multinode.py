@@ -429,11 +429,16 @@ def _expert_nodes() -> dict[str, str]:
 
 def scenario_autoscale(tmp: str) -> dict[str, Any]:
     """Growth through Ray's autoscaler. The head has no expert_slot; the autoscaler keeps one 2-slot worker
-    (min_workers 1, max_workers 2). Two expert actors fill it; under a stream `add_actor` finds no node with
-    room, the controller calls request_resources, the autoscaler starts a worker and the actor lands there
-    and serves (grow_s: from the add_actor call to the actor in the table, answering). A further actor fills
-    that worker; the next finds no room with the autoscaler at max_workers: the add must fail within the
-    controller's deadline with a clear error, leaving no pending actor behind."""
+    (min_workers 1, max_workers 3). Two expert actors fill it.
+    1. add_actor: under a stream it finds no node with room, the controller calls request_resources, the
+       autoscaler starts a worker and the actor lands there and serves (grow_s: from the add_actor call to
+       the actor in the table, answering). A further actor fills that worker.
+    2. The autoscale policy: under a stream, scale_up holds (tokens/s per actor over a low line, max_actors 5)
+       with no node room, so it decides request_resources; once the autoscaler's node joins, it decides
+       add_actor and the actor lands there (request_to_serving_s: the first request_resources decision to the
+       actor seen in the table).
+    3. A further actor fills that worker; the next finds no room with the autoscaler at max_workers: the add
+       must fail within the controller's deadline with a clear error, leaving no pending actor behind."""
     import ray
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
     from ray.cluster_utils import Cluster
@@ -445,7 +450,7 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
     port = free_port(LOOPBACK)
     path = os.path.join(tmp, "autoscaling.json")
     with open(path, "w") as f:
-        json.dump(fake_autoscaler_config(f"{LOOPBACK}:{port}", head_cpus=2, max_workers=2), f)
+        json.dump(fake_autoscaler_config(f"{LOOPBACK}:{port}", head_cpus=2, max_workers=3), f)
     os.environ.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})  # read by the monitor
     cluster = c = None
     try:
@@ -463,7 +468,9 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
                             num_layers=2, num_expert_actors=2, transport="object_store", actor_num_cpus=0.1,
                             actor_resources={"expert_slot": 1}, router_num_cpus=0.25, max_wait_ms=5.0,
                             metrics_port=-1, request_timeout_s=30.0, ping_timeout_s=2.0, control_timeout_s=30.0,
-                            max_expert_actors=8)
+                            max_expert_actors=8,
+                            autoscale_params={"scale_up_tokens_per_s": 1.0, "max_actors": 5, "sustain_checks": 1,
+                                              "cooldown_s": 1.0, "hot_ratio": 1e6, "straggler_ratio": 1e6})
         layers = random_model(cfg)
         c = launch(cfg, layers, detached=False)
         stream = Stream(c, layers, seed=40).start()
@@ -479,6 +486,8 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
         finally:
             result = stream.finish(join_s=cfg.request_timeout_s + 10)
         filler = c.add_actor()  # the new worker's second slot: no request needed
+        policy = _autoscale_policy_grows(c, layers)
+        c.add_actor()  # the policy's worker's second slot
         t = time.monotonic()
         try:
             extra = c.add_actor()
@@ -490,7 +499,7 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
         return {"grow_s": round(grow_s, 2), "resource_request": request,
                 "new_actor_node_new": where.get(grown) in nodes and where.get(grown) not in first,
                 "expert_nodes": len(nodes), "stream": result, "filler_node": _where(st).get(filler) in nodes,
-                "no_room": no_room, "actors_after": len(st["actors"]),
+                "policy": policy, "no_room": no_room, "actors_after": len(st["actors"]),
                 "all_alive_after": all(a["alive"] for a in st["actors"].values()),
                 "correct_after": _correct(c, layers, n=6)}
     finally:
@@ -504,6 +513,27 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
         left = _kill_run_processes(tmp)
         if left:
             print(f"ended {len(left)} leftover process(es) of this run: {left}", file=sys.stderr)
+
+
+def _autoscale_policy_grows(c: Any, layers: list[Any]) -> dict[str, Any]:
+    """Step 2 of scenario_autoscale: the autoscale policy grows the cluster through the autoscaler."""
+    known, nodes_before = set(c.table().actors), set(_expert_nodes())
+    stream = Stream(c, layers, seed=50).start()
+    try:
+        c.autoscale(True)
+        _wait(lambda: len(c.table().actors) > len(known), 90, "an actor added by the autoscale policy")
+        seen = time.time()
+        c.autoscale(False)
+        log = c.autoscale()["recent_actions"]
+        where, nodes = _where(c.status()), _expert_nodes()
+        time.sleep(1.0)
+    finally:
+        result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
+    added = [a for a in c.table().actors if a not in known]
+    requests = [e["t"] for e in log if e["kind"] == "request_resources" and e["ok"]]
+    return {"decisions": [(e["kind"], e["ok"]) for e in log][:12], "added": added,
+            "on_new_node": bool(added) and where.get(added[0]) in set(nodes) - nodes_before,
+            "request_to_serving_s": round(seen - min(requests), 2) if requests else None, "stream": result}
 
 
 def autoscale_main(budget_s: int) -> None:

@@ -119,14 +119,18 @@ def test_collective_losing_a_node_under_a_stream_loses_nothing_and_regroups(scen
 @pytest.mark.slow
 def test_the_autoscaler_starts_a_node_for_a_new_actor_and_a_node_that_never_comes_is_a_clear_error() -> None:
     """Ray's fake multi-node autoscaler (worker raylets started as local processes) answers the
-    controller's request_resources: ~100 s on 2 cores, so slow."""
+    controller's request_resources, for add_actor and for the autoscale policy: ~2 min on 2 cores, so slow."""
     s = _scenario(_run_driver(["--scenarios", "autoscale"], AUTOSCALE_BUDGET_S), "autoscale")
     assert s["resource_request"]["bundles"] == 3  # two actors kept + the new one
     assert s["resource_request"]["bundle"] == {"CPU": 0.1, "expert_slot": 1}
     assert s["new_actor_node_new"] and s["expert_nodes"] == 2
     _no_loss(s["stream"])
     assert s["filler_node"]
+    p = s["policy"]  # the autoscale policy: request_resources while no node has room, then add_actor there
+    assert p["decisions"][0] == ["request_resources", True] and ["add_actor", True] in p["decisions"]
+    assert len(p["added"]) == 1 and p["on_new_node"] and p["request_to_serving_s"] is not None
+    _no_loss(p["stream"])
     assert s["no_room"].get("error") and "did not start within" in s["no_room"]["error"]
     assert "request_resources" in s["no_room"]["error"]
-    assert s["actors_after"] == 4 and s["all_alive_after"]  # the pending actor is gone, the rest serve
+    assert s["actors_after"] == 6 and s["all_alive_after"]  # the pending actor is gone, the rest serve
     assert s["correct_after"]
