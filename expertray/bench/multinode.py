@@ -400,7 +400,7 @@ def _kill_run_processes(tmp: str, grace_s: float = 5.0) -> list[int]:
                 continue
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if tmp.encode() in f.read():
+                    if (tmp.rstrip("/") + "/").encode() in f.read():  # its own dir, not a longer name
                         pids.append(int(entry))
             except OSError:
                 continue
