@@ -83,6 +83,7 @@ class Controller:
         self.autoscaler: Any = None
         self.autoscale_task: asyncio.Task | None = None
         self.autoscale_log: list[dict[str, Any]] = []
+        self.resource_request: dict[str, Any] | None = None  # the last request_resources sent (bundles, why, t)
         self.restored_autoscaler: dict[str, Any] = {}  # {"on", "policy", "state"} from the snapshot
         with warnings.catch_warnings():  # Ray 2.60 warns about its own internal use of a deprecated property
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -240,12 +241,33 @@ class Controller:
         self.next_actor += 1
         c = self.cfg
         node, placement = self._node_choice()
+        if node is None:
+            self._ask_for_room(f"no node has room for {actor_id}")
         self.handles[actor_id] = ExpertActor.options(
             **self._child_options(ray_name(actor_id), c.actor_num_cpus, c.actor_num_gpus),
             resources=dict(c.actor_resources), **placement).remote(
             actor_id, max(1, math.floor(c.actor_num_cpus)), self.dtype, c.layer)
         self.actor_nodes[actor_id] = node
         return actor_id
+
+    def _ask_for_room(self, why: str) -> list[dict[str, float]]:
+        """Ask the cluster's autoscaler for room for one more expert actor than those that are keeping their
+        place (actors on a node suspected gone are left out): `request_resources` with one bundle of
+        `_actor_demand` per actor. The request is a floor on the cluster's size, not an addition to what runs,
+        and it bypasses the autoscaler's upscaling speed; it stands until the next one. Without an autoscaler
+        it does nothing. Advisory: a failure to send it is logged, and the actor still waits for a node."""
+        keeping = sum(self.actor_nodes.get(a) not in self.suspect_nodes for a in self.handles)
+        bundles = [self._actor_demand()] * (keeping + 1)
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+        except Exception as exc:  # noqa: BLE001 - the request is a hint to the autoscaler, never required
+            log.warning("request_resources (%d bundles of %s) failed: %s", len(bundles), bundles[0], exc)
+            return []
+        self.resource_request = {"bundles": len(bundles), "bundle": bundles[0], "why": why, "t": time.time()}
+        log.info("request_resources: %d bundles of %s (%s)", len(bundles), bundles[0], why)
+        return bundles
 
     def _locate(self) -> dict[str, dict[str, str] | None]:
         """Where each expert actor and router runs, as the GCS says (None: not placed yet); refreshes
@@ -444,11 +466,19 @@ class Controller:
         # speed per 1k rows, not per call: an actor holding hot experts is busy, not slow
         speed = {a: s["ms_per_krow_p50"] for a, s in actors.items() if s["ms_per_krow_p50"] > 0}
         return Signals(load=load, tokens_per_s=sum(r["tokens_per_s"] for _, r in routers),
-                       free_capacity=max(0, self.cfg.max_expert_actors - len(self.table.actors)),
+                       free_capacity=await self._free_capacity(),
                        latency_p50_ms=speed, latency_p99_ms={a: s["compute_ms_p99"] for a, s in actors.items()},
                        memory_used_bytes={a: s["memory_bytes"] for a, s in actors.items()},
                        memory_budget_bytes={a: budget for a in self.table.actors} if budget else {},
                        expert_bytes=self._expert_bytes())
+
+    async def _free_capacity(self) -> int:
+        """How many more expert actors may start now: the room under `max_expert_actors`, or 0 when no live
+        node has room for another actor's demand (the policy then asks for resources, not for an actor)."""
+        room = max(0, self.cfg.max_expert_actors - len(self.table.actors))
+        if room and (await asyncio.to_thread(self._node_choice))[0] is None:
+            return 0
+        return room
 
     def _expert_bytes(self) -> int:
         """Bytes of one expert slot as actors hold it (checkpoint: from the shard headers only)."""
@@ -488,10 +518,11 @@ class Controller:
             if a.kind == "add_actor":
                 await self._add_actor(f"autoscale: {a.reason}")
             elif a.kind == "request_resources":
-                from ray.autoscaler.sdk import request_resources
-
-                bundle = self._actor_demand()
-                request_resources(bundles=[bundle] * (len(self.table.actors) + 1))
+                if len(self.table.actors) >= self.cfg.max_expert_actors:
+                    raise ExpertRayError(f"request_resources not sent: {len(self.table.actors)} expert actors is "
+                                         f"max_expert_actors ({self.cfg.max_expert_actors}); raise it to grow")
+                if not self._ask_for_room(f"autoscale: {a.reason}"):
+                    raise ExpertRayError("request_resources failed (see the controller log)")
             else:
                 await self.control.apply(a.apply(self.table), f"autoscale: {a.reason}")
 
@@ -505,7 +536,7 @@ class Controller:
 
     def info(self) -> dict[str, Any]:
         return {**self._health(), "version": self.table.version, "detached": self.detached, "pid": os.getpid(),
-                "metrics_port": self.metrics_port}
+                "metrics_port": self.metrics_port, "resource_request": self.resource_request}
 
     def get_table(self) -> dict[str, Any]:
         return self.table.to_dict()
@@ -613,8 +644,18 @@ class Controller:
     async def _add_actor(self, reason: str) -> str:
         """Start an empty expert actor, wait until it answers, and put it in the table (lock held)."""
         actor_id = self._new_actor()
+        waited_for_room = self.actor_nodes.get(actor_id) is None
         try:
             await bounded(self.handles[actor_id].ping.remote(), self.cfg.control_timeout_s, f"starting {actor_id}")
+        except TimeoutError as exc:
+            RayActorPool(self).kill(actor_id)
+            if waited_for_room:
+                raise ExpertRayError(
+                    f"{actor_id} did not start within control_timeout_s={self.cfg.control_timeout_s:g} s: no node "
+                    f"had room for {self._actor_demand()} and none joined; asked the autoscaler (request_resources: "
+                    f"{(self.resource_request or {}).get('bundles')} bundles), which stands: add the actor again "
+                    f"once a node has joined") from exc
+            raise
         except BaseException:
             RayActorPool(self).kill(actor_id)
             raise

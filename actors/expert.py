@@ -145,7 +145,8 @@ class ExpertActor:
     # --- collective transport ------------------------------------------------------------------------
     def join_group(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world_size: int,
                    timeout_s: float) -> str:
-        self._groups[name] = join(backend, host, port, secret, rank, world_size, timeout_s, self.device)
+        self._groups[name] = join(backend, host, port, secret, rank, world_size, timeout_s, self.device,
+                                  local_host=ray.util.get_node_ip_address())  # not the hostname's address
         return self.actor_id
 
     def leave_group(self, name: str) -> None:

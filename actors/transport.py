@@ -181,7 +181,8 @@ class CollectiveTransport(Transport):
         joins = [h.join_group.remote(self.group_name, self.choice.backend, host, port, secret, rank + 1, world,
                                      self.timeout_s) for rank, h in enumerate(self.handles)]
         self._group = await self._within(asyncio.to_thread(
-            join, self.choice.backend, host, port, secret, 0, world, self.timeout_s, self.device, store),
+            join, self.choice.backend, host, port, secret, 0, world, self.timeout_s, self.device, store,
+            local_host=host),
             "form the group")
         await self._within(asyncio.gather(*joins), "join the group")
         log.info("group %s: %s (%s)", self.group_name, self.choice.backend, self.choice.reason)

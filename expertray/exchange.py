@@ -13,6 +13,8 @@ Group formation is locked down (issue 11, item 6), because the rendezvous store 
   enough: TCPStore's `list_keys` would reveal it.) What stays possible for such a process is denial of
   service (deleting keys, filling memory) from hosts that can reach the node address: keep the node
   network private, as Ray requires anyway.
+- Every member's gloo device listens and connects on that member's own node address (Ray's node IP,
+  `join(local_host=...)`), never on what the machine's hostname resolves to (often loopback).
 
 Split sizes travel in the small metadata call that tells each actor what it computes; the rows travel
 here. `backend` is gloo or nccl, the same code; gloo moves CUDA rows through host memory.
@@ -149,9 +151,16 @@ class Group:
 
 
 def join(backend: str, host: str, port: int, secret: str, rank: int, world_size: int, timeout_s: float,
-         device: torch.device, master_store: dist.TCPStore | None = None) -> Group:
+         device: torch.device, master_store: dist.TCPStore | None = None, *, local_host: str | None = None
+         ) -> Group:
     """Form (rank 0 passes the store from open_master_store) or join a standalone group: no default group,
-    so groups can be re-formed freely as the placement changes."""
+    so groups can be re-formed freely as the placement changes.
+
+    `host`:`port` is the rendezvous store (the router's node address). `local_host` is this member's own
+    node address (Ray's node IP): gloo listens and connects its pairs there. Without it gloo resolves the
+    machine's hostname, which on many hosts (an /etc/hosts entry `127.0.x.1 <hostname>`) is loopback:
+    every peer on another node would then dial its own loopback and the group would never form. NCCL
+    picks its bootstrap interface itself (NCCL_SOCKET_IFNAME)."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"collective backend must be gloo or nccl, got {backend!r}")
     if not 0 <= rank < world_size:
@@ -163,6 +172,11 @@ def join(backend: str, host: str, port: int, secret: str, rank: int, world_size:
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         pg = dist.ProcessGroupNCCL(sealed, rank, world_size, options)
+    elif local_host is not None:
+        gloo = dist.ProcessGroupGloo._Options()
+        gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
+        gloo._timeout = timeout
+        pg = dist.ProcessGroupGloo(sealed, rank, world_size, gloo)
     else:
         pg = dist.ProcessGroupGloo(sealed, rank, world_size, timeout)
     return Group(pg, backend, rank, world_size, device, (store, sealed))

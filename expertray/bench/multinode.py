@@ -1,7 +1,7 @@
 """Multi-node scenarios on a real Ray cluster of several raylets on this machine (`ray.cluster_utils.Cluster`),
 run in a process of their own (a process holds one Ray connection; the test session already has one).
 
-    python -m expertray.bench.multinode [--scenarios spread,connect,grow,remove_node] [--repeats 1]
+    python -m expertray.bench.multinode [--scenarios spread,connect,grow,remove_node,collective,...] [--repeats 1]
 
 tests/integration/test_multinode.py runs it and checks the result; `expertray bench recovery` runs the
 kill_actor and remove_node scenarios with repeats and reports recovery figures (docs/RELIABILITY.md).
@@ -20,6 +20,11 @@ Scenarios, in order, on one cluster (each records its result or its error; later
   correct answer or a clear error, none hangs; after healing every answer is correct. A fresh worker then
   joins, so a repeat has room again.
 - kill_actor: one expert actor on a worker is killed (ray.kill) under a stream; the same checks.
+- collective: the cluster is relaunched on the same raylets with transport="collective" (gloo): routers
+  (rank 0, rendezvous store on their node address) form groups with expert actors on other raylets, each
+  worker raylet with a node address of its own (127.0.0.2, .3, ...); answers equal the in-process layers.
+- collective_remove_node: remove_node under a stream on that cluster; then every router is back on a
+  re-formed collective group and answers correctly.
 Both fault scenarios report recovery figures (`recovery_figures`): time from the fault to the first correct
 answer to a request sent after it, time until latency is steady again, the largest latency, and p99 before.
 
@@ -30,6 +35,7 @@ The cluster is shut down in `finally`; SIGTERM and the internal budget (SIGALRM)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -50,9 +56,22 @@ from expertray.names import CONTROLLER, NAMESPACE, ray_name  # noqa: E402
 
 D = 16
 LOOPBACK = "127.0.0.1"
-SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor")
-DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node")
+SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor", "collective", "collective_remove_node",
+             "autoscale")
+DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node", "collective", "collective_remove_node")
 SLOTS_PER_WORKER = 2
+
+
+_worker_ips = itertools.count(2)
+
+
+def _worker_ip() -> str:
+    """A node address of its own for each worker raylet (127.0.0.2, .3, ...: Linux routes all of 127/8 to
+    loopback), as on a real cluster where every node has its own IP; the head is 127.0.0.1."""
+    n = next(_worker_ips)
+    if n > 254:
+        raise RuntimeError("more than 253 worker raylets started in one run")
+    return f"127.0.0.{n}"
 
 
 def recovery_figures(records: list[tuple[float, float, str]], t_fault: float) -> dict[str, float | None]:
@@ -212,7 +231,7 @@ def scenario_grow(c: Any, layers: list[Any], cluster: Any, workers: dict[str, An
     stream = Stream(c, layers, seed=10).start()
     try:
         time.sleep(1.0)
-        node = cluster.add_node(num_cpus=1, resources={"expert_slot": 3}, node_ip_address=LOOPBACK)
+        node = cluster.add_node(num_cpus=1, resources={"expert_slot": 3}, node_ip_address=_worker_ip())
         workers[node.node_id] = node
         actor = c.add_actor()
         where = _where(c.status())
@@ -247,7 +266,7 @@ def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, 
     out = {"removed_actors": doomed, "replaced_on_live_nodes": all(n in workers for n in after.values()),
            "stream": result, **stream.figures(t_remove), "healed_s": healed_s,
            "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_remove)}
-    node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=LOOPBACK)
+    node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=_worker_ip())
     workers[node.node_id] = node  # room for the next repeat
     return out
 
@@ -275,6 +294,271 @@ def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> d
             "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_kill)}
 
 
+def relaunch_collective(c: Any, layers: list[Any]) -> Any:
+    """Stop the running expertray cluster and launch the same model on the same Ray cluster with
+    transport="collective" (gloo on CPU): the routers form a group with expert actors on other raylets."""
+    import dataclasses
+
+    import ray
+
+    from expertray.api import launch
+
+    cfg = dataclasses.replace(c.cfg, transport="collective")
+    c.shutdown()
+
+    def controller_gone() -> bool:
+        try:
+            ray.get_actor(CONTROLLER, namespace=NAMESPACE)
+        except ValueError:
+            return True
+        return False
+
+    _wait(controller_gone, 30, "the object-store cluster's controller gone")  # its name frees asynchronously
+    return launch(cfg, layers, detached=False)
+
+
+def _transports(st: dict[str, Any]) -> list[list[Any]]:
+    """[transport, backend] of every router (sorted, for comparison)."""
+    return sorted([r.get("transport"), (r.get("transport_detail") or {}).get("backend")] for r in st["routers"])
+
+
+def scenario_collective(c: Any, layers: list[Any], workers: dict[str, Any]) -> dict[str, Any]:
+    """The collective transport across raylets: routers (rank 0, hosting the rendezvous store on their node
+    address) and expert actors on workers with node addresses of their own; answers equal the in-process
+    layers."""
+    st = c.status()
+    ips = {n["node_id"]: n["ip"] for n in st["nodes"] if "node_id" in n}
+    where = _where(st)
+    router_nodes = [(r.get("node") or {}).get("node_id") for r in st["routers"]]
+    return {"transports": _transports(st), "cfg_transport": c.cfg.transport,
+            "actor_ips": sorted({str(ips.get(n)) for n in where.values()}),
+            "router_ips": sorted(str(ips.get(n)) for n in router_nodes),
+            "actors_on_head": sum(n not in workers for n in where.values()),
+            "routers_with_actors_elsewhere": sum(any(a != r for a in where.values()) for r in router_nodes),
+            "routers": len(router_nodes), "correct": _correct(c, layers, n=10)}
+
+
+def scenario_collective_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, Any]
+                               ) -> dict[str, Any]:
+    """remove_node under a stream with the collective transport (routers fall back to the object store
+    while the group re-forms); then every router serves on a re-formed group again, correctly."""
+    if c.cfg.transport != "collective":
+        raise RuntimeError("collective_remove_node needs the collective scenario before it (it launches "
+                           "the collective cluster)")
+    out = scenario_remove(c, layers, cluster, workers)
+
+    def regrouped() -> list[list[Any]] | None:
+        got = _transports(c.status())
+        return got if all(t == "collective" for t, _ in got) else None
+
+    t = time.monotonic()
+    transports = _wait(regrouped, 30, "every router on a re-formed collective group")
+    return {**out, "transports_after": transports, "regrouped_s": round(time.monotonic() - t, 2),
+            "correct_regrouped": _correct(c, layers, n=10)}
+
+
+# --- growth through a real autoscaler: Ray's fake multi-node provider answering request_resources -------------
+
+AUTOSCALE_WORKER_TYPE = "expert.worker"
+
+
+def fake_autoscaler_config(gcs_address: str, head_cpus: int, max_workers: int) -> dict[str, Any]:
+    """A v1 autoscaling config whose provider is Ray's fake multi-node one: it starts worker raylets as local
+    processes when the autoscaler asks (one node type: 1 CPU, SLOTS_PER_WORKER expert slots).
+
+    Written in full because the installed Ray wheel lacks the provider's `example.yaml`, which both
+    `ray.cluster_utils.AutoscalingCluster` and the `fake_multinode` provider type read (FileNotFoundError);
+    the same provider class loads as an `external` one. Node updaters and launch-config checks are off
+    (there is nothing to ssh into), nodes are told apart by node id (they share one IP), and new nodes
+    join the head's GCS at `gcs_address` (the provider would assume port 6379)."""
+    return {
+        "cluster_name": "expertray-fake", "max_workers": max_workers, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "gcs_address": gcs_address, "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            AUTOSCALE_WORKER_TYPE: {"resources": {"CPU": 1, "expert_slot": SLOTS_PER_WORKER}, "node_config": {},
+                                    "min_workers": 1, "max_workers": max_workers}}}
+
+
+def _kill_run_processes(tmp: str, grace_s: float = 5.0) -> list[int]:
+    """End the processes of this run that outlive `Cluster.shutdown` (the raylets the fake provider started
+    from the autoscaler's process): those whose command line names this run's private temp dir, by pid,
+    SIGTERM then SIGKILL. Returns their pids. Nothing else on the machine is touched."""
+    def ours() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if (tmp.rstrip("/") + "/").encode() in f.read():  # its own dir, not a longer name
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    found = ours()
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return found
+
+
+def _expert_nodes() -> dict[str, str]:
+    """Live nodes offering expert_slot: node id -> IP."""
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("expert_slot")}
+
+
+def scenario_autoscale(tmp: str) -> dict[str, Any]:
+    """Growth through Ray's autoscaler. The head has no expert_slot; the autoscaler keeps one 2-slot worker
+    (min_workers 1, max_workers 3). Two expert actors fill it.
+    1. add_actor: under a stream it finds no node with room, the controller calls request_resources, the
+       autoscaler starts a worker and the actor lands there and serves (grow_s: from the add_actor call to
+       the actor in the table, answering). A further actor fills that worker.
+    2. The autoscale policy: under a stream, scale_up holds (tokens/s per actor over a low line, max_actors 5)
+       with no node room, so it decides request_resources; once the autoscaler's node joins, it decides
+       add_actor and the actor lands there (request_to_serving_s: the first request_resources decision to the
+       actor seen in the table).
+    3. A further actor fills that worker; the next finds no room with the autoscaler at max_workers: the add
+       must fail within the controller's deadline with a clear error, leaving no pending actor behind."""
+    import ray
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+    from ray.cluster_utils import Cluster
+
+    from expertray.api import launch, random_model
+    from expertray.client import free_port
+    from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+
+    port = free_port(LOOPBACK)
+    path = os.path.join(tmp, "autoscaling.json")
+    with open(path, "w") as f:
+        json.dump(fake_autoscaler_config(f"{LOOPBACK}:{port}", head_cpus=2, max_workers=3), f)
+    os.environ.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})  # read by the monitor
+    cluster = c = None
+    try:
+        cluster = Cluster()
+        os.environ["RAY_OVERRIDE_NODE_ID_FOR_TESTING"] = FAKE_HEAD_NODE_ID  # the provider's head node id
+        try:
+            cluster.add_node(num_cpus=2, include_dashboard=False, node_ip_address=LOOPBACK, temp_dir=tmp,
+                             gcs_server_port=port, autoscaling_config=path)
+        finally:
+            os.environ.pop("RAY_OVERRIDE_NODE_ID_FOR_TESTING", None)
+        os.environ["RAY_ADDRESS"] = cluster.address
+        ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+        first = _wait(_expert_nodes, 90, "the autoscaler's first worker (min_workers 1)")
+        cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=24, gate=GateConfig("mixtral", 4, 2)),
+                            num_layers=2, num_expert_actors=2, transport="object_store", actor_num_cpus=0.1,
+                            actor_resources={"expert_slot": 1}, router_num_cpus=0.25, max_wait_ms=5.0,
+                            metrics_port=-1, request_timeout_s=30.0, ping_timeout_s=2.0, control_timeout_s=30.0,
+                            max_expert_actors=8,
+                            autoscale_params={"scale_up_tokens_per_s": 1.0, "max_actors": 5, "sustain_checks": 1,
+                                              "cooldown_s": 1.0, "hot_ratio": 1e6, "straggler_ratio": 1e6})
+        layers = random_model(cfg)
+        c = launch(cfg, layers, detached=False)
+        stream = Stream(c, layers, seed=40).start()
+        try:
+            time.sleep(1.0)
+            t = time.monotonic()
+            grown = c.add_actor()
+            grow_s = time.monotonic() - t
+            request = ray.get(c.controller.info.remote(), timeout=cfg.control_timeout_s)["resource_request"]
+            where = _where(c.status())
+            nodes = _expert_nodes()
+            time.sleep(1.0)
+        finally:
+            result = stream.finish(join_s=cfg.request_timeout_s + 10)
+        filler = c.add_actor()  # the new worker's second slot: no request needed
+        policy = _autoscale_policy_grows(c, layers)
+        c.add_actor()  # the policy's worker's second slot
+        t = time.monotonic()
+        try:
+            extra = c.add_actor()
+            no_room = {"error": None, "added": extra}
+        except Exception as exc:  # noqa: BLE001 - the expected outcome: recorded and checked by the test
+            no_room = {"error": f"{type(exc).__name__}: {str(exc)[-600:]}"}  # the tail: the controller's message
+        no_room["s"] = round(time.monotonic() - t, 2)
+        st = c.status()
+        return {"grow_s": round(grow_s, 2), "resource_request": request,
+                "new_actor_node_new": where.get(grown) in nodes and where.get(grown) not in first,
+                "expert_nodes": len(nodes), "stream": result, "filler_node": _where(st).get(filler) in nodes,
+                "policy": policy, "no_room": no_room, "actors_after": len(st["actors"]),
+                "all_alive_after": all(a["alive"] for a in st["actors"].values()),
+                "correct_after": _correct(c, layers, n=6)}
+    finally:
+        for step in ((lambda: c.shutdown()) if c is not None else None, ray.shutdown,
+                     cluster.shutdown if cluster is not None else None):
+            try:
+                if step is not None:
+                    step()
+            except Exception:  # noqa: BLE001 - the processes are ended below whatever happened here
+                traceback.print_exc()
+        left = _kill_run_processes(tmp)
+        if left:
+            print(f"ended {len(left)} leftover process(es) of this run: {left}", file=sys.stderr)
+
+
+def _autoscale_policy_grows(c: Any, layers: list[Any]) -> dict[str, Any]:
+    """Step 2 of scenario_autoscale: the autoscale policy grows the cluster through the autoscaler."""
+    known, nodes_before = set(c.table().actors), set(_expert_nodes())
+    stream = Stream(c, layers, seed=50).start()
+    try:
+        c.autoscale(True)
+        _wait(lambda: len(c.table().actors) > len(known), 90, "an actor added by the autoscale policy")
+        seen = time.time()
+        c.autoscale(False)
+        log = c.autoscale()["recent_actions"]
+        where, nodes = _where(c.status()), _expert_nodes()
+        time.sleep(1.0)
+    finally:
+        result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
+    added = [a for a in c.table().actors if a not in known]
+    requests = [e["t"] for e in log if e["kind"] == "request_resources" and e["ok"]]
+    return {"decisions": [(e["kind"], e["ok"]) for e in log][:12], "added": added,
+            "on_new_node": bool(added) and where.get(added[0]) in set(nodes) - nodes_before,
+            "request_to_serving_s": round(seen - min(requests), 2) if requests else None, "stream": result}
+
+
+def autoscale_main(budget_s: int) -> None:
+    """Run scenario_autoscale on a cluster of its own; prints the same one-line JSON as main()."""
+    signal.signal(signal.SIGTERM, _raise_budget)
+    signal.signal(signal.SIGALRM, _raise_budget)
+    signal.alarm(budget_s)
+    t0 = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="ermn-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp
+    os.makedirs(os.path.join(tmp, "ray"))
+    results: dict[str, Any] = {}
+    try:
+        results["autoscale"] = {**scenario_autoscale(tmp), "wall_s": round(time.monotonic() - t0, 2)}
+    except Budget as exc:
+        results["_run"] = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - recorded; the test shows it
+        results["autoscale"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+    finally:
+        signal.alarm(0)
+        _kill_run_processes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps({"scenarios": results, "wall_s": round(time.monotonic() - t0, 2)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=int, default=200)
@@ -285,6 +569,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each fault scenario (kill_actor, remove_node)")
     args = parser.parse_args()
     names = [n for n in args.scenarios.split(",") if n]
+    if "autoscale" in names:  # a cluster of its own, with an autoscaler
+        if names != ["autoscale"]:
+            parser.error("autoscale runs alone: it starts its own cluster with Ray's fake autoscaler")
+        autoscale_main(args.budget_s)
+        return
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or args.repeats < 1 or args.workers < 2:
         parser.error(f"unknown scenario(s) {unknown} (known: {', '.join(SCENARIOS)})" if unknown
@@ -310,7 +599,7 @@ def main() -> None:
         workers = {}
         for _ in range(args.workers):
             node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER},
-                                    node_ip_address=LOOPBACK)
+                                    node_ip_address=_worker_ip())
             workers[node.node_id] = node
         cluster.wait_for_nodes()
         os.environ["RAY_ADDRESS"] = cluster.address  # any implicit re-init attaches here, never elsewhere
@@ -322,11 +611,19 @@ def main() -> None:
                             max_expert_actors=8)
         layers = random_model(cfg)
         c = launch(cfg, layers, detached=False)
+
+        def collective() -> dict[str, Any]:
+            nonlocal c
+            c = relaunch_collective(c, layers)
+            return scenario_collective(c, layers, workers)
+
         runs = {"spread": lambda: scenario_spread(c, layers, workers),
                 "connect": lambda: scenario_connect(cluster.address),
                 "grow": lambda: scenario_grow(c, layers, cluster, workers),
                 "remove_node": lambda: scenario_remove(c, layers, cluster, workers),
-                "kill_actor": lambda: scenario_kill_actor(c, layers, workers)}
+                "kill_actor": lambda: scenario_kill_actor(c, layers, workers),
+                "collective": collective,
+                "collective_remove_node": lambda: scenario_collective_remove(c, layers, cluster, workers)}
         for name in names:
             repeats = args.repeats if name in ("remove_node", "kill_actor") else 1
             for i in range(repeats):

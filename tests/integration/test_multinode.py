@@ -1,5 +1,7 @@
-"""expertray on a real multi-node Ray (head + worker raylets on this machine, `expert_slot` standing in for
-GPUs): placement by node, a second driver, growing onto a joining node, losing a node under a stream.
+"""expertray on a real multi-node Ray (head + worker raylets on this machine, each worker with a node address
+of its own, `expert_slot` standing in for GPUs): placement by node, a second driver, growing onto a joining
+node, losing a node under a stream; then the same model with the collective transport (gloo), its group
+spanning raylets: correct answers, and losing a node under a stream.
 
 The scenarios run in expertray/bench/multinode.py, in a process of its own (this process already
 holds the session's Ray connection), once for the module; each test checks one scenario's JSON result.
@@ -16,20 +18,21 @@ from typing import Any
 
 import pytest
 
-BUDGET_S = 240  # the driver's own budget; it then shuts its cluster down and still prints its result
-TIMEOUT_S = BUDGET_S + 60
+BUDGET_S = 300  # the driver's own budget; it then shuts its cluster down and still prints its result
+AUTOSCALE_BUDGET_S = 300
 CLEAR_ERRORS = {"RequestTimeoutError", "ExpertUnavailableError", "RouterUnavailableError"}
 
 
-@pytest.fixture(scope="module")
-def scenarios() -> dict[str, Any]:
+def _run_driver(args: list[str], budget_s: int) -> dict[str, Any]:
+    """Run expertray.bench.multinode with `args` in a process of its own; its scenarios' results."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "expertray.bench.multinode", "--budget-s", str(BUDGET_S)],
+    timeout_s = budget_s + 60
+    proc = subprocess.Popen([sys.executable, "-m", "expertray.bench.multinode", "--budget-s", str(budget_s), *args],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.terminate()  # SIGTERM: the driver shuts its cluster down in `finally`
         try:
@@ -37,12 +40,17 @@ def scenarios() -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # its raylets share its process group
             out, err = proc.communicate()
-        pytest.fail(f"multi-node driver did not finish within {TIMEOUT_S} s; stderr tail: {err[-3000:]}")
+        pytest.fail(f"multi-node driver did not finish within {timeout_s} s; stderr tail: {err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith('{"scenarios"')]
     assert proc.returncode == 0 and lines, f"driver exited {proc.returncode}; stderr tail: {err[-3000:]}"
     result = json.loads(lines[-1])
     assert "_run" not in result["scenarios"], result["scenarios"]["_run"]
     return result["scenarios"]
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> dict[str, Any]:
+    return _run_driver([], BUDGET_S)
 
 
 def _scenario(scenarios: dict[str, Any], name: str) -> dict[str, Any]:
@@ -86,4 +94,43 @@ def test_losing_a_node_under_a_stream_loses_nothing(scenarios) -> None:
     assert len(s["removed_actors"]) == 2 and s["replaced_on_live_nodes"]
     _no_loss(s["stream"])
     assert s["first_ok_s"] is not None  # answers flowed again after the loss
+    assert s["correct_after"]
+
+
+def test_collective_group_spans_raylets_and_answers_correctly(scenarios) -> None:
+    s = _scenario(scenarios, "collective")
+    assert s["cfg_transport"] == "collective"
+    assert s["transports"] == [["collective", "gloo"]] * s["routers"] and s["routers"] >= 1
+    assert s["actors_on_head"] == 0 and "127.0.0.1" not in s["actor_ips"] and len(s["actor_ips"]) >= 2
+    assert s["routers_with_actors_elsewhere"] == s["routers"]  # every router's group crosses raylets
+    assert s["correct"]
+
+
+def test_collective_losing_a_node_under_a_stream_loses_nothing_and_regroups(scenarios) -> None:
+    s = _scenario(scenarios, "collective_remove_node")
+    assert len(s["removed_actors"]) == 2 and s["replaced_on_live_nodes"]
+    _no_loss(s["stream"])
+    assert s["first_ok_s"] is not None
+    assert s["correct_after"]
+    assert s["transports_after"] and all(t == ["collective", "gloo"] for t in s["transports_after"])
+    assert s["correct_regrouped"]
+
+
+@pytest.mark.slow
+def test_the_autoscaler_starts_a_node_for_a_new_actor_and_a_node_that_never_comes_is_a_clear_error() -> None:
+    """Ray's fake multi-node autoscaler (worker raylets started as local processes) answers the
+    controller's request_resources, for add_actor and for the autoscale policy: ~2 min on 2 cores, so slow."""
+    s = _scenario(_run_driver(["--scenarios", "autoscale"], AUTOSCALE_BUDGET_S), "autoscale")
+    assert s["resource_request"]["bundles"] == 3  # two actors kept + the new one
+    assert s["resource_request"]["bundle"] == {"CPU": 0.1, "expert_slot": 1}
+    assert s["new_actor_node_new"] and s["expert_nodes"] == 2
+    _no_loss(s["stream"])
+    assert s["filler_node"]
+    p = s["policy"]  # the autoscale policy: request_resources while no node has room, then add_actor there
+    assert p["decisions"][0] == ["request_resources", True] and ["add_actor", True] in p["decisions"]
+    assert len(p["added"]) == 1 and p["on_new_node"] and p["request_to_serving_s"] is not None
+    _no_loss(p["stream"])
+    assert s["no_room"].get("error") and "did not start within" in s["no_room"]["error"]
+    assert "request_resources" in s["no_room"]["error"]
+    assert s["actors_after"] == 6 and s["all_alive_after"]  # the pending actor is gone, the rest serve
     assert s["correct_after"]

@@ -137,3 +137,56 @@ def test_sealed_store_refuses_a_short_secret() -> None:
     store, _ = open_master_store("127.0.0.1", 10.0)
     with pytest.raises(ValueError, match="at least"):
         SealedStore(store, "abcd")
+
+
+# --- each member's gloo pairs use its own node address, not what the hostname resolves to ---------------
+
+def _gloo_member(port: int, secret: str, local_host: str, results: Any, release: Any) -> None:
+    try:
+        group = join("gloo", "127.0.0.2", port, secret, 1, 2, TIMEOUT_S, torch.device("cpu"), local_host=local_host)
+        member_exchange(group, 3, D, torch.float32, lambda rows: rows * 2)
+        results.put("ok")
+        release.wait(TIMEOUT_S)  # the group (and its connection) stays up while the parent looks at it
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        results.put(repr(exc))
+
+
+def _tcp_sockets() -> list[tuple[str, str, str]]:
+    """(local, remote, state) of IPv4 sockets as /proc/net/tcp lists them: hex ADDR:PORT, state 0A listen,
+    01 established."""
+    with open("/proc/net/tcp") as f:
+        return [(r[1], r[2], r[3]) for r in (line.split() for line in f.readlines()[1:])]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp (and 127/8 on lo)")
+def test_gloo_pairs_connect_between_the_members_node_addresses() -> None:
+    """Two "nodes" on distinct loopback addresses (127.0.0.2: the router, 127.0.0.3: a member): each gloo
+    member listens on its own node address and the pair connects to one of those listeners, not to what
+    this machine's hostname resolves to."""
+    store, port = open_master_store("127.0.0.2", TIMEOUT_S)
+    secret = new_secret()
+    ctx = mp.get_context("spawn")
+    results, release = ctx.Queue(), ctx.Event()
+    member = ctx.Process(target=_gloo_member, args=(port, secret, "127.0.0.3", results, release))
+    member.start()
+    try:
+        group = join("gloo", "127.0.0.2", port, secret, 0, 2, TIMEOUT_S, torch.device("cpu"), store,
+                     local_host="127.0.0.2")
+        rows = torch.randn(3, D)
+        out = router_exchange(group, rows, [3])
+        report = results.get(timeout=TIMEOUT_S)
+        sockets = _tcp_sockets()
+    finally:
+        release.set()
+        member.join(timeout=TIMEOUT_S)
+        if member.is_alive():
+            member.kill()
+    assert report == "ok"
+    torch.testing.assert_close(out, rows * 2)
+    store_end = f"0200007F:{port:04X}"  # 127.0.0.2 in /proc's byte order
+    listening = {local for local, _, state in sockets if state == "0A" and local != store_end}
+    member_listens = {a for a in listening if a.startswith("0300007F:")}
+    assert member_listens, f"the member (node 127.0.0.3) does not listen on its node address: {sorted(listening)}"
+    gloo_pairs = [(local, remote) for local, remote, state in sockets
+                  if state == "01" and remote in listening and remote.split(":")[0] in ("0200007F", "0300007F")]
+    assert gloo_pairs, f"no gloo connection to a node-address listener: {sockets}"
