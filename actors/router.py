@@ -203,18 +203,21 @@ class RouterActor:
 
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
-        policy = self.policy.for_layer(layer).for_route(self.table.masked_route(layer, self.failover.suspects))
+        table, transport, suspects = self.table, self.transport, self.failover.suspects
+        policy = self.policy.for_layer(layer).for_route(table.masked_route(layer, suspects))
         hidden = hidden.to(self.device, non_blocking=True)  # the batch's one host -> device copy
-        table, transport = self.table, self.transport
 
         def prepared(batch: Any) -> None:
             self.in_flight_actors = waits_on(batch, table.actors, transport.name != "object_store")
+            late = self.in_flight_actors & (self.failover.suspects - suspects)  # pushed after the start
+            if late:
+                self.dropped_for = late
+                run.cancel()  # raised at the exchange's first await: no row goes out
 
         run = asyncio.ensure_future(run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy,
                                               self.selector, table, transport,
                                               expert_load=self.stats_.window_load(layer).to(self.device),
-                                              dtype=self.dtype, suspects=self.failover.suspects,
-                                              on_prepared=prepared))
+                                              dtype=self.dtype, suspects=suspects, on_prepared=prepared))
         self.in_flight, self.in_flight_actors, self.dropped_for = run, frozenset(), frozenset()
         dropped = asyncio.ensure_future(self.batch_dropped.wait())
         try:

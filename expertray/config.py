@@ -224,7 +224,7 @@ class ClusterConfig:
     request_timeout_s: float | None = None
     control_timeout_s: float = 30.0
     ping_timeout_s: float = 5.0
-    liveness_interval_s: float = 0.5
+    liveness_interval_s: float = 0.25
     liveness_timeout_s: float = 0.5
     state_dir: str = ""
     stats_window_batches: int = 64
