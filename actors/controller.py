@@ -93,6 +93,7 @@ class Controller:
         self.autoscale_log: list[dict[str, Any]] = []
         self.liveness = Liveness(cfg.ping_timeout_s)
         self.known_dead: frozenset[str] = frozenset()  # actors the latest liveness round found dead
+        self.liveness_logged: tuple = ()  # the last push logged
         self.repair_task: asyncio.Task | None = None
         self.repair_wait_s = ROUTER_CHECK_S  # doubles while repairs fail (up to LIVENESS_BACKOFF_MAX_S)
         self.repair_after = 0.0  # monotonic time before which no repair starts (backing off)
@@ -396,9 +397,12 @@ class Controller:
         replies = await asyncio.gather(*[bounded(h.suspect.remote(suspects, recovered), self.cfg.liveness_timeout_s,
                                                  f"{r}.suspect") for r, h in routers], return_exceptions=True)
         failed = [r for (r, _), x in zip(routers, replies) if isinstance(x, BaseException)]
-        log.log(logging.WARNING if suspects else logging.INFO, "liveness: suspects %s, recovered %s, dead %s; "
-                "pushed to %d router(s)%s", suspects, recovered, sorted(verdict.dead), len(routers) - len(failed),
-                f", not to {failed}" if failed else "")
+        seen = (verdict.suspects, verdict.recovered, verdict.dead, tuple(failed))
+        if seen != self.liveness_logged:  # pushed every round while an actor is silent: logged when it changes
+            self.liveness_logged = seen
+            log.log(logging.WARNING if suspects else logging.INFO, "liveness: suspects %s, recovered %s, dead %s; "
+                    "pushed to %d router(s)%s", suspects, recovered, sorted(verdict.dead),
+                    len(routers) - len(failed), f", not to {failed}" if failed else "")
 
     def _start_repair(self, dead: frozenset[str]) -> bool:
         """Start a background repair unless one runs, a placement change (or a router's heal) holds the lock,
