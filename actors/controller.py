@@ -383,8 +383,10 @@ class Controller:
         replies = dict(zip(ids, await asyncio.gather(*[self._liveness_ping(a) for a in ids])))
         verdict = self.liveness.observe(replies, sent, time.monotonic())
         self.known_dead = verdict.dead
-        for a in sorted(ids, key=lambda a: replies[a] is not Reply.ANSWERED):  # a silent actor marks its node
-            self._node_suspect(a, replies[a] is not Reply.ANSWERED)
+        # a silent actor marks its node suspect (a lost node looks like this); one that answers, or that Ray
+        # reports dead (killed, crashed: the node answered for it), clears it; silent ones go last
+        for a in sorted(ids, key=lambda a: replies[a] is Reply.SILENT):
+            self._node_suspect(a, replies[a] is Reply.SILENT)
         if verdict.push:
             await self._push_suspects(verdict)
         return verdict
