@@ -77,6 +77,7 @@ class Controller:
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
         self.actor_nodes: dict[str, str | None] = {}  # expert actor id -> Ray node id (chosen, then observed)
         self.suspect_nodes: dict[str, float] = {}  # node id -> when an actor there stopped answering
+        self.silent_nodes: dict[str, float] = {}  # node id -> when an actor there last missed a liveness ping
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -231,9 +232,12 @@ class Controller:
     def _node_choice(self) -> tuple[str | None, dict[str, Any]]:
         """The node for the next expert actor (expertray/nodes.py): most room for `_actor_demand`, fewest of
         our actors, avoiding nodes where an actor just stopped answering (SUSPECT_NODE_S) while another node
-        has room; ({} options: no node has room, Ray queues it until one joins)."""
+        has room; ({} options: no node has room, Ray queues it until one joins). Nodes where an actor missed
+        its latest liveness ping (a node just lost: Ray still lists it, with its slots free) are used only
+        when no other node has room at all, even one that is merely suspect."""
         now = time.monotonic()
         self.suspect_nodes = {n: t for n, t in self.suspect_nodes.items() if now - t < SUSPECT_NODE_S}
+        self.silent_nodes = {n: t for n, t in self.silent_nodes.items() if now - t < SUSPECT_NODE_S}
         demand = self._actor_demand()
         used: dict[str, dict[str, float]] = {}
         actors_on: dict[str, int] = {}
@@ -244,7 +248,11 @@ class Controller:
                 for k, v in demand.items():
                     used.setdefault(node, {})[k] = used.get(node, {}).get(k, 0.0) + v
         try:
-            return pools.node_affinity(demand, pools.live_nodes(), used, actors_on, set(self.suspect_nodes))
+            nodes = pools.live_nodes()
+            quiet = [n for n in nodes if n.node_id not in self.silent_nodes]
+            choice = pools.node_affinity(demand, quiet, used, actors_on, set(self.suspect_nodes))
+            return choice if choice[0] is not None else pools.node_affinity(demand, nodes, used, actors_on,
+                                                                             set(self.suspect_nodes))
         except ExpertRayError as exc:  # no node list: let Ray place it
             log.warning("expert actor placement: %s; leaving the node to Ray", exc)
             return None, {}
@@ -383,10 +391,17 @@ class Controller:
         replies = dict(zip(ids, await asyncio.gather(*[self._liveness_ping(a) for a in ids])))
         verdict = self.liveness.observe(replies, sent, time.monotonic())
         self.known_dead = verdict.dead
-        # a silent actor marks its node suspect (a lost node looks like this); one that answers, or that Ray
-        # reports dead (killed, crashed: the node answered for it), clears it; silent ones go last
+        # a silent actor marks its node suspect (a lost node looks like this), silent ones last; one that
+        # answers, or that Ray reports dead while we still hold it (killed or crashed: its node answered for it),
+        # clears it; one the heal already killed (no handle) tells nothing about its node
         for a in sorted(ids, key=lambda a: replies[a] is Reply.SILENT):
-            self._node_suspect(a, replies[a] is Reply.SILENT)
+            if replies[a] is Reply.SILENT or replies[a] is Reply.ANSWERED or a in self.handles:
+                self._node_suspect(a, replies[a] is Reply.SILENT)
+            node = self.actor_nodes.get(a)
+            if node is not None and replies[a] is Reply.SILENT:
+                self.silent_nodes[node] = sent
+            elif node is not None and replies[a] is Reply.ANSWERED:
+                self.silent_nodes.pop(node, None)
         if verdict.push:
             await self._push_suspects(verdict)
         return verdict
