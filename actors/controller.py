@@ -5,6 +5,12 @@ handles (every call bounded: `ping_timeout_s` for pings and stats, `control_time
 switches), persists its snapshot (table + typed state) in a per-cluster state directory, and runs the
 metrics, liveness and autoscale loops.
 
+Liveness (expertray/runtime/liveness.py decides): every `liveness_interval_s` every expert actor is pinged
+at once, each ping bounded by `liveness_timeout_s`; actors that do not answer are pushed to every router at
+once (`RouterActor.suspect`: masked, the batch waiting on them dropped and retried on the survivors), and a
+repair (heal dead actors, replace dead routers) runs in the background so that pings and pushes go on while
+it loads weights. Dead: reported dead by Ray, or silent for `ping_timeout_s`.
+
 Weights (expertray/runtime/weights.py): a checkpoint cluster (`cfg.model`) is started with the checkpoint's
 descriptor only; the controller never holds a routed expert: actors read their slots from the shards,
 routers their gates and shared experts, and the snapshot records the descriptor. A random-weight cluster
@@ -33,6 +39,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorDiedError
 
 from expertray.actors import pools
 from expertray.actors.expert import ExpertActor
@@ -45,12 +52,13 @@ from expertray.metrics import Metrics, MetricsConfig
 from expertray.names import CONTROLLER, NAMESPACE, expert_actor_id, ray_name, router_id
 from expertray.placement_table import PlacementTable
 from expertray.runtime.control import PlacementControl
+from expertray.runtime.liveness import Liveness, Reply, Verdict
 from expertray.runtime.weights import load_weights, save_weights, serving_dtype
 from expertray.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
 
-LIVENESS_INTERVAL_S = 2.0
+ROUTER_CHECK_S = 2.0  # the liveness loop pings routers (ping_timeout_s) and replaces dead ones this often
 LIVENESS_BACKOFF_MAX_S = 30.0
 SUSPECT_NODE_S = 60.0  # a node where an actor stopped answering gets no new actor for this long (if others can)
 
@@ -69,6 +77,7 @@ class Controller:
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
         self.actor_nodes: dict[str, str | None] = {}  # expert actor id -> Ray node id (chosen, then observed)
         self.suspect_nodes: dict[str, float] = {}  # node id -> when an actor there stopped answering
+        self.silent_nodes: dict[str, float] = {}  # node id -> when an actor there last missed a liveness ping
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -84,6 +93,12 @@ class Controller:
         self.autoscale_task: asyncio.Task | None = None
         self.autoscale_log: list[dict[str, Any]] = []
         self.resource_request: dict[str, Any] | None = None  # the last request_resources sent (bundles, why, t)
+        self.liveness = Liveness(cfg.ping_timeout_s)
+        self.known_dead: frozenset[str] = frozenset()  # actors the latest liveness round found dead
+        self.liveness_logged: tuple = ()  # the last push logged
+        self.repair_task: asyncio.Task | None = None
+        self.repair_wait_s = ROUTER_CHECK_S  # doubles while repairs fail (up to LIVENESS_BACKOFF_MAX_S)
+        self.repair_after = 0.0  # monotonic time before which no repair starts (backing off)
         self.restored_autoscaler: dict[str, Any] = {}  # {"on", "policy", "state"} from the snapshot
         with warnings.catch_warnings():  # Ray 2.60 warns about its own internal use of a deprecated property
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -218,9 +233,12 @@ class Controller:
     def _node_choice(self) -> tuple[str | None, dict[str, Any]]:
         """The node for the next expert actor (expertray/nodes.py): most room for `_actor_demand`, fewest of
         our actors, avoiding nodes where an actor just stopped answering (SUSPECT_NODE_S) while another node
-        has room; ({} options: no node has room, Ray queues it until one joins)."""
+        has room; ({} options: no node has room, Ray queues it until one joins). Nodes where an actor missed
+        its latest liveness ping (a node just lost: Ray still lists it, with its slots free) are used only
+        when no other node has room at all, even one that is merely suspect."""
         now = time.monotonic()
         self.suspect_nodes = {n: t for n, t in self.suspect_nodes.items() if now - t < SUSPECT_NODE_S}
+        self.silent_nodes = {n: t for n, t in self.silent_nodes.items() if now - t < SUSPECT_NODE_S}
         demand = self._actor_demand()
         used: dict[str, dict[str, float]] = {}
         actors_on: dict[str, int] = {}
@@ -231,7 +249,11 @@ class Controller:
                 for k, v in demand.items():
                     used.setdefault(node, {})[k] = used.get(node, {}).get(k, 0.0) + v
         try:
-            return pools.node_affinity(demand, pools.live_nodes(), used, actors_on, set(self.suspect_nodes))
+            nodes = pools.live_nodes()
+            quiet = [n for n in nodes if n.node_id not in self.silent_nodes]
+            choice = pools.node_affinity(demand, quiet, used, actors_on, set(self.suspect_nodes))
+            return choice if choice[0] is not None else pools.node_affinity(demand, nodes, used, actors_on,
+                                                                             set(self.suspect_nodes))
         except ExpertRayError as exc:  # no node list: let Ray place it
             log.warning("expert actor placement: %s; leaving the node to Ray", exc)
             return None, {}
@@ -357,23 +379,92 @@ class Controller:
                 log.warning("metrics collection failed", exc_info=True)
 
     async def _liveness_loop(self) -> None:
-        """Replace dead or hung actors and routers even when no request notices; back off while it fails."""
-        wait_s = LIVENESS_INTERVAL_S
+        """Every liveness_interval_s: a liveness round (pings, suspects pushed to routers); a repair when an
+        actor is dead, and every ROUTER_CHECK_S for the routers, in the background (see the module docstring).
+        Replaces dead or hung actors and routers even when no request notices."""
+        next_router_check = time.monotonic() + ROUTER_CHECK_S
         while True:
-            await asyncio.sleep(wait_s)
-            if self.control.lock.locked():
-                continue
+            started = time.monotonic()
             try:
-                async with self.control.lock:
-                    routers = await self.control.heal_routers()
-                    if await self.control.dead_actors():
-                        await self.control.heal("liveness check")
-                    elif routers:
-                        log.info("liveness: replaced routers %s", routers)
-                wait_s = LIVENESS_INTERVAL_S
-            except Exception:  # noqa: BLE001 - retried later; nothing created for the failed round is left
-                wait_s = min(2 * wait_s, LIVENESS_BACKOFF_MAX_S)
-                log.warning("liveness repair failed; next try in %.0f s", wait_s, exc_info=True)
+                verdict = await self._liveness_round()
+                if (verdict.dead or started >= next_router_check) and self._start_repair(verdict.dead):
+                    next_router_check = started + ROUTER_CHECK_S
+            except Exception:  # noqa: BLE001 - one bad round must not end liveness checking
+                log.warning("liveness round failed", exc_info=True)
+            await asyncio.sleep(max(0.0, self.cfg.liveness_interval_s - (time.monotonic() - started)))
+
+    async def _liveness_ping(self, actor: str) -> Reply:
+        """One expert actor's liveness ping, bounded by liveness_timeout_s (it answers on a thread of its own)."""
+        handle = self.handles.get(actor)
+        if handle is None:
+            return Reply.DIED
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.cfg.liveness_timeout_s)
+            return Reply.ANSWERED
+        except ActorDiedError:
+            return Reply.DIED
+        except Exception:  # noqa: BLE001 - no answer in time, or unreachable for now (a lost node): silent
+            return Reply.SILENT
+
+    async def _liveness_round(self) -> Verdict:
+        """Ping every actor of the table at once; push the verdict's suspects to every router."""
+        ids = list(self.table.actors)
+        sent = time.monotonic()
+        replies = dict(zip(ids, await asyncio.gather(*[self._liveness_ping(a) for a in ids])))
+        verdict = self.liveness.observe(replies, sent, time.monotonic())
+        self.known_dead = verdict.dead
+        # a silent actor marks its node suspect (a lost node looks like this), silent ones last; one that
+        # answers, or that Ray reports dead while we still hold it (killed or crashed: its node answered for it),
+        # clears it; one the heal already killed (no handle) tells nothing about its node
+        for a in sorted(ids, key=lambda a: replies[a] is Reply.SILENT):
+            if replies[a] is Reply.SILENT or replies[a] is Reply.ANSWERED or a in self.handles:
+                self._node_suspect(a, replies[a] is Reply.SILENT)
+            node = self.actor_nodes.get(a)
+            if node is not None and replies[a] is Reply.SILENT:
+                self.silent_nodes[node] = sent
+            elif node is not None and replies[a] is Reply.ANSWERED:
+                self.silent_nodes.pop(node, None)
+        if verdict.push:
+            await self._push_suspects(verdict)
+        return verdict
+
+    async def _push_suspects(self, verdict: Verdict) -> None:
+        """Tell every router which actors stopped answering (and which answer again), all at once; each call
+        bounded by liveness_timeout_s (a late one is still delivered; a router that misses one gets the next)."""
+        suspects, recovered = sorted(verdict.suspects), sorted(verdict.recovered)
+        routers = [(r, h) for r, h in self.routers.items() if h is not None]
+        replies = await asyncio.gather(*[bounded(h.suspect.remote(suspects, recovered), self.cfg.liveness_timeout_s,
+                                                 f"{r}.suspect") for r, h in routers], return_exceptions=True)
+        failed = [r for (r, _), x in zip(routers, replies) if isinstance(x, BaseException)]
+        seen = (verdict.suspects, verdict.recovered, verdict.dead, tuple(failed))
+        if seen != self.liveness_logged:  # pushed every round while an actor is silent: logged when it changes
+            self.liveness_logged = seen
+            log.log(logging.WARNING if suspects else logging.INFO, "liveness: suspects %s, recovered %s, dead %s; "
+                    "pushed to %d router(s)%s", suspects, recovered, sorted(verdict.dead),
+                    len(routers) - len(failed), f", not to {failed}" if failed else "")
+
+    def _start_repair(self, dead: frozenset[str]) -> bool:
+        """Start a background repair unless one runs, a placement change (or a router's heal) holds the lock,
+        or repairs are backing off; True when one started."""
+        if ((self.repair_task is not None and not self.repair_task.done()) or self.control.lock.locked()
+                or time.monotonic() < self.repair_after):
+            return False
+        self.repair_task = asyncio.get_running_loop().create_task(self._repair(dead))
+        return True
+
+    async def _repair(self, dead: frozenset[str]) -> None:
+        """Heal `dead` actors (not pinged again) and replace routers that do not answer; back off on failure."""
+        try:
+            async with self.control.lock:
+                if dead & set(self.table.actors):
+                    await self.control.heal("liveness check", known_dead=dead)
+                elif routers := await self.control.heal_routers():
+                    log.info("liveness: replaced routers %s", routers)
+            self.repair_wait_s = ROUTER_CHECK_S
+        except Exception:  # noqa: BLE001 - retried later; nothing created for the failed repair is left
+            self.repair_wait_s = min(2 * self.repair_wait_s, LIVENESS_BACKOFF_MAX_S)
+            self.repair_after = time.monotonic() + self.repair_wait_s
+            log.warning("liveness repair failed; next try in %.0f s", self.repair_wait_s, exc_info=True)
 
     async def _router_calls(self, method: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
         """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and
@@ -564,6 +655,7 @@ class Controller:
             stats["node"] = where.get(r)
         return {"table": self.table.to_dict(), "transport": self.transport, "actors": actor_stats,
                 "routers": routers, "routers_down": down, "requests": totals, "controller": self._health(),
+                "liveness": {"suspects": sorted(self.liveness.pushed), "dead": sorted(self.known_dead)},
                 "nodes": await asyncio.to_thread(self._nodes), "history": self.control.history[-50:]}
 
     def _nodes(self) -> list[dict[str, Any]]:
@@ -584,9 +676,10 @@ class Controller:
 
     async def heal(self, reporter: str = "") -> dict[str, Any]:
         """Replace dead or hung expert actors and dead routers, and make routers re-form their transports;
-        called by a router whose batch failed in transport, and by the liveness loop."""
+        called by a router whose batch failed in transport (actors the liveness loop found dead are not
+        pinged again)."""
         async with self.control.lock:
-            return await self.control.heal(reporter)
+            return await self.control.heal(reporter, known_dead=self.known_dead)
 
     async def replicate(self, layer: int, expert: int, actor: str | None = None) -> dict[str, Any]:
         async with self.control.lock:
@@ -666,8 +759,9 @@ class Controller:
         """Stop loops, routers and actors; remove the state files this cluster wrote."""
         if self.autoscale_task is not None:
             self._set_autoscale(False)
-        for task in self.background:
-            task.cancel()
+        for task in [*self.background, self.repair_task]:
+            if task is not None:
+                task.cancel()
         self.metrics.stop()
         for h in list(self.routers.values()) + list(self.handles.values()):
             if h is not None:

@@ -47,9 +47,11 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-@ray.remote(max_concurrency=16)
+@ray.remote(max_concurrency=16, concurrency_groups={"liveness": 1})
 class ExpertActor:
-    """One device's worth of experts. Threaded: one in-flight call per router group plus control calls.
+    """One device's worth of experts. Threaded: one in-flight call per router group plus control calls; `ping`
+    has a thread of its own (the "liveness" concurrency group), so a busy actor answers the controller's
+    short liveness pings however many calls are computing or waiting on a collective.
 
     Weights, buffers and compute stay on the device Ray assigned (`num_gpus`, fractions allowed: several
     actors then share one GPU); rows cross to the host only when the transport needs it."""
@@ -188,6 +190,7 @@ class ExpertActor:
             raise ValueError(f"slowdown factor must be >= 1, got {factor}")
         self._slowdown = float(factor)
 
+    @ray.method(concurrency_group="liveness")
     def ping(self) -> str:
         return self.actor_id
 

@@ -13,6 +13,9 @@ Failover: when a batch fails because actors died or hung (named by the transport
 RayActorError), the router masks them at once (`Failover`), switches from a broken collective group to the
 object store over the same actors, and the batcher retries on the surviving replicas while the controller
 heals in the background; the mask clears and the configured transport re-forms when the healed table lands.
+The controller's liveness pings (expertray/runtime/liveness.py) push actors that stopped answering
+(`suspect`): they are masked the same way at once, and the batch in flight is dropped (and retried on the
+survivors) if it waits on one, instead of waiting for its deadline.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
-from expertray.runtime.datapath import BatchResult, Failover, LayerParams, failed_actors, run_layer
+from expertray.runtime.datapath import BatchResult, Failover, LayerParams, failed_actors, run_layer, waits_on
 from expertray.runtime.rate import RateWindow
 from expertray.runtime.switch import TableSwitch, reform_needed
 from expertray.runtime.weights import router_params, serving_dtype
@@ -106,6 +109,9 @@ class RouterActor:
         self.loop_task: asyncio.Task | None = None
         self.batch_dropped = asyncio.Event()  # set by set_table when the controller replaced dead actors
         self.switch = TableSwitch(self.lane, cfg.control_timeout_s, cfg.ping_timeout_s)
+        self.in_flight: asyncio.Future | None = None  # the running batch's exchange, and the actors it waits on
+        self.in_flight_actors: frozenset[str] = frozenset()
+        self.dropped_for: frozenset[str] = frozenset()  # suspects the running batch was dropped for
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self, controller: Any = None) -> str:
@@ -206,25 +212,59 @@ class RouterActor:
 
     async def _run_batch(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The batcher's data path: route, exchange, combine; then record stats (dispatch lane held)."""
-        policy = self.policy.for_layer(layer).for_route(self.table.masked_route(layer, self.failover.suspects))
+        table, transport, suspects = self.table, self.transport, self.failover.suspects
+        policy = self.policy.for_layer(layer).for_route(table.masked_route(layer, suspects))
         hidden = hidden.to(self.device, non_blocking=True)  # the batch's one host -> device copy
+
+        def prepared(batch: Any) -> None:
+            self.in_flight_actors = waits_on(batch, table.actors, transport.name != "object_store")
+            late = self.in_flight_actors & (self.failover.suspects - suspects)  # pushed after the start
+            if late:
+                self.dropped_for = late
+                run.cancel()  # raised at the exchange's first await: no row goes out
+
         run = asyncio.ensure_future(run_layer(hidden, layer, self.cfg.layer, self.layers[layer], policy,
-                                              self.selector, self.table, self.transport,
+                                              self.selector, table, transport,
                                               expert_load=self.stats_.window_load(layer).to(self.device),
-                                              dtype=self.dtype, suspects=self.failover.suspects))
+                                              dtype=self.dtype, suspects=suspects, on_prepared=prepared))
+        self.in_flight, self.in_flight_actors, self.dropped_for = run, frozenset(), frozenset()
         dropped = asyncio.ensure_future(self.batch_dropped.wait())
         try:
             await asyncio.wait({run, dropped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.in_flight = None
             dropped.cancel()
             if not run.done():
                 run.cancel()  # dropped for a table switch, or the batcher is cancelling this batch
+        if self.dropped_for:  # `suspect` cancelled it: retried at once on the survivors
+            raise TransportError(f"layer {layer}: batch dropped: {', '.join(sorted(self.dropped_for))} stopped "
+                                 f"answering the controller's liveness pings", actors=tuple(self.dropped_for))
         if not run.done() or run.cancelled():
             raise TransportError(f"layer {layer}: batch dropped: the controller replaced dead expert actors; "
                                  f"it is requeued on the new table")
         result = run.result()
         self._record(layer, result)
         return result.output
+
+    async def suspect(self, actors: list[str], recovered: list[str] | None = None) -> list[str]:
+        """The controller's liveness pings found `actors` silent (dead, hung, or on a lost node): mask them at
+        once, leave a collective group that holds one for the object store, and drop the batch in flight if it
+        waits on one (the batcher requeues it on the surviving replicas; a stranded expert waits for the
+        heal). `recovered` (pushed before, answering again) are un-masked. Returns the actors now masked.
+
+        Does not take the dispatch lane (the batch in flight holds it): it must act while that batch waits."""
+        if not isinstance(actors, list) or not all(isinstance(a, str) for a in actors):
+            raise InputError(f"suspect: actors must be a list of actor ids, got {actors!r}")
+        new = self.failover.suspect(self.table, actors, recovered or ())
+        if new:
+            self._fall_back(new)
+            waiting = new & self.in_flight_actors
+            if waiting and self.in_flight is not None and not self.in_flight.done():
+                self.dropped_for = waiting
+                self.in_flight.cancel()
+            log.warning("router %s: liveness: avoiding %s until healed (transport %s)%s", self.router_id,
+                        ", ".join(sorted(new)), self.transport.name, "; batch in flight dropped" if waiting else "")
+        return sorted(self.failover.suspects)
 
     def _reroute(self, exc: BaseException) -> bool:
         """The batcher's failover (dispatch lane held): mask the actors `exc` names; if the transport is a
@@ -236,18 +276,24 @@ class RouterActor:
         covered = self.failover.mark(self.table, named)
         if not self.failover.suspects:
             return False  # nobody named (e.g. the batch deadline passed): wait for the heal
-        if self.transport.name != "object_store":
-            broken = self.transport
-            self.transport = ObjectStoreTransport([self.handles[a] for a in self.table.actors],
-                                                  self.cfg.collective_timeout_s, list(self.table.actors),
-                                                  reason=f"fallback: group lost {', '.join(sorted(named))}")
-            self.fallback = True
-            task = asyncio.get_running_loop().create_task(self._close_quietly(broken))
-            self.closing.add(task)
-            task.add_done_callback(self.closing.discard)
+        self._fall_back(named)
         log.warning("router %s: avoiding %s until healed (transport %s)", self.router_id,
                     ", ".join(sorted(self.failover.suspects)), self.transport.name)
         return covered
+
+    def _fall_back(self, lost: Any) -> None:
+        """If the transport is a collective group (one dead member breaks it), serve on the object store over
+        the same actors until the healed table re-forms it; the broken group closes in the background."""
+        if self.transport.name == "object_store":
+            return
+        broken = self.transport
+        self.transport = ObjectStoreTransport([self.handles[a] for a in self.table.actors],
+                                              self.cfg.collective_timeout_s, list(self.table.actors),
+                                              reason=f"fallback: group lost {', '.join(sorted(lost))}")
+        self.fallback = True
+        task = asyncio.get_running_loop().create_task(self._close_quietly(broken))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
 
     async def _close_quietly(self, transport: Any) -> None:
         """Close a broken transport in the background, bounded by ping_timeout_s (a hung member never answers)."""

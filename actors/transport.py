@@ -123,8 +123,13 @@ class ObjectStoreTransport(Transport):
                                                      rows[b.row_start:b.row_start + b.num_rows], dtype)
                 for b in busy]
         tasks = [asyncio.ensure_future(_awaitable(ref)) for ref in refs]
-        done, pending = (await asyncio.wait(tasks, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
-                         if tasks else (set(), set()))
+        try:
+            done, pending = (await asyncio.wait(tasks, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+                             if tasks else (set(), set()))
+        except asyncio.CancelledError:  # the batch was dropped (a table switch, a liveness suspect): stop waiting
+            for t in tasks:
+                t.cancel()
+            raise
         for t, ref in zip(tasks, refs):
             if t in pending:
                 t.cancel()

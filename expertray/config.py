@@ -187,7 +187,10 @@ class ClusterConfig:
     Deadlines: a request gets its answer or RequestTimeoutError within `request_timeout_s` (default:
     collective_timeout_s + 5); every controller call to an actor or router is bounded by `control_timeout_s`;
     an actor or router that does not answer a ping within `ping_timeout_s` is treated as dead (killed and
-    replaced). `state_dir`: where the controller persists its snapshot and weight store ("" = a per-cluster
+    replaced). Liveness: every `liveness_interval_s` the controller pings every expert actor; one that does
+    not answer within `liveness_timeout_s` is pushed to every router as suspect at once (masked wherever its
+    experts have another replica; expertray/runtime/liveness.py), and healed once silent for `ping_timeout_s`
+    or reported dead by Ray. `state_dir`: where the controller persists its snapshot and weight store ("" = a per-cluster
     directory under the Ray session directory).
     Devices: expert actors take `actor_num_gpus` each (fractions share a GPU); when they have GPUs, routers
     take `router_num_gpus` so gate, plan, permute and combine run beside them on a device.
@@ -221,6 +224,8 @@ class ClusterConfig:
     request_timeout_s: float | None = None
     control_timeout_s: float = 30.0
     ping_timeout_s: float = 5.0
+    liveness_interval_s: float = 0.25
+    liveness_timeout_s: float = 0.5
     state_dir: str = ""
     stats_window_batches: int = 64
     snapshot_path: str = ""
@@ -267,9 +272,11 @@ class ClusterConfig:
         _require(isinstance(self.request_timeout_s, (int, float)) and not isinstance(self.request_timeout_s, bool)
                  and math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0,
                  "cluster.request_timeout_s", f"must be a finite number > 0, got {self.request_timeout_s!r}")
-        for name in ("control_timeout_s", "ping_timeout_s"):
+        for name in ("control_timeout_s", "ping_timeout_s", "liveness_interval_s", "liveness_timeout_s"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"cluster.{name}", f"must be a finite number > 0, got {value}")
+        _require(self.liveness_timeout_s <= self.ping_timeout_s, "cluster.liveness_timeout_s",
+                 f"must be <= ping_timeout_s={self.ping_timeout_s} (suspect before dead), got {self.liveness_timeout_s}")
         _require(isinstance(self.routing_params, dict), "cluster.routing_params", "must be a mapping")
         _require(math.isfinite(self.autoscale_interval_s) and self.autoscale_interval_s > 0,
                  "cluster.autoscale_interval_s", f"must be > 0, got {self.autoscale_interval_s}")

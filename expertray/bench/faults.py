@@ -3,12 +3,14 @@ the clients saw: requests, correct, wrong, errors, hung, and the time from the f
 
 Scenarios: kill an expert actor; kill an expert actor whose every expert also has a replica on another
 actor (`kill_replicated_expert`: routers fail over to the replicas at once, the heal runs in the background);
-SIGSTOP (hang) an expert actor; a 3x straggler; kill a router (of two); kill the detached controller (Ray
+SIGSTOP (hang) an expert actor, with or without a replica of each of its experts elsewhere
+(`hang_replicated_expert`: the controller's liveness pings push it to the routers); a 3x straggler; kill a router (of two); kill the detached controller (Ray
 restarts it); corrupt the snapshot, kill the controller, then kill an expert actor while the controller runs
 degraded. Every answer is compared with the in-process MoELayer (atol 1e-5). `hung`: a request with no
 answer and no error within request_timeout_s + 10 s. `serving again`: from the fault to the first correct
-answer to a request sent after it. `heal done`: from the fault to the controller's first heal event (the
-replacement actor loaded and every router switched). Router counters: `masked_retries` (batches retried at
+answer to a request sent after it (a hang blocks only the few requests waiting on the hung actor, so `max
+latency after fault` shows how long they waited). `heal done`: from the fault to the controller's first heal
+event (the replacement actor loaded and every router switched). Router counters: `masked_retries` (batches retried at
 once on surviving replicas) and `served_while_healing` (batches answered while a heal was still running).
 """
 
@@ -31,8 +33,8 @@ from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
 from expertray.placement_table import PlacementTable
 
-SCENARIOS = ("kill_expert", "kill_replicated_expert", "hang_expert", "straggler", "kill_router",
-             "kill_controller", "bad_snapshot_then_expert_death")
+SCENARIOS = ("kill_expert", "kill_replicated_expert", "hang_expert", "hang_replicated_expert", "straggler",
+             "kill_router", "kill_controller", "bad_snapshot_then_expert_death")
 VICTIM = "expert-1"
 HUNG_GRACE_S = 10.0
 
@@ -92,8 +94,8 @@ def replicate_elsewhere(table: PlacementTable, victim: str) -> PlacementTable:
 
 
 def _prepare(name: str, cluster: Cluster) -> dict[str, Any]:
-    """Set the scenario up before the stream starts (kill_replicated_expert: replicate the victim's experts)."""
-    if name != "kill_replicated_expert":
+    """Set the scenario up before the stream starts (*_replicated_expert: replicate the victim's experts)."""
+    if name not in ("kill_replicated_expert", "hang_replicated_expert"):
         return {}
     table = cluster.table()
     event = cluster.apply_table(replicate_elsewhere(table, VICTIM), f"bench: replicate {VICTIM}'s experts")
@@ -108,7 +110,7 @@ def _inject(name: str, cluster: Cluster, cfg: ClusterConfig) -> dict[str, Any]:
     if name == "kill_expert":
         ray.kill(ray.get_actor("expertray-expert-1", namespace="expertray"), no_restart=True)
         return {"fault": "ray.kill(expert-1)"}
-    if name == "hang_expert":
+    if name in ("hang_expert", "hang_replicated_expert"):
         pid = cluster.status()["actors"]["expert-1"]["pid"]
         os.kill(pid, signal.SIGSTOP)
         return {"fault": f"SIGSTOP expert-1 (pid {pid})", "pid": pid}
@@ -176,6 +178,7 @@ def _scenario(name: str, cfg: ClusterConfig, before_s: float, after_s: float, to
             "errors_from_to_s": [min(error_times), max(error_times)] if error_times else None,
             "serving_again_s": after[0] - t_fault if after else None,
             "p99_after_fault_ms": quantile(lat, 0.99) if lat else None,
+            "max_latency_after_fault_ms": max(lat) if lat else None,
             "heals": [h["reason"] for h in status["history"] if h["reason"].startswith("heal")],
             "heal_done_s": next((h["t"] - t_fault_wall for h in status["history"]
                                  if h["reason"].startswith("heal") and h["t"] >= t_fault_wall), None),
@@ -221,6 +224,6 @@ def cli(scenario: list[str] = typer.Option(list(SCENARIOS), "--scenario", help="
     hung, time to serving again."""
     r = run(tuple(scenario), transport=transport, after_s=after_s, clients=clients)
     rows = [[x["scenario"], x["requests"], x["correct"], x["wrong"], x["errors"], x["hung"], x["serving_again_s"],
-             x["heal_done_s"], x["p99_after_fault_ms"]] for x in r["scenarios"]]
+             x["heal_done_s"], x["p99_after_fault_ms"], x["max_latency_after_fault_ms"]] for x in r["scenarios"]]
     emit("faults", r, rows, ["scenario", "requests", "correct", "wrong", "errors", "hung", "serving again s",
-                             "heal done s", "p99 after fault ms"], as_json, out)
+                             "heal done s", "p99 after fault ms", "max latency after fault ms"], as_json, out)

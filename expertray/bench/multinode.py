@@ -19,13 +19,15 @@ Scenarios, in order, on one cluster (each records its result or its error; later
 - remove_node: a worker holding two actors is removed (killed) under a concurrent stream: every request gets a
   correct answer or a clear error, none hangs; after healing every answer is correct. A fresh worker then
   joins, so a repeat has room again.
+- remove_replicated_node: remove_node, but first every expert the doomed actors hold gets a replica on an
+  actor of another worker, so routers can serve every request from survivors while the heal runs.
 - kill_actor: one expert actor on a worker is killed (ray.kill) under a stream; the same checks.
 - collective: the cluster is relaunched on the same raylets with transport="collective" (gloo): routers
   (rank 0, rendezvous store on their node address) form groups with expert actors on other raylets, each
   worker raylet with a node address of its own (127.0.0.2, .3, ...); answers equal the in-process layers.
 - collective_remove_node: remove_node under a stream on that cluster; then every router is back on a
   re-formed collective group and answers correctly.
-Both fault scenarios report recovery figures (`recovery_figures`): time from the fault to the first correct
+The fault scenarios report recovery figures (`recovery_figures`): time from the fault to the first correct
 answer to a request sent after it, time until latency is steady again, the largest latency, and p99 before.
 
 Prints one JSON line (the last line of stdout): {"scenarios": {name: {...} | {"error": ...}}, "wall_s": ...}.
@@ -56,8 +58,9 @@ from expertray.names import CONTROLLER, NAMESPACE, ray_name  # noqa: E402
 
 D = 16
 LOOPBACK = "127.0.0.1"
-SCENARIOS = ("spread", "connect", "grow", "remove_node", "kill_actor", "collective", "collective_remove_node",
-             "autoscale")
+SCENARIOS = ("spread", "connect", "grow", "remove_node", "remove_replicated_node", "kill_actor", "collective",
+             "collective_remove_node", "autoscale")
+FAULT_SCENARIOS = ("remove_node", "remove_replicated_node", "kill_actor")
 DEFAULT_SCENARIOS = ("spread", "connect", "grow", "remove_node", "collective", "collective_remove_node")
 SLOTS_PER_WORKER = 2
 
@@ -242,10 +245,29 @@ def scenario_grow(c: Any, layers: list[Any], cluster: Any, workers: dict[str, An
             "correct": _correct(c, layers)}
 
 
-def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, Any]) -> dict[str, Any]:
+def _replicate_off(c: Any, doomed: list[str], where: dict[str, str | None]) -> int:
+    """Give every expert that only `doomed` actors hold a replica on a surviving actor (the one with the
+    fewest slots), in one placement change; returns the replicas added."""
+    table = c.table()
+    survivors = [a for a in table.actors if a not in doomed and where.get(a) != where.get(doomed[0])]
+    added = 0
+    for layer in range(table.num_layers):
+        for e in range(table.num_experts):
+            holders = {s.actor for s in table.replicas(layer, e)}
+            if holders <= set(doomed):
+                target = min(survivors, key=lambda a: (len(table.slots_of(a)), a))
+                table, added = table.replicate(layer, e, target), added + 1
+    if added:
+        c.apply_table(table, f"bench: replicate the experts of {', '.join(doomed)} off their node")
+    return added
+
+
+def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, Any],
+                    replicated: bool = False) -> dict[str, Any]:
     where = _where(c.status())
     victim_id = max(workers, key=lambda w: (sum(n == w for n in where.values()), w))
     doomed = sorted(a for a, n in where.items() if n == victim_id)
+    replicas_added = _replicate_off(c, doomed, where) if replicated else 0
 
     def healed() -> dict[str, Any] | None:
         st = c.status()
@@ -263,7 +285,7 @@ def scenario_remove(c: Any, layers: list[Any], cluster: Any, workers: dict[str, 
     finally:
         result = stream.finish(join_s=c.cfg.request_timeout_s + 10)
     after = _where(st)
-    out = {"removed_actors": doomed, "replaced_on_live_nodes": all(n in workers for n in after.values()),
+    out = {"removed_actors": doomed, "replicas_added": replicas_added, "replaced_on_live_nodes": all(n in workers for n in after.values()),
            "stream": result, **stream.figures(t_remove), "healed_s": healed_s,
            "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_remove)}
     node = cluster.add_node(num_cpus=1, resources={"expert_slot": SLOTS_PER_WORKER}, node_ip_address=_worker_ip())
@@ -566,7 +588,8 @@ def main() -> None:
                         help=f"comma-separated, in order, from {', '.join(SCENARIOS)}")
     parser.add_argument("--workers", type=int, default=2, help=f"worker raylets to start with "
                         f"({SLOTS_PER_WORKER} expert slots each; the 4 actors need 2, a replacement needs a spare)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each fault scenario (kill_actor, remove_node)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help=f"runs of each fault scenario ({', '.join(FAULT_SCENARIOS)})")
     args = parser.parse_args()
     names = [n for n in args.scenarios.split(",") if n]
     if "autoscale" in names:  # a cluster of its own, with an autoscaler
@@ -621,11 +644,12 @@ def main() -> None:
                 "connect": lambda: scenario_connect(cluster.address),
                 "grow": lambda: scenario_grow(c, layers, cluster, workers),
                 "remove_node": lambda: scenario_remove(c, layers, cluster, workers),
+                "remove_replicated_node": lambda: scenario_remove(c, layers, cluster, workers, replicated=True),
                 "kill_actor": lambda: scenario_kill_actor(c, layers, workers),
                 "collective": collective,
                 "collective_remove_node": lambda: scenario_collective_remove(c, layers, cluster, workers)}
         for name in names:
-            repeats = args.repeats if name in ("remove_node", "kill_actor") else 1
+            repeats = args.repeats if name in FAULT_SCENARIOS else 1
             for i in range(repeats):
                 key = name if repeats == 1 else f"{name}#{i}"
                 t = time.monotonic()

@@ -1,6 +1,6 @@
-"""`expertray bench recovery`: kill an expert actor / remove a whole node under a closed-loop stream, on a
-real multi-node Ray (head + worker raylets on this machine, expertray/bench/multinode.py, in a process of its
-own), and report per run: requests, lost, wrong, hung, errors, time to the first correct answer, time until
+"""`expertray bench recovery`: kill an expert actor / remove a whole node (with or without a replica of each
+of its experts on another node) under a closed-loop stream, on a real multi-node Ray (head + worker raylets on
+this machine, expertray/bench/multinode.py, in a process of its own), and report per run: requests, lost, wrong, hung, errors, time to the first correct answer, time until
 latency is steady again, the largest latency, and the steady p99 before the fault; medians over repeats.
 """
 
@@ -19,7 +19,7 @@ import typer
 from expertray.bench.report import emit, median
 from expertray.errors import ExpertRayError
 
-FAULTS = ("kill_actor", "remove_node")
+FAULTS = ("kill_actor", "remove_node", "remove_replicated_node")
 
 
 def run(repeats: int, budget_s: int) -> dict[str, Any]:

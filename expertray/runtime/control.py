@@ -171,18 +171,21 @@ class PlacementControl:
                 log.warning("unloading slots from %s failed: %r", a, x)
 
     # --- healing ---------------------------------------------------------------------------------------
-    async def dead_actors(self) -> set[str]:
-        """Actors in the table that do not answer a ping in time (dead or hung)."""
-        ids = list(self.table.actors)
+    async def dead_actors(self, skip: frozenset[str] = frozenset()) -> set[str]:
+        """Actors in the table (but not in `skip`) that do not answer a ping in time (dead or hung)."""
+        ids = [a for a in self.table.actors if a not in skip]
         return {a for a, ok in zip(ids, await asyncio.gather(*[self.actors.ping(a) for a in ids])) if not ok}
 
-    async def heal(self, reporter: str = "") -> dict[str, Any]:
+    async def heal(self, reporter: str = "", known_dead: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Replace dead or hung expert actors and dead routers; the caller holds `lock`.
 
-        With every actor alive (a broken collective), the reporting router (every router when the reporter
-        is not a router) re-forms its transport on the same table; the version does not change."""
+        known_dead: actors the caller already found dead (the liveness loop): not pinged again, so a heal is
+        never held up by pings to a lost node. With every actor alive (a broken collective), the reporting
+        router (every router when the reporter is not a router) re-forms its transport on the same table;
+        the version does not change."""
         routers = await self.heal_routers()
-        dead = await self.dead_actors()
+        known = frozenset(a for a in known_dead if a in self.table.actors)
+        dead = set(known) | await self.dead_actors(skip=known)
         if not dead:
             targets = [reporter] if reporter in self.routers.ids() else self.routers.ids()
             await asyncio.gather(*[self.routers.set_table(r, self.table, True) for r in targets])

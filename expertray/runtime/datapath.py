@@ -3,16 +3,17 @@
 The RouterActor's `run_batch` is this function plus bookkeeping; tests run it with an in-process transport
 (`InProcessTransport`) and compare with MoELayer.forward.
 
-`Failover` is the router's mask of suspect actors: a transport failure names the actors that died or hung,
-and until the controller installs a healed table, replica selection avoids them wherever an expert has
-another replica (PlacementTable.masked_route), so requests flow on the survivors without waiting for the heal.
+`Failover` is the router's mask of suspect actors: a transport failure names the actors that died or hung, or
+the controller's liveness pings push the actors that stopped answering (expertray/runtime/liveness.py); until
+the controller installs a healed table, replica selection avoids them wherever an expert has another replica
+(PlacementTable.masked_route), so requests flow on the survivors without waiting for the heal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,21 +67,33 @@ class BatchResult:
 async def run_layer(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, params: LayerParams,
                     policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Exchange,
                     expert_load: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                    suspects: frozenset[str] = frozenset()) -> BatchResult:
+                    suspects: frozenset[str] = frozenset(),
+                    on_prepared: Callable[[PreparedBatch], None] | None = None) -> BatchResult:
     """Route hidden [T, D] through `layer` on `table`, exchange the buckets, combine.
 
     The gate sees `hidden` (and computes in float32); rows go out, and the combine and shared expert run,
     in the serving `dtype` (None: hidden's), as MoELayer.forward does; output [T, D] is in that dtype.
-    suspects: actor ids to avoid wherever an expert has another replica (`Failover.suspects`)."""
+    suspects: actor ids to avoid wherever an expert has another replica (`Failover.suspects`).
+    on_prepared: told the planned batch before its rows go out (the router learns which actors it waits on)."""
     t0 = time.perf_counter()
     route = table.masked_route(layer, suspects)
     batch = prepare(hidden, layer, cfg, params.gate, policy, selector, route, len(table.actors),
                     expert_load=expert_load, rows_dtype=dtype)
+    if on_prepared is not None:
+        on_prepared(batch)
     t1 = time.perf_counter()
     rows_out, tstats = await transport.exchange(batch)
     t2 = time.perf_counter()
     out = finish(batch, rows_out, hidden if dtype is None else hidden.to(dtype), params.shared)
     return BatchResult(out, batch, tstats, (t0, t1, t2, time.perf_counter()))
+
+
+def waits_on(batch: PreparedBatch, actors: tuple[str, ...], every_member: bool) -> frozenset[str]:
+    """The actor ids a batch in flight waits for: those its plan sends rows to, or every actor when the
+    transport is a collective group (`every_member`: an all-to-all stalls while any member is missing)."""
+    if every_member:
+        return frozenset(actors)
+    return frozenset(actors[b.actor] for b in batch.buckets if b.num_rows)
 
 
 def failed_actors(exc: BaseException) -> tuple[str, ...]:
@@ -92,7 +105,8 @@ def failed_actors(exc: BaseException) -> tuple[str, ...]:
 class Failover:
     """The actors a router avoids until the controller installs a healed table (Ray-free).
 
-    suspects: actor ids named by transport failures since the last healed table."""
+    suspects: actor ids named by transport failures, or pushed by the controller's liveness pings, since the
+    last healed table."""
 
     suspects: frozenset[str] = frozenset()
 
@@ -104,6 +118,15 @@ class Failover:
             return False
         self.suspects |= named
         return not table.stranded(self.suspects)
+
+    def suspect(self, table: PlacementTable, actors: Iterable[str], recovered: Iterable[str] = ()) -> frozenset[str]:
+        """The controller's liveness verdict: `actors` (those in `table`) stopped answering and are masked now;
+        `recovered` answer again and are un-masked. Returns the actors newly masked (a batch in flight that
+        waits on one of them should be dropped and retried)."""
+        named = frozenset(a for a in actors if a in table.actors)
+        new = named - self.suspects
+        self.suspects = (self.suspects - frozenset(recovered)) | named
+        return new
 
     def install(self, table: PlacementTable, healed: bool) -> None:
         """A new table is in use: a healed one (the controller re-checked every actor) clears the mask; any

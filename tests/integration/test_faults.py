@@ -213,6 +213,44 @@ def test_hung_actor_is_killed_and_replaced_while_status_answers(ray_session) -> 
         cluster.shutdown()
 
 
+def test_a_hung_actor_whose_experts_have_replicas_is_routed_around_before_any_heal(ray_session, until) -> None:
+    """Issue 14 item 3: the controller's liveness pings find a SIGSTOPped actor silent and push it to the
+    router, which leaves the collective group for the object store and serves from the replicas while the
+    actor is still stopped and still in the table (its heal deadline, ping_timeout_s, is far off); answering
+    again (SIGCONT) un-masks it, with no heal at all."""
+    import os
+    import signal
+
+    from expertray.bench.faults import replicate_elsewhere
+
+    cfg = _small(transport="collective", ping_timeout_s=20.0, collective_timeout_s=20.0, liveness_timeout_s=0.5)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    pid = cluster.status()["actors"]["expert-1"]["pid"]
+    stopped = False
+    try:
+        cluster.apply_table(replicate_elsewhere(cluster.table(), "expert-1"), "test: replicate expert-1")
+        _exact(cluster, layers, 2)
+        before = cluster.table()
+        os.kill(pid, signal.SIGSTOP)
+        stopped = True
+        _exact(cluster, layers, 8)  # answered while expert-1 is stopped: without the push, not before its heal
+        router = ray.get(cluster.routers[0].stats.remote(), timeout=10)
+        assert cluster.table() == before, "the answers came after a heal, not from routing around"
+        assert router["suspects"] == ["expert-1"] and router["transport"] == "object_store"
+        assert router["errors"] == 0
+        os.kill(pid, signal.SIGCONT)
+        stopped = False
+        until(lambda: ray.get(cluster.routers[0].stats.remote(), timeout=10)["suspects"] == [], 60,
+              "expert-1 un-masked once it answers again")
+        assert "expert-1" in cluster.table().actors
+        _exact(cluster, layers)
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        cluster.shutdown()
+
+
 def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_and_healing(
         ray_session, until, controller_info) -> None:
     """Holes 3, 5, 7: the default launch() (no snapshot_path) could not restart its controller; a corrupted

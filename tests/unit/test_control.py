@@ -184,6 +184,26 @@ def test_heal_without_dead_actors_reopens_only_the_reporter() -> None:
     assert result == {"replaced": {}, "routers_replaced": {}, "version": 0} and routers.reopened == ["router-1"]
 
 
+def test_heal_does_not_ping_again_the_actors_the_caller_found_dead() -> None:
+    """The liveness loop hands over the actors it found dead: the heal is not held up by pings to a lost node
+    (here a ping that never returns; the guard turns a regression into a failure, not a hang)."""
+    control, actors, _, _ = _setup()
+    pinged: list[str] = []
+
+    async def ping(actor: str) -> bool:
+        pinged.append(actor)
+        if actor == "expert-1":
+            await asyncio.Event().wait()
+        return True
+
+    actors.ping = ping
+    actors.dead.add("expert-1")
+    result = asyncio.run(asyncio.wait_for(control.heal("liveness check", known_dead=frozenset({"expert-1", "gone"})),
+                                          30))
+    assert result["replaced"] == {"expert-1": "expert-3"} and sorted(pinged) == ["expert-0", "expert-2"]
+    _holdings_match(control, actors)
+
+
 def test_dead_router_is_replaced_and_recorded() -> None:
     control, _, routers, events = _setup()
     routers.dead.add("router-1")
