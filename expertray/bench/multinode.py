@@ -316,9 +316,12 @@ def scenario_kill_actor(c: Any, layers: list[Any], workers: dict[str, Any]) -> d
             "correct_after": _correct(c, layers, n=10), "changes": _changes(c, wall_kill)}
 
 
-def relaunch_collective(c: Any, layers: list[Any]) -> Any:
+def relaunch_collective(c: Any, layers: list[Any], workers: dict[str, Any]) -> Any:
     """Stop the running expertray cluster and launch the same model on the same Ray cluster with
-    transport="collective" (gloo on CPU): the routers form a group with expert actors on other raylets."""
+    transport="collective" (gloo on CPU): the routers form a group with expert actors on other raylets.
+
+    A node removed by an earlier scenario stays listed alive by Ray for a while (missed heartbeats); a fresh
+    controller has no way to know it is gone, so the launch waits until Ray says so (head + `workers` only)."""
     import dataclasses
 
     import ray
@@ -336,6 +339,12 @@ def relaunch_collective(c: Any, layers: list[Any]) -> Any:
         return False
 
     _wait(controller_gone, 30, "the object-store cluster's controller gone")  # its name frees asynchronously
+
+    def only_live_nodes_listed() -> bool:
+        head = ray.get_runtime_context().get_node_id()
+        return all(n["NodeID"] in workers or n["NodeID"] == head for n in ray.nodes() if n["Alive"])
+
+    _wait(only_live_nodes_listed, 60, "Ray marking the removed nodes dead")
     return launch(cfg, layers, detached=False)
 
 
@@ -637,7 +646,7 @@ def main() -> None:
 
         def collective() -> dict[str, Any]:
             nonlocal c
-            c = relaunch_collective(c, layers)
+            c = relaunch_collective(c, layers, workers)
             return scenario_collective(c, layers, workers)
 
         runs = {"spread": lambda: scenario_spread(c, layers, workers),
