@@ -23,7 +23,7 @@ import torch
 
 from expertray.config import MoELayerConfig
 from expertray.devices import assigned_device, device_identity, synchronize
-from expertray.exchange import Group, from_host_array, join, member_exchange, to_host_array
+from expertray.exchange import Memberships, from_host_array, join, member_exchange, to_host_array
 from expertray.runtime.weights import read_slots
 from expertray.slots import ExpertKey, SlotStore
 
@@ -65,7 +65,7 @@ class ExpertActor:
         self._slots = SlotStore(actor_id, self.device, self.dtype, layer_cfg=layer_cfg)
         self._empty_rss_kib = _rss_kib("VmRSS")  # before any weight: what the process costs by itself
         self._load_s = 0.0  # time spent reading slots from the checkpoint
-        self._groups: dict[str, Group] = {}
+        self._groups = Memberships()
         self._lock = threading.Lock()
         self._slowdown = 1.0
         self._tokens: dict[ExpertKey, int] = {}
@@ -147,19 +147,21 @@ class ExpertActor:
     # --- collective transport ------------------------------------------------------------------------
     def join_group(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world_size: int,
                    timeout_s: float) -> str:
-        self._groups[name] = join(backend, host, port, secret, rank, world_size, timeout_s, self.device,
-                                  local_host=ray.util.get_node_ip_address())  # not the hostname's address
+        group = join(backend, host, port, secret, rank, world_size, timeout_s, self.device,
+                     local_host=ray.util.get_node_ip_address())  # not the hostname's address
+        if not self._groups.add(name, group):
+            log.info("%s: group %s formed after the router gave up on it; dropped", self.actor_id, name)
         return self.actor_id
 
     def leave_group(self, name: str) -> None:
-        self._groups.pop(name, None)
+        self._groups.leave(name)
 
     def collective_compute(self, name: str, layer: int, experts: list[int], counts: list[int],
                            d_model: int, wire_dtype: str = "float32") -> float:
         """Receive this actor's bucket from the router (rank 0) by all-to-all, compute, send it back.
 
         Rows travel in `wire_dtype` (the router's) and are computed in this actor's dtype."""
-        group = self._groups[name]
+        group = self._groups.get(name)
         compute_ms = [0.0]
 
         def run(rows: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,8 @@ class RouterActor:
         self.failover = Failover()
         self.fallback = False  # serving on the object store because the collective group lost a member
         self.closing: set[asyncio.Task] = set()
-        self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0}
+        # served_masked: batches answered while actors were masked (routed around before a healed table)
+        self.counters = {"batches": 0, "requests": 0, "tokens": 0, "dropped": 0, "rerouted": 0, "served_masked": 0}
         self.timing_ms: dict[str, deque[float]] = {k: deque(maxlen=256) for k in
                                                    ("gate", "plan", "transport", "compute", "combine", "batch")}
         self.bytes_out = [0] * len(self.table.actors)
@@ -244,6 +245,8 @@ class RouterActor:
                                  f"it is requeued on the new table")
         result = run.result()
         self._record(layer, result)
+        if suspects:
+            self.counters["served_masked"] += 1
         return result.output
 
     async def suspect(self, actors: list[str], recovered: list[str] | None = None) -> list[str]:

@@ -176,6 +176,17 @@ class CollectiveTransport(Transport):
 
         The backend follows the ranks' devices; the store listens on this node's address only, and the
         port and the group secret go to members alone, in the join call."""
+        try:
+            await self._form()
+        except BaseException:  # failed, late or cancelled (a switch past its deadline): members that joined,
+            for h in self.handles:  # or will, drop the group (exchange.Memberships); fire and forget
+                try:
+                    h.leave_group.remote(self.group_name)
+                except Exception:  # noqa: BLE001 - a dead member holds nothing; the original error matters
+                    log.debug("group %s: leave not sent", self.group_name, exc_info=True)
+            raise
+
+    async def _form(self) -> None:
         host = self.host or ray.util.get_node_ip_address()
         identities = await self._within(asyncio.gather(*[h.device_identity.remote() for h in self.handles]),
                                         "report their devices")

@@ -28,6 +28,8 @@ import hashlib
 import hmac
 import secrets
 import socket
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +150,47 @@ class Group:
     @property
     def wire_device(self) -> torch.device:
         return torch.device("cpu") if self.staged else self.device
+
+
+class Memberships:
+    """The groups one member belongs to, by name, thread-safe (joins, batches and leaves run on different
+    threads of an expert actor).
+
+    A router that gives up forming a group (its deadline passed, the table switch was cancelled) tells every
+    member to leave it, and that can reach a member before its join returns: the name is remembered (the last
+    `remember` left names), so a join that completes afterwards is dropped instead of kept for good."""
+
+    def __init__(self, remember: int = 1024) -> None:
+        self._groups: dict[str, Group] = {}
+        self._left: OrderedDict[str, None] = OrderedDict()
+        self._remember = remember
+        self._lock = threading.Lock()
+
+    def add(self, name: str, group: Group) -> bool:
+        """Keep `group` under `name`; False (dropped) when the member was told to leave it already."""
+        with self._lock:
+            if name in self._left:
+                return False
+            self._groups[name] = group
+            return True
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            self._groups.pop(name, None)
+            self._left[name] = None
+            while len(self._left) > self._remember:
+                self._left.popitem(last=False)
+
+    def get(self, name: str) -> Group:
+        with self._lock:
+            group = self._groups.get(name)
+        if group is None:
+            raise TransportError(f"not a member of group {name} (never joined, or left it)")
+        return group
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._groups)
 
 
 def join(backend: str, host: str, port: int, secret: str, rank: int, world_size: int, timeout_s: float,

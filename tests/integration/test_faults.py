@@ -55,8 +55,9 @@ def test_kill_expert_actor_under_concurrent_stream(ray_session, transport: str) 
 
 
 def test_kill_replicated_actor_serves_from_replicas_before_the_heal(ray_session) -> None:
-    """Every expert of the victim has a replica elsewhere: the router masks the dead actor and answers from
-    the replicas at once (object-store fallback while the collective group re-forms), before the heal ends."""
+    """Every expert of the victim has a replica elsewhere: the router masks the dead actor (a failed batch names
+    it, or the controller's liveness push does, whichever comes first) and answers from the replicas at once
+    (object-store fallback while the collective group re-forms), before the heal ends."""
     from expertray.bench.faults import replicate_elsewhere
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 8, 2)), num_layers=2,
@@ -72,8 +73,8 @@ def test_kill_replicated_actor_serves_from_replicas_before_the_heal(ray_session)
         stats = ray.get(cluster.routers[0].stats.remote())
         stats.pop("layers")
         assert (lost, wrong) == (0, 0)
-        assert stats["masked_retries"] >= 1, f"the failed batch was not retried on the surviving replicas: {stats}"
-        assert stats["served_while_healing"] >= 1, f"no batch was answered before the heal ended: {stats}"
+        # masked by a failed batch (masked_retries) or by the controller's liveness push, whichever came first
+        assert stats["served_masked"] >= 1, f"no batch was answered around the dead actor before the heal: {stats}"
         assert stats["errors"] == 0
         assert "expert-1" not in status["table"]["actors"], "dead actor was not replaced"
         assert any(e["reason"].startswith("heal") for e in status["history"])

@@ -5,6 +5,7 @@ in-process actor handles; the module imports Ray (actors/), hence the `ray` mark
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from expertray.actors.transport import (
 )
 from expertray.config import TRANSPORTS as CONFIG_TRANSPORTS
 from expertray.errors import ConfigError, TransportError
-from expertray.exchange import from_host_array, join, member_exchange, to_host_array
+from expertray.exchange import Memberships, from_host_array, join, member_exchange, to_host_array
 from expertray.pipeline import ActorBucket, PreparedBatch
 
 
@@ -139,25 +140,31 @@ def test_a_transport_needs_a_positive_deadline() -> None:
 class ThreadMember:
     """An ExpertActor stand-in whose calls run in threads: joins the group, doubles its rows."""
 
-    def __init__(self, hang: bool = False) -> None:
-        self.hang = hang
-        self.groups: dict[str, Any] = {}
+    def __init__(self, hang: bool = False, join_delay_s: float = 0.0) -> None:
+        self.hang, self.join_delay_s = hang, join_delay_s
+        self.memberships = Memberships()
         self.device_identity = _Method(lambda: _done(None))
         self.join_group = _Method(self._join)
         self.collective_compute = _Method(self._compute)
-        self.leave_group = _Method(lambda name: _done(self.groups.pop(name, None)))
+        self.leave_group = _Method(lambda name: _done(self.memberships.leave(name)))
         self.ping = _Method(lambda: asyncio.get_running_loop().create_future() if hang else _done("pong"))
+
+    @property
+    def groups(self) -> set[str]:
+        return set(self.memberships.names())
 
     def _join(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world: int,
               timeout_s: float) -> Any:
         def run() -> None:
-            self.groups[name] = join(backend, host, port, secret, rank, world, timeout_s, torch.device("cpu"))
+            time.sleep(self.join_delay_s)
+            self.memberships.add(name, join(backend, host, port, secret, rank, world, timeout_s,
+                                            torch.device("cpu")))
         return asyncio.get_running_loop().run_in_executor(None, run)
 
     def _compute(self, name: str, layer: int, experts: list[int], counts: list[int], d: int, wire: str) -> Any:
         if self.hang:
             return asyncio.get_running_loop().create_future()
-        group = self.groups[name]
+        group = self.memberships.get(name)
         return asyncio.get_running_loop().run_in_executor(
             None, lambda: member_exchange(group, sum(counts), d, getattr(torch, wire), lambda r: r * 2) or 0.5)
 
@@ -210,7 +217,7 @@ def test_a_new_group_forms_over_the_same_members_while_the_old_one_serves() -> N
         await forming
         await old.close()
         out_new, _ = await new.exchange(_batch([1, 2, 3]))
-        names = [set(m.groups) for m in (a, b, c)]
+        names = [m.groups for m in (a, b, c)]
         await new.close()
         return outs, out_new, names, old.group_name, new.group_name
 
@@ -219,3 +226,29 @@ def test_a_new_group_forms_over_the_same_members_while_the_old_one_serves() -> N
     assert all(torch.equal(out, _batch([3, 2]).rows * 2) for out in outs)
     torch.testing.assert_close(out_new, _batch([1, 2, 3]).rows * 2, atol=0, rtol=0)
     assert names == [{new_name}] * 3
+
+
+def test_members_drop_a_group_the_router_gave_up_on_even_when_their_join_ends_later() -> None:
+    """A switch past its deadline cancels the forming: the members are told to leave, and a join that
+    completes only afterwards (rank 0's join runs on in its thread) is dropped, not kept for good."""
+    async def scenario() -> tuple[list[set[str]], list[set[str]], str]:
+        members = [ThreadMember(join_delay_s=0.5), ThreadMember(join_delay_s=0.5)]
+        t = CollectiveTransport(members, 20.0, ["a0", "a1"], torch.device("cpu"), host="127.0.0.1")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(t.open(), 0.2)  # gives up while the members still wait to join
+        right_after = [m.groups for m in members]
+        await asyncio.sleep(2.0)  # the joins complete now (rank 0's thread was not stopped)
+        return right_after, [m.groups for m in members], t.group_name
+
+    right_after, later, name = asyncio.run(scenario())
+    assert right_after == [set(), set()] and later == [set(), set()], name
+
+
+def test_memberships_get_names_a_group_never_joined_or_left() -> None:
+    m = Memberships(remember=2)
+    with pytest.raises(TransportError, match="not a member of group g-x"):
+        m.get("g-x")
+    for name in ("g-1", "g-2", "g-3"):
+        m.leave(name)
+    assert not m.add("g-3", object()) and not m.add("g-2", object())
+    assert m.add("g-1", object()) and m.names() == ["g-1"]  # only the last `remember` left names are kept
