@@ -140,18 +140,13 @@ def _pareto(gates: Batches, laser: dict[str, Any], device_of: torch.Tensor, devi
             "laser device-aware": {b: {k: m[k] for k in keep} for b, m in budgets.items()}}
 
 
-def _cost(cfg: GateConfig, logits: torch.Tensor, device_of: torch.Tensor, laser: dict[str, Any],
-          repeats: int) -> dict[str, float]:
-    """Median µs/token of the top-k gate and of laser (both variants) on one batch, timed in turn each repeat:
-    wall time (`us_per_token`) and the calling thread's CPU time (`cpu_us_per_token`: on a shared machine it
-    leaves out the time other processes hold the core), both around the same calls."""
+def us_per_token_in_turn(runs: dict[str, Callable[[], object]], repeats: int, tokens: int
+                         ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median µs/token of each of `runs` (each call handles `tokens` tokens), timed in turn each repeat after one
+    warm-up call: (wall time, the calling thread's CPU time — on a shared machine it leaves out the time other
+    processes hold the core), both around the same calls."""
     import time
 
-    g = gate_from_logits(logits, cfg)
-    policies = {"laser": ROUTING.create("laser", **laser),
-                "laser device-aware": ROUTING.create("laser", **laser, expert_groups=tuple(device_of.tolist()))}
-    runs: dict[str, Callable[[], object]] = {"topk gate": lambda: gate_from_logits(logits, cfg)}
-    runs.update({name: (lambda p=p: p.route(g, DROPLESS)) for name, p in policies.items()})
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():
@@ -162,9 +157,22 @@ def _cost(cfg: GateConfig, logits: torch.Tensor, device_of: torch.Tensor, laser:
             fn()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.thread_time() - c0)
-    T = logits.shape[0]
-    out = {f"{name} us_per_token": median(ts) * 1e6 / T for name, ts in wall.items()}
-    out.update({f"{name} cpu_us_per_token": median(ts) * 1e6 / T for name, ts in cpu.items()})
+    return ({name: median(ts) * 1e6 / tokens for name, ts in wall.items()},
+            {name: median(ts) * 1e6 / tokens for name, ts in cpu.items()})
+
+
+def _cost(cfg: GateConfig, logits: torch.Tensor, device_of: torch.Tensor, laser: dict[str, Any],
+          repeats: int) -> dict[str, float]:
+    """Median µs/token of the top-k gate and of laser (both variants) on one batch (us_per_token_in_turn):
+    wall time (`us_per_token`) and thread CPU time (`cpu_us_per_token`)."""
+    g = gate_from_logits(logits, cfg)
+    policies = {"laser": ROUTING.create("laser", **laser),
+                "laser device-aware": ROUTING.create("laser", **laser, expert_groups=tuple(device_of.tolist()))}
+    runs: dict[str, Callable[[], object]] = {"topk gate": lambda: gate_from_logits(logits, cfg)}
+    runs.update({name: (lambda p=p: p.route(g, DROPLESS)) for name, p in policies.items()})
+    wall, cpu = us_per_token_in_turn(runs, repeats, logits.shape[0])
+    out = {f"{name} us_per_token": us for name, us in wall.items()}
+    out.update({f"{name} cpu_us_per_token": us for name, us in cpu.items()})
     out["laser / topk gate"] = out["laser device-aware us_per_token"] / out["topk gate us_per_token"]
     out["laser / topk gate (cpu)"] = out["laser device-aware cpu_us_per_token"] / out["topk gate cpu_us_per_token"]
     return out
