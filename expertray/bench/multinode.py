@@ -54,6 +54,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
 
+from expertray.bench.report import quantile  # noqa: E402
 from expertray.names import CONTROLLER, NAMESPACE, ray_name  # noqa: E402
 
 D = 16
@@ -84,8 +85,8 @@ def recovery_figures(records: list[tuple[float, float, str]], t_fault: float) ->
     last slow request (latency > 2x the p99 before the fault, and > p99 + 20 ms); after it every request is
     within that bound (0 when none was slow). max_latency_s: the largest latency of a request answered after
     the fault. p99_before_s: the steady p99 before it (None without requests before the fault)."""
-    before = sorted(e - s for s, e, _ in records if e < t_fault)
-    p99 = before[min(len(before) - 1, round(0.99 * (len(before) - 1)))] if before else None
+    before = [e - s for s, e, _ in records if e < t_fault]
+    p99 = quantile(before, 0.99) if before else None
     after = [(s, e, o) for s, e, o in records if e >= t_fault]
     oks = [e for s, e, o in after if s >= t_fault and o == "ok"]
     bound = max(2 * p99, p99 + 0.02) if p99 is not None else None
