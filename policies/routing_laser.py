@@ -14,7 +14,8 @@ applied to the new choice as `apply_capacity` would.
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
 every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
 k chosen, w = widen, G groups (devices). The chunk steps on a few thousand entries run in numpy, where one call
-costs a fraction of torch's (the sums whose order matters stay in torch); a gate output on an accelerator
+costs a fraction of torch's, and avoid data-dependent branches where numpy offers a way (radix and SIMD
+sorts of small integer keys); a gate output on an accelerator
 keeps its [T, E] steps there and sends the flat tokens' [n, 2 (k + w) + 1] candidates, flags and masses to
 the host in one copy, and the chosen experts and their probs back.
 """
@@ -38,6 +39,7 @@ from expertray.gating import GateOutput
 from expertray.placement_table import LayerRoute
 from expertray.policies.routing import ROUTING, RoutingPolicy
 
+_GRID = np.arange(257) / 256  # the level grid of `_take_level`, from the mean (0) to the peak (1)
 _SCALARS = ("mass_threshold", "entropy_threshold", "widen", "mass_budget", "balance_weight", "max_mass_loss",
             "chunk_tokens")
 
@@ -151,21 +153,24 @@ class LaserRouting(RoutingPolicy):
         budget = self.mass_budget * float(top_probs.sum(dtype=torch.float64))
         # Candidates in score order: the gate's top-k (best first), then the next best. Working on all rows
         # and then picking the flat ones is cheaper than gathering flat rows of [T, E] tensors.
-        cand = torch.cat([gate.experts, next_best(gate.scores, gate.experts, widen)], dim=1)
-        usable = torch.isfinite(gate.scores.gather(1, cand[:, k:]))
+        lowest, highest = (float(x) for x in torch.aminmax(gate.scores))
+        cand = torch.cat([gate.experts, next_best(gate.scores, gate.experts, widen, signed=lowest < 0)], dim=1)
         mass = torch.cat([top_probs, gate.probs.gather(1, cand[:, k:])], dim=1)
+        # a candidate with a masked (-inf) score is not usable; with every score finite, all are
+        rows = [cand, mass]
+        if not (math.isfinite(lowest) and math.isfinite(highest)):
+            rows.append(torch.isfinite(gate.scores.gather(1, cand[:, k:])))
         if idx.numel() < T:
-            usable, mass, cand = usable.index_select(0, idx), mass.index_select(0, idx), cand.index_select(0, idx)
+            rows = [t.index_select(0, idx) for t in rows]
+        cand, mass = rows[:2]
         groups = np.arange(E) if self.expert_groups is None else np.array(self.expert_groups)
-        group_load = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(
-            0, torch.from_numpy(groups), load.double())
+        group_load = np.bincount(groups, weights=load.numpy().astype(np.float64), minlength=int(groups.max()) + 1)
         top_mass = mass[:, :k].sum(dim=1, keepdim=True)  # [n, 1]
         group_ids = groups.astype(np.int16 if groups.max() < 2 ** 15 else np.int64)
         # the chunk steps run on the host: a gate output on an accelerator sends these in one copy
-        cand_n, usable_n, mass_n, top_mass_n = _host([cand, usable, mass, top_mass], pack=not on_host)
-        chosen = self._place(group_ids.take(cand_n[:, :k]), group_ids.take(cand_n[:, k:]),
-                             None if usable_n.all() else usable_n, np.ascontiguousarray(mass_n[:, :k]),
-                             np.ascontiguousarray(mass_n[:, k:]), torch.from_numpy(top_mass_n), group_load, budget)
+        cand_n, mass_n, top_mass_n, *flags = _host([cand, mass, top_mass, *rows[2:]], pack=not on_host)
+        usable = flags[0] if flags and not flags[0].all() else None
+        chosen = self._place(group_ids.take(cand_n), k, usable, mass_n, top_mass_n, group_load, budget)
         n, K = chosen.shape
         # k per row, ascending (best first); a token changed if its last one is past its top-k
         picks = np.flatnonzero(chosen)
@@ -182,28 +187,31 @@ class LaserRouting(RoutingPolicy):
             weights = gate.weights.index_copy(0, idx, new_weights)
         return apply_capacity(GateOutput(gate.logits, gate.scores, gate.probs, experts, weights), capacity)
 
-    def _place(self, g_top: np.ndarray, g_out: np.ndarray, usable: np.ndarray | None, mass_top: np.ndarray,
-               mass_out: np.ndarray, top_mass: torch.Tensor, group_load: torch.Tensor, budget: float) -> np.ndarray:
+    def _place(self, g: np.ndarray, k: int, usable: np.ndarray | None, mass: np.ndarray, top_mass: np.ndarray,
+               load: np.ndarray, budget: float) -> np.ndarray:
         """[n, k + w] bool: which of its candidates (top-k, then the next w) each of n flat tokens uses.
 
-        g_top [n, k], g_out [n, w]: the group (device) of each token's top-k and of its next w candidates
-        (usable where `usable` [n, w]; None: all are); mass_top [n, k], mass_out [n, w]: their gate probs;
-        top_mass [n, 1]: the top-k's sum; group_load [G] float64: projected load per group (updated in
-        place); budget: gate mass the n tokens may give up. Chunk by chunk, each token's swap pairs (`_pairs`)
-        are built from the loads so far and `_take_level` (budget) or `_take_priced` (price) picks among them.
-        A token never gives up more than `max_mass_loss` of its top-k mass. Sums whose order could change a
-        bit of the result run in torch.
+        g [n, k + w]: the group (device) of each token's top-k and of its next w candidates (those usable
+        where `usable` [n, w]; None: all are); mass [n, k + w]: their gate probs; top_mass [n, 1]: the top-k's
+        sum; load [G] float64: projected load per group (updated in place); budget: gate mass the n tokens may
+        give up. Chunk by chunk, each token's swap pairs (`_pairs`) are built from the loads so far and
+        `_take_level` (budget) or `_take_priced` (price) picks among them. A token never gives up more than
+        `max_mass_loss` of its top-k mass.
         """
-        (n, k), w = g_top.shape, g_out.shape[1]
+        n, w = g.shape[0], g.shape[1] - k
         m = min(k, w)
-        chosen_top, chosen_out = np.ones((n, k), dtype=bool), np.zeros((n, w), dtype=bool)
-        if m == 0 or n == 0 or float(group_load.mean()) <= 0:
-            return np.concatenate([chosen_top, chosen_out], axis=1)
+        chosen = np.zeros(g.shape, dtype=bool)
+        chosen[:, :k] = True
+        if m == 0 or n == 0 or float(load.mean()) <= 0:
+            return chosen
         guard = self.max_mass_loss * top_mass
-        chunk_masses = torch.zeros(-(-n // self.chunk_tokens), dtype=torch.float64).index_add_(
-            0, torch.arange(n) // self.chunk_tokens, top_mass.squeeze(1).double()).tolist()
-        top_mass_n, guard_n, load = top_mass.numpy(), guard.numpy(), group_load.numpy()
-        top_flat, out_flat = chosen_top.reshape(-1), chosen_out.reshape(-1)
+        # each candidate's cell in the per-chunk key table [k + w, G + 1]: (column, group); an unusable
+        # candidate in an extra group of its own
+        G = load.size
+        cells = np.add(g, (G + 1) * np.arange(k + w), dtype=np.int64)
+        if usable is not None:
+            cells[:, k:] += np.where(usable, 0, G - g[:, k:])
+        chunk_masses = np.add.reduceat(top_mass[:, 0].astype(np.float64), np.arange(0, n, self.chunk_tokens)).tolist()
         budget_left, mass_left = budget, sum(chunk_masses)
         ceiling = math.inf
         # Chunk by chunk: pairs from the loads so far, taken with the chunk's pro-rata share of the budget.
@@ -211,62 +219,68 @@ class LaserRouting(RoutingPolicy):
             c = slice(s, s + self.chunk_tokens)
             share = budget_left * min(1.0, chunk_mass / max(mass_left, 1e-30))
             mass_left -= chunk_mass
-            mean = float(group_load.mean())
-            p = self._pairs(g_top[c], g_out[c], None if usable is None else usable[c], mass_top[c], mass_out[c],
-                            top_mass_n[c], guard_n[c], load, mean, m)
+            mean = float(load.mean())
+            p = self._pairs(g[c], cells[c], k, None if usable is None else usable[c], mass[c], top_mass[c],
+                            guard[c], load, mean, m)
             if self.balance_weight is None:
                 # first chunk: the level the whole batch can reach, estimated from its pairs as a sample of the
                 # batch's; no later chunk fills a destination above it (it would become the next peak)
                 whole = (budget, n / p.cost.shape[0]) if s == 0 else None
                 take, ceiling = _take_level(p, load, mean, share, ceiling, whole)
-                take &= _cumsum(p.cost * take) <= guard_n[c]
+                take &= _cumsum(p.cost * take) <= guard[c]
             else:
                 take = np.logical_and.accumulate(_take_priced(p, load, mean), axis=1)
-            top_flat[s * k + p.in_flat] = ~take
-            out_flat[s * w + p.out_flat] = take
+            chunk = chosen[c].reshape(-1)  # a view
+            chunk[p.in_flat] = ~take
+            chunk[p.out_flat] = take
             moved = take.reshape(-1)
             load -= np.bincount(p.src.reshape(-1), weights=moved, minlength=load.size)
             load += np.bincount(p.dst.reshape(-1), weights=moved, minlength=load.size)
-            budget_left -= float(torch.from_numpy(p.cost.reshape(-1).astype(np.float64) * moved).sum())
-        return np.concatenate([chosen_top, chosen_out], axis=1)
+            budget_left -= float(p.cost.reshape(-1).astype(np.float64) @ moved)
+        return chosen
 
-    def _pairs(self, g_top: np.ndarray, g_out: np.ndarray, usable: np.ndarray | None, mass_top: np.ndarray,
-               mass_out: np.ndarray, top_mass: np.ndarray, guard: np.ndarray, load: np.ndarray, mean: float,
-               m: int) -> _Pairs:
-        """Each token's m swap pairs: its top-k by group load (g_top [n, k] groups, load [G], mean load),
-        busiest first, against its next candidates (g_out [n, w], usable [n, w] or None) — with a budget those
-        on groups below the mean in score order, with a fixed price the idlest first — and what each pair
-        costs (mass_top [n, k], mass_out [n, w]) and allows (guard, top_mass [n, 1]). A row is ordered by
+    def _pairs(self, g: np.ndarray, cells: np.ndarray, k: int, usable: np.ndarray | None, mass: np.ndarray,
+               top_mass: np.ndarray, guard: np.ndarray, load: np.ndarray, mean: float, m: int) -> _Pairs:
+        """Each token's m swap pairs: its top-k (groups g[:, :k] of g [n, k + w]) by group load (load [G], mean
+        load), busiest first, against its next candidates (g[:, k:], usable [n, w] or None) — with a budget
+        those on groups below the mean in score order, with a fixed price the idlest first — and what each
+        pair costs (gate probs mass [n, k + w]) and allows (guard, top_mass [n, 1]). Each side is ordered by
         small integer keys: its group's rank among the group loads (equal loads share a rank) then the
-        column, as a stable sort of the loads orders it."""
-        (n, k), w = g_top.shape, g_out.shape[1]
+        column, as a stable sort of the loads orders it, looked up in one table by `cells` [n, k + w]
+        ((G + 1) * column + group; group G: an unusable candidate)."""
+        n, K = g.shape
+        w = K - k
         rel = (load / mean).astype(np.float32)  # [G]
         G = rel.size
-        key_type = np.int16 if (G + 1) * (k + w) < 2 ** 15 else np.int64
-        busiest = np.searchsorted(np.sort(-rel), -rel).astype(key_type) * key_type(k)  # [G] 0 for the busiest
+        busiest = np.searchsorted(np.sort(-rel), -rel)  # [G] 0 for the busiest
         if self.balance_weight is None:
             # usable candidates below the mean first, then the rest, each in score order (a stable partition)
-            rank, last = np.where(rel < 1, 0, w).astype(key_type), w
+            rank = np.append(~(rel < 1), 1)
         else:
-            rank, last = np.searchsorted(np.sort(rel), rel).astype(key_type) * key_type(w), G * w  # the idlest first
-        # one sort of each row: the top-k (keys below G * k), then the next candidates (keys from G * k)
-        out_key = rank.take(g_out) if usable is None else np.where(usable, rank.take(g_out), key_type(last))
-        keys = np.concatenate([busiest.take(g_top), out_key + key_type(G * k)], axis=1)
-        order = np.argsort(keys + np.concatenate([np.arange(k, dtype=key_type), np.arange(w, dtype=key_type)]), axis=1)
-        in_pos, out_pos = order[:, :m], order[:, k:k + m] - k
-        in_flat, out_flat = np.arange(0, n * k, k)[:, None] + in_pos, np.arange(0, n * w, w)[:, None] + out_pos
-        src, dst = g_top.reshape(-1).take(in_flat), g_out.reshape(-1).take(out_flat)
+            rank = np.append(np.searchsorted(np.sort(rel), rel), G)  # the idlest first
+        # a key per candidate, side << 2 shift | group rank << shift | column (unique in a row), from one table;
+        # one sort of each row's keys orders the top-k then the next candidates, and the low bits say where
+        shift = max((max(k, w) - 1).bit_length(), (G + 1).bit_length())
+        table = np.concatenate([(np.append(busiest, G) << shift) | np.arange(k)[:, None],
+                                (1 << 2 * shift) | (rank << shift) | np.arange(w)[:, None]])
+        table = table.astype(np.int32 if 2 * shift < 31 else np.int64)  # numpy sorts short int32 rows fastest
+        ordered = np.sort(table.reshape(-1).take(cells), axis=1)
+        low = table.dtype.type((1 << shift) - 1)
+        in_pos, out_pos = ordered[:, :m] & low, ordered[:, k:k + m] & low
+        row = np.arange(0, n * K, K)[:, None]
+        in_flat, out_flat = row + in_pos, row + k + out_pos  # into the chunk's [n, k + w]
+        src, dst = g.reshape(-1).take(in_flat), g.reshape(-1).take(out_flat)
         in_rel, out_rel = rel.take(src), rel.take(dst)
-        cost = mass_top.reshape(-1).take(in_flat) - mass_out.reshape(-1).take(out_flat)
+        cost = mass.reshape(-1).take(in_flat) - mass.reshape(-1).take(out_flat)
         price = None
         if self.balance_weight is None:
             # toward a less loaded group (in_rel > out_rel is in_rel - out_rel > 0 for these finite ratios)
             ok = (in_rel > out_rel) & (cost <= guard)
             if usable is not None:
-                ok &= usable.reshape(-1).take(out_flat)
+                ok &= np.take_along_axis(usable, out_pos, axis=1)
         else:
             if usable is not None:
-                out_rel = np.where(usable.reshape(-1).take(out_flat), out_rel, np.float32(math.inf))
+                out_rel = np.where(np.take_along_axis(usable, out_pos, axis=1), out_rel, np.float32(math.inf))
             gap = in_rel - out_rel
             unit = top_mass / np.float32(k)  # the token's average top-k expert mass
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -280,8 +294,8 @@ class LaserRouting(RoutingPolicy):
 
 @dataclass(frozen=True)
 class _Pairs:
-    """m swap pairs of n tokens, all [n, m] numpy arrays: flat positions of the top-k expert given up (into the
-    chunk's [n, k]) and of the one taken (into its [n, w]), mass given up (float32), source and destination
+    """m swap pairs of n tokens, all [n, m] numpy arrays: flat positions (into the chunk's [n, k + w]) of the top-k
+    expert given up and of the candidate taken, mass given up (float32), source and destination
     groups, eligibility, price (fixed-price mode only)."""
 
     in_flat: np.ndarray
@@ -348,33 +362,35 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     if pairs.size == 0:
         return take.reshape(p.ok.shape), (mean if whole is not None else ceiling)
     # by group, then cheapest (the cost's float bits order like the cost: it is >= 0)
-    key = (src_n.take(pairs).astype(np.int64) << 32) | cost_n.take(pairs).view(np.int32).astype(np.int64)
-    order = pairs.take(np.argsort(key, kind="stable"))
+    order = _sort_by_group_then_cost(pairs, src_n, cost_n)
     src_o, dst_o = src_n.take(order), dst_n.take(order)
     available = np.bincount(src_o, minlength=G)
     start = available.cumsum() - available
     spent = np.zeros(order.size + 1)
     np.cumsum(cost_n.take(order), dtype=np.float64, out=spent[1:])
-    receives = np.zeros(G)
-    receives[dst_o] = 1.0
-    # On a grid of levels [P] from the mean to the peak: pairs each group gives up [P, G], what they cost and
-    # what the destinations can absorb below the level. Both tests hold from some level up (the peak passes).
-    # Sums over groups run in torch (its summation order is the reference), the three of a level at once.
-    levels = torch.linspace(mean, float(load.max()), 257, dtype=torch.float64).unsqueeze(1).numpy()
-    excess = np.maximum(np.ceil(load - levels), 0)
-    base = spent.take(start)
-    available_f = available.astype(np.float32)
-    terms = np.empty((3, *excess.shape))  # [3, P, G]: mass spent, moves, room below the level
+    receives = np.zeros(G, dtype=bool)
+    receives[dst_o] = True
+    # On a grid of levels [P] from the mean to the peak: pairs each source group (one with pairs) gives up
+    # [S, P], what they cost, and what the destination groups [D] can absorb below the level. Both tests hold
+    # from some level up (the peak passes). The other groups add nothing to the sums.
+    levels = mean + (float(load.max()) - mean) * _GRID
+    levels[-1] = float(load.max())  # exactly the peak, which always fits
+    sources = np.flatnonzero(available)
+    excess = np.maximum(np.ceil(load.take(sources)[:, None] - levels), 0)
+    base, first_pair = spent.take(start.take(sources))[:, None], start.take(sources)[:, None]
+    available_s = available.take(sources)[:, None]
+    room_below = load[receives][:, None]
 
     def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
         """The lowest fitting level and the [G] pairs each group gives up there."""
-        moves = np.minimum(excess, available_f * np.float32(scale), out=terms[1])  # float32 products, as torch's
-        sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available)  # the sample's cheapest pairs
-        np.subtract(spent.take(start + sampled), base, out=terms[0])
-        np.multiply(np.maximum(np.minimum(levels, ceiling) - load, 0), receives, out=terms[2])
-        spend, moved, room = torch.from_numpy(terms).sum(dim=2).numpy()
-        first = int(((spend * scale <= budget) & (moved <= room)).argmax())
-        return float(levels[first, 0]), sampled[first]
+        moves = np.minimum(excess, available_s.astype(np.float32) * np.float32(scale))  # float32 products
+        sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available_s)  # the sample's cheapest pairs
+        spend = (spent.take(first_pair + sampled) - base).sum(axis=0)
+        room = np.maximum(np.minimum(levels, ceiling) - room_below, 0).sum(axis=0)
+        first = int(((spend * scale <= budget) & (moves.sum(axis=0) <= room)).argmax())
+        per_group = np.zeros(G, dtype=np.int64)
+        per_group[sources] = sampled[:, first]
+        return float(levels[first]), per_group
 
     if whole is not None:
         ceiling = level(whole[0], math.inf, whole[1])[0]
@@ -384,6 +400,17 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     dst_sel = dst_o.take(sel)
     take[order.take(sel[_rank_within_np(dst_sel) < min(at, ceiling) - load.take(dst_sel)])] = True
     return take.reshape(p.ok.shape), ceiling
+
+
+def _sort_by_group_then_cost(pairs: np.ndarray, group: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """`pairs` (indices into group [N] and cost [N] float32 >= 0) ordered by group, then cost, then position:
+    three stable 16-bit passes (numpy radix-sorts 16-bit keys) on the cost's low and high halves, then the
+    group. A comparison sort of one 64-bit key does the same with many mispredicted branches."""
+    bits = cost.view(np.uint32)
+    order = pairs.take(np.argsort((bits.take(pairs) & 0xFFFF).astype(np.uint16), kind="stable"))
+    order = order.take(np.argsort((bits.take(order) >> 16).astype(np.uint16), kind="stable"))
+    g = group.take(order)
+    return order.take(np.argsort(g.astype(np.uint16) if g.max() < 2 ** 16 else g, kind="stable"))
 
 
 def _rank_within_np(ids: np.ndarray) -> np.ndarray:
@@ -399,8 +426,9 @@ def _rank_within_np(ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tensor:
-    """[T, n] the n best-scoring experts per token outside `exclude` [T, k], best first (scores [T, E]).
+def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int, signed: bool = True) -> torch.Tensor:
+    """[T, n] the n best-scoring experts per token outside `exclude` [T, k], best first (scores [T, E]; `signed`:
+    some may be negative).
 
     torch.topk is slow on short CPU rows, so each step takes one max over keys that pack the score's
     order-preserving int32 bits with the expert id in the low bits; scores within 2^-(23 - log2 E) of each
@@ -409,17 +437,18 @@ def next_best(scores: torch.Tensor, exclude: torch.Tensor, n: int) -> torch.Tens
     E = scores.shape[1]
     bits = max(1, (E - 1).bit_length())
     raw = scores.contiguous().view(torch.int32)
-    if float(scores.amin()) < 0:  # negative floats order backwards as ints: flip their magnitude bits
+    if signed:  # negative floats order backwards as ints: flip their magnitude bits
         raw = raw ^ ((raw >> 31) & 0x7FFFFFFF)
     low = (1 << bits) - 1
     keys = (raw & ~low).bitwise_or_(E - 1 - torch.arange(E, dtype=torch.int32, device=scores.device))
-    keys.scatter_(1, exclude, torch.iinfo(torch.int32).min)
-    out = torch.empty(scores.shape[0], n, dtype=torch.long, device=scores.device)
+    flat, lowest = keys.view(-1), torch.iinfo(torch.int32).min
+    row_start = torch.arange(0, keys.numel(), E, device=scores.device)
+    flat.index_fill_(0, (row_start[:, None] + exclude).view(-1), lowest)  # cheaper than scatter_ on CPU
+    out = torch.empty(n, scores.shape[0], dtype=torch.int32, device=scores.device)
     for j in range(n):
-        best = keys.amax(dim=1, keepdim=True)
-        out[:, j:j + 1] = (E - 1) - (best & low).long()
-        keys.scatter_(1, out[:, j:j + 1], torch.iinfo(torch.int32).min)
-    return out
+        torch.sub(E - 1, keys.amax(dim=1).bitwise_and_(low), out=out[j])
+        flat.index_fill_(0, row_start + out[j], lowest)
+    return out.T.long()
 
 
 def _renormalised(weights: torch.Tensor, top_mass: torch.Tensor, picked_mass: torch.Tensor) -> torch.Tensor:
