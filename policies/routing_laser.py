@@ -379,14 +379,22 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     excess = np.maximum(np.ceil(load.take(sources)[:, None] - levels), 0)
     base, first_pair = spent.take(start.take(sources))[:, None], start.take(sources)[:, None]
     available_s = available.take(sources)[:, None]
-    room_below = load[receives][:, None]
+    available_f = available_s.astype(np.float32)
+    below = np.sort(load[receives])  # the destinations' loads, and the sums of their lowest
+    below_sums = np.concatenate([[0.0], np.cumsum(below)])
 
     def level(budget: float, ceiling: float, scale: float) -> tuple[float, np.ndarray]:
         """The lowest fitting level and the [G] pairs each group gives up there."""
-        moves = np.minimum(excess, available_s.astype(np.float32) * np.float32(scale))  # float32 products
-        sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available_s)  # the sample's cheapest pairs
+        if scale == 1:  # the chunk's own pairs: whole moves, each of one pair
+            moves = np.minimum(excess, available_f)
+            sampled = moves.astype(np.int64)
+        else:
+            moves = np.minimum(excess, available_f * np.float32(scale))  # float32 products
+            sampled = np.minimum(np.ceil(moves / scale).astype(np.int64), available_s)  # the sample's cheapest
         spend = (spent.take(first_pair + sampled) - base).sum(axis=0)
-        room = np.maximum(np.minimum(levels, ceiling) - room_below, 0).sum(axis=0)
+        capped = np.minimum(levels, ceiling)
+        under = np.searchsorted(below, capped)  # destinations below each level: room = sum of level - load
+        room = under * capped - below_sums.take(under)
         first = int(((spend * scale <= budget) & (moves.sum(axis=0) <= room)).argmax())
         per_group = np.zeros(G, dtype=np.int64)
         per_group[sources] = sampled[:, first]

@@ -29,15 +29,14 @@ def test_pairs_order_each_side_as_a_stable_sort_of_the_group_loads(groups: int, 
 
     rel = (load / mean).astype(np.float32)
     for row in range(n):
-        busiest = sorted(range(k), key=lambda j: (int((rel > rel[g[row, j]]).sum()), j))
-        if priced:
-            def out_key(j: int) -> tuple[int, int]:
-                return (int((rel < rel[g[row, k + j]]).sum()) if usable[row, j] else groups, j)
-        else:
-            def out_key(j: int) -> tuple[int, int]:
-                return (0 if usable[row, j] and rel[g[row, k + j]] < 1 else 1, j)
-        want_in = [row * (k + w) + j for j in busiest[:m]]
-        want_out = [row * (k + w) + k + j for j in sorted(range(w), key=out_key)[:m]]
+        top_keys = [(int((rel > rel[g[row, j]]).sum()), j) for j in range(k)]  # busiest group first
+        out_rel = rel[g[row, k:]]
+        if priced:  # the idlest group first
+            out_keys = [(int((rel < out_rel[j]).sum()) if usable[row, j] else groups, j) for j in range(w)]
+        else:  # usable candidates below the mean first
+            out_keys = [(0 if usable[row, j] and out_rel[j] < 1 else 1, j) for j in range(w)]
+        want_in = [row * (k + w) + j for _, j in sorted(top_keys)[:m]]
+        want_out = [row * (k + w) + k + j for _, j in sorted(out_keys)[:m]]
         assert p.in_flat[row].tolist() == want_in
         assert p.out_flat[row].tolist() == want_out
     assert np.array_equal(p.src, g.reshape(-1).take(p.in_flat))
