@@ -1,6 +1,7 @@
 """Laser's cost side by side in one process: the top-k gate, the previous laser (the pinning oracle
-tests/unit/laser_reference.py) and laser now, device-aware defaults, 4,096 tokens, one thread, timed in turn each
-repeat (after one warm-up call); medians of wall and thread-CPU µs/token, and whether both lasers decide identically.
+tests/unit/laser_reference.py) and laser now, device-aware defaults (and laser now pricing per expert), 4,096
+tokens, one thread, timed in turn each repeat (after one warm-up call); medians of wall and thread-CPU µs/token,
+and whether both device-aware lasers decide identically.
 
 Run from the repository root: `.venv/bin/python scripts/laser_side_by_side.py [repeats]`."""
 
@@ -31,7 +32,8 @@ def main(repeats: int) -> None:
         runs: dict[str, Callable[[], object]] = {
             "topk gate": partial(gate_from_logits, logits, cfg),
             "laser before": partial(Reference(expert_groups=groups).route, gate, DROPLESS),
-            "laser now": partial(LaserRouting(expert_groups=groups).route, gate, DROPLESS)}
+            "laser now": partial(LaserRouting(expert_groups=groups).route, gate, DROPLESS),
+            "laser now per expert": partial(LaserRouting().route, gate, DROPLESS)}
         before, now = runs["laser before"](), runs["laser now"]()
         same = torch.equal(before.experts, now.experts) and torch.equal(before.weights, now.weights)
         wall, cpu = us_per_token_in_turn(runs, repeats, TOKENS)
