@@ -14,10 +14,10 @@ applied to the new choice as `apply_capacity` would.
 Loads are projected: the caller's prior (`expert_load`) plus this batch's whole top-k demand, updated by
 every swap taken, so the first chunk already sees the batch's hot spots. Shapes: T tokens, E experts,
 k chosen, w = widen, G groups (devices). The chunk steps on a few thousand entries run in numpy, where one call
-costs a fraction of torch's, and avoid data-dependent branches where numpy offers a way (radix and SIMD
-sorts of small integer keys); a gate output on an accelerator
-keeps its [T, E] steps there and sends the flat tokens' [n, 2 (k + w) + 1] candidates, flags and masses to
-the host in one copy, and the chosen experts and their probs back.
+costs a fraction of torch's, and avoid data-dependent branches where numpy offers a way (radix and SIMD sorts
+of small integer keys); a gate output on an accelerator keeps its [T, E] steps there and sends the flat
+tokens' [n, 2 (k + w) + 1] candidates, probs and top-k mass (with [n, w] usable flags when some score is not
+finite) to the host in one copy, and the chosen experts and their probs back.
 """
 
 from __future__ import annotations
