@@ -51,6 +51,7 @@ from expertray.layer import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
 from expertray.names import CONTROLLER, NAMESPACE, expert_actor_id, ray_name, router_id
 from expertray.placement_table import PlacementTable
+from expertray.policies.autoscale import resource_request_settled
 from expertray.runtime.control import PlacementControl
 from expertray.runtime.liveness import Liveness, Reply, Verdict
 from expertray.runtime.weights import load_weights, save_weights, serving_dtype
@@ -93,6 +94,7 @@ class Controller:
         self.autoscale_task: asyncio.Task | None = None
         self.autoscale_log: list[dict[str, Any]] = []
         self.resource_request: dict[str, Any] | None = None  # the last request_resources sent (bundles, why, t)
+        self.request_asked_with: frozenset[str] = frozenset()  # the table's actors when it was sent
         self.liveness = Liveness(cfg.ping_timeout_s)
         self.known_dead: frozenset[str] = frozenset()  # actors the latest liveness round found dead
         self.liveness_logged: tuple = ()  # the last push logged
@@ -113,6 +115,27 @@ class Controller:
         return self.control.table
 
     # --- persistence ---------------------------------------------------------------------------------
+    def _changed(self, event: dict[str, Any] | None = None) -> None:
+        """After every placement change (and the first table): persist, and withdraw a resource request the
+        change met or made moot."""
+        self._save()
+        standing = self.resource_request is not None and "withdrawn" not in self.resource_request
+        if standing and resource_request_settled(self.request_asked_with, self.control.table.actors):
+            self._withdraw_resource_request()
+
+    def _withdraw_resource_request(self) -> None:
+        """Replace the standing request_resources by an empty one (advisory: a failure is logged)."""
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])
+        except Exception as exc:  # noqa: BLE001 - the request is a hint to the autoscaler, never required
+            log.warning("withdrawing request_resources failed: %s", exc)
+            return
+        assert self.resource_request is not None
+        self.resource_request["withdrawn"] = time.time()
+        log.info("request_resources withdrawn (%d actors in the table)", len(self.control.table.actors))
+
     def _save(self, event: dict[str, Any] | None = None) -> None:
         if self.control is None:
             return
@@ -154,7 +177,7 @@ class Controller:
             self._restore_checkpoint()
         self.handles = {a: h for a in table.actors if (h := self._lookup(ray_name(a))) is not None}
         self._locate()  # which node each re-attached actor runs on (new actors are placed by it)
-        self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
+        self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._changed)
         self.control.history = history
         self._start_background()
         log.info("controller restored placement v%d (%d routers)", table.version, len(self.routers))
@@ -288,6 +311,7 @@ class Controller:
             log.warning("request_resources (%d bundles of %s) failed: %s", len(bundles), bundles[0], exc)
             return []
         self.resource_request = {"bundles": len(bundles), "bundle": bundles[0], "why": why, "t": time.time()}
+        self.request_asked_with = frozenset(self.control.table.actors) if self.control is not None else frozenset()
         log.info("request_resources: %d bundles of %s (%s)", len(bundles), bundles[0], why)
         return bundles
 
@@ -350,8 +374,8 @@ class Controller:
         for _ in range(self.cfg.num_routers):
             new_id, handle = await self._start_router(table)
             self.routers[new_id] = handle
-        self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._save)
-        self._save()
+        self.control = PlacementControl(table, RayActorPool(self), RayRouterPool(self), self._changed)
+        self._changed()
         self._start_background()
         log.info("expertray: %d expert actors, %d routers, transport %s", len(ids), len(self.routers),
                  self.transport)

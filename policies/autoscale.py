@@ -416,3 +416,12 @@ _URGENCY = {"straggler": 0, "hot": 1, "scale_up": 2, "cold": 3, "scale_down": 4}
 @AUTOSCALE.register("hysteresis")
 def _hysteresis(**params: Any) -> Hysteresis:
     return Hysteresis(HysteresisParams(**params))
+
+
+def resource_request_settled(asked_with: frozenset[str], actors: tuple[str, ...]) -> bool:
+    """Whether a standing `request_resources`, sent while the table held the expert actors `asked_with`, should
+    be withdrawn now that it holds `actors`: met (an actor started since, the one the room was asked for) or
+    moot (the table shrank since: whoever asked no longer grows it). The request is a floor on the cluster's
+    size that stands until the next one, so left alone it would keep the autoscaler from removing the nodes
+    it brought once the load falls."""
+    return bool(set(actors) - asked_with) or len(set(actors)) < len(asked_with)

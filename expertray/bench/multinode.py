@@ -464,7 +464,7 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
     (min_workers 1, max_workers 3). Two expert actors fill it.
     1. add_actor: under a stream it finds no node with room, the controller calls request_resources, the
        autoscaler starts a worker and the actor lands there and serves (grow_s: from the add_actor call to
-       the actor in the table, answering). A further actor fills that worker.
+       the actor in the table, answering); the met request is withdrawn. A further actor fills that worker.
     2. The autoscale policy: under a stream, scale_up holds (tokens/s per actor over a low line, max_actors 5)
        with no node room, so it decides request_resources; once the autoscaler's node joins, it decides
        add_actor and the actor lands there (request_to_serving_s: the first request_resources decision to the
@@ -549,6 +549,8 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
 
 def _autoscale_policy_grows(c: Any, layers: list[Any]) -> dict[str, Any]:
     """Step 2 of scenario_autoscale: the autoscale policy grows the cluster through the autoscaler."""
+    import ray
+
     known, nodes_before = set(c.table().actors), set(_expert_nodes())
     stream = Stream(c, layers, seed=50).start()
     try:
@@ -557,6 +559,7 @@ def _autoscale_policy_grows(c: Any, layers: list[Any]) -> dict[str, Any]:
         seen = time.time()
         c.autoscale(False)
         log = c.autoscale()["recent_actions"]
+        request = ray.get(c.controller.info.remote(), timeout=c.cfg.control_timeout_s)["resource_request"]
         where, nodes = _where(c.status()), _expert_nodes()
         time.sleep(1.0)
     finally:
@@ -565,7 +568,8 @@ def _autoscale_policy_grows(c: Any, layers: list[Any]) -> dict[str, Any]:
     requests = [e["t"] for e in log if e["kind"] == "request_resources" and e["ok"]]
     return {"decisions": [(e["kind"], e["ok"]) for e in log][:12], "added": added,
             "on_new_node": bool(added) and where.get(added[0]) in set(nodes) - nodes_before,
-            "request_to_serving_s": round(seen - min(requests), 2) if requests else None, "stream": result}
+            "request_to_serving_s": round(seen - min(requests), 2) if requests else None, "stream": result,
+            "request": request}
 
 
 def autoscale_main(budget_s: int) -> None:

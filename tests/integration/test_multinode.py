@@ -123,12 +123,14 @@ def test_the_autoscaler_starts_a_node_for_a_new_actor_and_a_node_that_never_come
     s = _scenario(_run_driver(["--scenarios", "autoscale"], AUTOSCALE_BUDGET_S), "autoscale")
     assert s["resource_request"]["bundles"] == 3  # two actors kept + the new one
     assert s["resource_request"]["bundle"] == {"CPU": 0.1, "expert_slot": 1}
+    assert s["resource_request"]["withdrawn"] >= s["resource_request"]["t"]  # met: no floor left standing
     assert s["new_actor_node_new"] and s["expert_nodes"] == 2
     _no_loss(s["stream"])
     assert s["filler_node"]
     p = s["policy"]  # the autoscale policy: request_resources while no node has room, then add_actor there
     assert p["decisions"][0] == ["request_resources", True] and ["add_actor", True] in p["decisions"]
     assert len(p["added"]) == 1 and p["on_new_node"] and p["request_to_serving_s"] is not None
+    assert p["request"]["withdrawn"] >= p["request"]["t"]
     _no_loss(p["stream"])
     assert s["no_room"].get("error") and "did not start within" in s["no_room"]["error"]
     assert "request_resources" in s["no_room"]["error"]
