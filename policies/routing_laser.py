@@ -205,12 +205,7 @@ class LaserRouting(RoutingPolicy):
         if m == 0 or n == 0 or float(load.mean()) <= 0:
             return chosen
         guard = self.max_mass_loss * top_mass
-        # each candidate's cell in the per-chunk key table [k + w, G + 1]: (column, group); an unusable
-        # candidate in an extra group of its own
-        G = load.size
-        cells = np.add(g, (G + 1) * np.arange(k + w), dtype=np.int64)
-        if usable is not None:
-            cells[:, k:] += np.where(usable, 0, G - g[:, k:])
+        cells = _cells(g, k, usable, load.size)
         chunk_masses = np.add.reduceat(top_mass[:, 0].astype(np.float64), np.arange(0, n, self.chunk_tokens)).tolist()
         budget_left, mass_left = budget, sum(chunk_masses)
         ceiling = math.inf
@@ -290,6 +285,15 @@ class LaserRouting(RoutingPolicy):
             ok = np.logical_and.accumulate((_cumsum(cost) <= guard) & (price <= np.float32(self.balance_weight)),
                                            axis=1)
         return _Pairs(in_flat, out_flat, cost, src, dst, ok, price)
+
+
+def _cells(g: np.ndarray, k: int, usable: np.ndarray | None, G: int) -> np.ndarray:
+    """[n, k + w] int64: each candidate's cell in `_pairs`' key table [k + w, G + 1], (G + 1) * column + its
+    group (g [n, k + w]); a candidate not usable (usable [n, w] False) in the extra group G."""
+    cells = np.add(g, (G + 1) * np.arange(g.shape[1]), dtype=np.int64)
+    if usable is not None:
+        cells[:, k:] += np.where(usable, 0, G - g[:, k:])
+    return cells
 
 
 @dataclass(frozen=True)
@@ -373,8 +377,9 @@ def _take_level(p: _Pairs, load: np.ndarray, mean: float, budget: float, ceiling
     # On a grid of levels [P] from the mean to the peak: pairs each source group (one with pairs) gives up
     # [S, P], what they cost, and what the destination groups [D] can absorb below the level. Both tests hold
     # from some level up (the peak passes). The other groups add nothing to the sums.
-    levels = mean + (float(load.max()) - mean) * _GRID
-    levels[-1] = float(load.max())  # exactly the peak, which always fits
+    peak = float(load.max())
+    levels = mean + (peak - mean) * _GRID
+    levels[-1] = peak  # exactly, so the last level always fits
     sources = np.flatnonzero(available)
     excess = np.maximum(np.ceil(load.take(sources)[:, None] - levels), 0)
     base, first_pair = spent.take(start.take(sources))[:, None], start.take(sources)[:, None]
@@ -417,13 +422,17 @@ def _sort_by_group_then_cost(pairs: np.ndarray, group: np.ndarray, cost: np.ndar
     bits = cost.view(np.uint32)
     order = pairs.take(np.argsort((bits.take(pairs) & 0xFFFF).astype(np.uint16), kind="stable"))
     order = order.take(np.argsort((bits.take(order) >> 16).astype(np.uint16), kind="stable"))
-    g = group.take(order)
-    return order.take(np.argsort(g.astype(np.uint16) if g.max() < 2 ** 16 else g, kind="stable"))
+    return order.take(_stable_argsort(group.take(order)))
+
+
+def _stable_argsort(ids: np.ndarray) -> np.ndarray:
+    """Stable argsort of small integer ids (>= -1): through an int16 copy when they fit, which numpy radix-sorts."""
+    return np.argsort(ids.astype(np.int16) if ids.size and ids.max() < 2 ** 15 else ids, kind="stable")
 
 
 def _rank_within_np(ids: np.ndarray) -> np.ndarray:
     """[N] for each entry of ids [N] (small ints), how many earlier entries have the same id."""
-    order = np.argsort(ids.astype(np.int16) if ids.size and ids.max() < 2 ** 15 else ids, kind="stable")
+    order = _stable_argsort(ids)
     sorted_ids = ids.take(order)
     first = np.arange(ids.size)
     new = np.ones(ids.size, dtype=bool)

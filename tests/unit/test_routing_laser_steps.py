@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from expertray.policies.routing_laser import LaserRouting, _sort_by_group_then_cost
+from expertray.policies.routing_laser import LaserRouting, _cells, _sort_by_group_then_cost
 
 
 @pytest.mark.parametrize("groups", [3, 8, 64, 40_000])  # 40,000 groups: the int64 row keys
@@ -22,10 +22,8 @@ def test_pairs_order_each_side_as_a_stable_sort_of_the_group_loads(groups: int, 
     usable = rng.random((n, w)) < 0.8
     mass = rng.random((n, k + w)).astype(np.float32)
     top_mass = mass[:, :k].sum(axis=1, keepdims=True)
-    cells = g + (groups + 1) * np.arange(k + w)
-    cells[:, k:] += np.where(usable, 0, groups - g[:, k:])
     policy = LaserRouting(balance_weight=0.5 if priced else None)
-    p = policy._pairs(g, cells, k, usable, mass, top_mass, top_mass, load, mean, m)
+    p = policy._pairs(g, _cells(g, k, usable, groups), k, usable, mass, top_mass, top_mass, load, mean, m)
 
     rel = (load / mean).astype(np.float32)
     for row in range(n):
