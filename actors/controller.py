@@ -64,6 +64,19 @@ LIVENESS_BACKOFF_MAX_S = 30.0
 SUSPECT_NODE_S = 60.0  # a node where an actor stopped answering gets no new actor for this long (if others can)
 
 
+def _request_resources(bundles: list[dict[str, float]], what: str) -> bool:
+    """Send `bundles` as the cluster's standing request_resources ([]: withdraw it); advisory, so a failure is
+    logged as `what` failed and False returned. Without an autoscaler the request does nothing."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as exc:  # noqa: BLE001 - the request is a hint to the autoscaler, never required
+        log.warning("%s failed: %s", what, exc)
+        return False
+    return True
+
+
 @ray.remote
 class Controller:
     def __init__(self, cfg: ClusterConfig, detached: bool = False) -> None:
@@ -124,17 +137,11 @@ class Controller:
             self._withdraw_resource_request()
 
     def _withdraw_resource_request(self) -> None:
-        """Replace the standing request_resources by an empty one (advisory: a failure is logged)."""
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[])
-        except Exception as exc:  # noqa: BLE001 - the request is a hint to the autoscaler, never required
-            log.warning("withdrawing request_resources failed: %s", exc)
-            return
-        assert self.resource_request is not None
-        self.resource_request["withdrawn"] = time.time()
-        log.info("request_resources withdrawn (%d actors in the table)", len(self.control.table.actors))
+        """Replace the standing request_resources by an empty one."""
+        if _request_resources([], "withdrawing request_resources"):
+            assert self.resource_request is not None
+            self.resource_request["withdrawn"] = time.time()
+            log.info("request_resources withdrawn (%d actors in the table)", len(self.control.table.actors))
 
     def _save(self, event: dict[str, Any] | None = None) -> None:
         if self.control is None:
@@ -303,12 +310,7 @@ class Controller:
         it does nothing. Advisory: a failure to send it is logged, and the actor still waits for a node."""
         keeping = sum(self.actor_nodes.get(a) not in self.suspect_nodes for a in self.handles)
         bundles = [self._actor_demand()] * (keeping + 1)
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=bundles)
-        except Exception as exc:  # noqa: BLE001 - the request is a hint to the autoscaler, never required
-            log.warning("request_resources (%d bundles of %s) failed: %s", len(bundles), bundles[0], exc)
+        if not _request_resources(bundles, f"request_resources ({len(bundles)} bundles of {bundles[0]})"):
             return []
         self.resource_request = {"bundles": len(bundles), "bundle": bundles[0], "why": why, "t": time.time()}
         self.request_asked_with = frozenset(self.control.table.actors) if self.control is not None else frozenset()
