@@ -294,16 +294,9 @@ class RouterActor:
                                               self.cfg.collective_timeout_s, list(self.table.actors),
                                               reason=f"fallback: group lost {', '.join(sorted(lost))}")
         self.fallback = True
-        task = asyncio.get_running_loop().create_task(self._close_quietly(broken))
+        task = asyncio.get_running_loop().create_task(self.switch.close(broken))  # bounded, a failure logged
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
-
-    async def _close_quietly(self, transport: Any) -> None:
-        """Close a broken transport in the background, bounded by ping_timeout_s (a hung member never answers)."""
-        try:
-            await asyncio.wait_for(transport.close(), self.cfg.ping_timeout_s)
-        except Exception:  # noqa: BLE001 - the group is dropped either way
-            log.warning("router %s: closing the broken transport failed", self.router_id, exc_info=True)
 
     async def _heal(self, exc: BaseException) -> None:
         """Ask the controller to repair the cluster (the batcher bounds this by control_timeout_s)."""
