@@ -1,4 +1,4 @@
-"""Controller: a thin Ray shell over the placement state machine (expertray/runtime/control.py).
+"""Controller: a thin Ray shell over the placement state machine (expertray/runtime/changes.py).
 
 It creates expert actors and routers, implements the control logic's ActorPool / RouterPool with actor
 handles (every call bounded: `ping_timeout_s` for pings and stats, `control_timeout_s` for loads and table
@@ -47,15 +47,15 @@ from expertray.actors.pools import RayActorPool, RayRouterPool, bounded, default
 from expertray.actors.router import LayerParams, RouterActor
 from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, ExpertRayError
-from expertray.layer import MoELayer
+from expertray.layer.reference import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
-from expertray.names import CONTROLLER, NAMESPACE, expert_actor_id, ray_name, router_id
-from expertray.placement_table import PlacementTable
 from expertray.policies.autoscale import resource_request_settled
-from expertray.runtime.control import PlacementControl
+from expertray.runtime.changes import PlacementControl
 from expertray.runtime.liveness import Liveness, Reply, Verdict
+from expertray.runtime.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot
 from expertray.runtime.weights import load_weights, save_weights, serving_dtype
-from expertray.snapshot import ControllerState, SnapshotError, load_controller_snapshot, save_snapshot
+from expertray.state.actor_names import CONTROLLER, NAMESPACE, expert_actor_id, ray_name, router_id
+from expertray.state.placement_table import PlacementTable
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class Controller:
         """The checkpoint to re-read experts from after a restart: the snapshot's descriptor, checked against
         the shards (a changed checkpoint is reported, not served); without one, the configured path described
         afresh (its digests can then not be compared with what the actors loaded)."""
-        from expertray.checkpoint.files import CheckpointDescriptor, describe
         from expertray.errors import CheckpointError
+        from expertray.models.files import CheckpointDescriptor, describe
 
         try:
             if self.checkpoint:
@@ -261,7 +261,7 @@ class Controller:
             self.suspect_nodes.pop(node, None)
 
     def _node_choice(self) -> tuple[str | None, dict[str, Any]]:
-        """The node for the next expert actor (expertray/nodes.py): most room for `_actor_demand`, fewest of
+        """The node for the next expert actor (expertray/state/ray_nodes.py): most room for `_actor_demand`, fewest of
         our actors, avoiding nodes where an actor just stopped answering (SUSPECT_NODE_S) while another node
         has room; ({} options: no node has room, Ray queues it until one joins). Nodes where an actor missed
         its latest liveness ping (a node just lost: Ray still lists it, with its slots free) are used only
@@ -600,7 +600,7 @@ class Controller:
     def _expert_bytes(self) -> int:
         """Bytes of one expert slot as actors hold it (checkpoint: from the shard headers only)."""
         if self.checkpoint:
-            from expertray.checkpoint.source import cached_source
+            from expertray.models.source import cached_source
 
             return cached_source(self.checkpoint, self.dtype).slot_bytes(1)
         c = self.cfg.layer
@@ -734,8 +734,8 @@ class Controller:
     async def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
         """Re-plan the whole placement from the window load with a placement policy (replica counts and
         packing, keeping slots in place where it costs no balance) and apply it between batches."""
-        from expertray.nodes import topology_from_nodes
         from expertray.policies.placement import PLACEMENT
+        from expertray.state.ray_nodes import topology_from_nodes
 
         signals = await self.signals()
         async with self.control.lock:

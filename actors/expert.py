@@ -22,10 +22,10 @@ import ray
 import torch
 
 from expertray.config import MoELayerConfig
-from expertray.devices import assigned_device, device_identity, synchronize
-from expertray.exchange import Memberships, from_host_array, join, member_exchange, to_host_array
+from expertray.layer.slots import ExpertKey, SlotStore
 from expertray.runtime.weights import read_slots
-from expertray.slots import ExpertKey, SlotStore
+from expertray.wire.collective import Memberships, from_host_array, join, member_exchange, to_host_array
+from expertray.wire.devices import assigned_device, device_identity, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ExpertActor:
         """Read the slots `keys` from the checkpoint `descriptor` (CheckpointDescriptor.to_dict) in `dtype`
         straight from its shards (runtime.weights.read_slots: peak memory is the slots plus one chunk of
         ≤ CHUNK_BYTES); returns bytes held."""
-        from expertray.checkpoint.source import cached_source
+        from expertray.models.source import cached_source
 
         t0 = time.perf_counter()
         source = cached_source(descriptor, dtype)

@@ -1,4 +1,4 @@
-"""The controller's ActorPool and RouterPool (expertray/runtime/control.py) over Ray actor handles.
+"""The controller's ActorPool and RouterPool (expertray/runtime/changes.py) over Ray actor handles.
 
 Every call is bounded: pings by `ping_timeout_s`, weight loads, unloads and table switches by
 `control_timeout_s`. `ctl` is the Controller actor's instance: the pools read its handles (`handles`,
@@ -16,10 +16,10 @@ from typing import Any
 import ray
 
 from expertray.errors import ExpertRayError
-from expertray.nodes import NodeInfo, choose_node, nodes_from_ray
-from expertray.placement_table import PlacementTable
-from expertray.runtime.control import ExpertKey
+from expertray.runtime.changes import ExpertKey
 from expertray.runtime.weights import expert_blob
+from expertray.state.placement_table import PlacementTable
+from expertray.state.ray_nodes import NodeInfo, choose_node, nodes_from_ray
 
 CHECKPOINT_MIN_READ_BPS = 100e6  # an actor reading its slots slower than this (bytes/s) counts as hung
 
@@ -100,7 +100,7 @@ async def answers(handle: Any, timeout_s: float) -> bool:
 
 
 class RayActorPool:
-    """ActorPool over Ray expert actors (see expertray/runtime/control.py)."""
+    """ActorPool over Ray expert actors (see expertray/runtime/changes.py)."""
 
     def __init__(self, ctl: Any) -> None:
         self.ctl = ctl
@@ -146,7 +146,7 @@ class RayActorPool:
 
 
 class RayRouterPool:
-    """RouterPool over Ray router actors (see expertray/runtime/control.py)."""
+    """RouterPool over Ray router actors (see expertray/runtime/changes.py)."""
 
     def __init__(self, ctl: Any) -> None:
         self.ctl = ctl

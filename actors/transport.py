@@ -1,18 +1,18 @@
 """Transports move a PreparedBatch's per-actor buckets to the expert actors and the outputs back.
 
 Every transport is a `Transport` registered by name in `TRANSPORTS` (Ray's collective backend registry is
-the pattern; `expertray.policies.registry.Registry` the mechanism), and produces the same [N, D] output
+the pattern; `expertray.registry.Registry` the mechanism), and produces the same [N, D] output
 rows in plan order; they differ only in how bytes move:
 - `object_store`: one Ray call per busy actor with its rows as a numpy view (object store).
 - `collective`: the router is rank 0 of a torch.distributed group with the expert actors; rows go out and
-  come back by all-to-all with uneven split sizes (`expertray.exchange`, Ray-free), while a small Ray call
+  come back by all-to-all with uneven split sizes (`expertray.wire.collective`, Ray-free), while a small Ray call
   per actor carries the metadata (which experts, how many rows each). The backend follows what the ranks
-  own (`expertray.devices.choose_backend`): NCCL when every rank holds a distinct GPU, gloo otherwise.
+  own (`expertray.wire.devices.choose_backend`): NCCL when every rank holds a distinct GPU, gloo otherwise.
 
 Each `exchange` has a deadline (`timeout_s`): an actor that does not answer in time is named in a
 TransportError, its call is cancelled, and the router treats it like a failed actor (issue 11, item 4).
 The rendezvous store of a collective group listens on the router's node address only and is sealed with
-a per-group secret that only members receive; see `expertray.exchange` and docs/RELIABILITY.md.
+a per-group secret that only members receive; see `expertray.wire.collective` and docs/RELIABILITY.md.
 
 Every CollectiveTransport forms a group of its own name, so a router switching tables forms the new group
 while the old one still serves batches (an expert actor is then a member of both, keyed by name; it joins on
@@ -31,9 +31,10 @@ from typing import Any
 import ray
 import torch
 
-from expertray.devices import BackendChoice, choose_backend, device_identity
 from expertray.errors import TransportError
-from expertray.exchange import (
+from expertray.layer.route import PreparedBatch
+from expertray.registry import Registry
+from expertray.wire.collective import (
     Group,
     from_host_array,
     join,
@@ -42,8 +43,7 @@ from expertray.exchange import (
     router_exchange,
     to_host_array,
 )
-from expertray.pipeline import PreparedBatch
-from expertray.policies.registry import Registry
+from expertray.wire.devices import BackendChoice, choose_backend, device_identity
 
 log = logging.getLogger(__name__)
 

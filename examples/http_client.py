@@ -24,9 +24,9 @@ import torch
 
 from expertray.api import connect, init_ray, launch, random_model
 from expertray.client import free_port, post
-from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
+from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
 APP = "expertray-http-example"
 
@@ -63,7 +63,7 @@ def _cluster(args: argparse.Namespace) -> tuple[Any, list, bool]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ray import serve
 
-    from expertray.serve import run_app
+    from expertray.serve.layers import run_app
 
     args = parse_args(argv)
     cluster, layers, launched = _cluster(args)

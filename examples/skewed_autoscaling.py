@@ -1,7 +1,7 @@
 """Skewed traffic against a cluster with the autoscaler on: balancedness and replica counts over time, as a PNG.
 
 Each layer gets Zipf-skewed routing (hot experts rotate every --hotspot-period requests) from
-expertray.workload; LogitInverter turns the target router logits into hidden states the layer's gate routes
+expertray.tools.workload; LogitInverter turns the target router logits into hidden states the layer's gate routes
 exactly that way. The script samples `cluster.status()` every --sample-s seconds: per layer, balancedness
 (mean / max tokens per actor over the routers' window; 1.0 is perfect) and the number of physical replicas,
 and plots both against time. Every 8th answer is checked against the in-process layer.
@@ -22,9 +22,9 @@ import torch
 
 from expertray.api import init_ray, launch, random_model
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
-from expertray.hidden_from_logits import LogitInverter
-from expertray.placement_table import PlacementTable
-from expertray.workload import Workload, WorkloadConfig
+from expertray.state.placement_table import PlacementTable
+from expertray.tools.hidden_from_logits import LogitInverter
+from expertray.tools.workload import Workload, WorkloadConfig
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first

@@ -17,8 +17,8 @@ import transformers as tf
 
 from expertray.api import init_ray, launch
 from expertray.config import ClusterConfig
-from expertray.hf import from_hf_block
-from expertray.integrations import find_moe_blocks, swap_moe_blocks
+from expertray.models.blocks import from_hf_block
+from expertray.models.proxy import find_moe_blocks, swap_moe_blocks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,9 +30,9 @@ from expertray.errors import (
 
 if TYPE_CHECKING:
     from expertray.api import Cluster, connect, launch
-    from expertray.checkpoint.model import from_pretrained
-    from expertray.layer import MoELayer
-    from expertray.placement_table import PlacementTable
+    from expertray.layer.reference import MoELayer
+    from expertray.models.pretrained import from_pretrained
+    from expertray.state.placement_table import PlacementTable
 
 __version__ = "0.1.0"
 
@@ -41,9 +41,9 @@ _LAZY = {
     "launch": "expertray.api",
     "connect": "expertray.api",
     "Cluster": "expertray.api",
-    "MoELayer": "expertray.layer",
-    "PlacementTable": "expertray.placement_table",
-    "from_pretrained": "expertray.checkpoint.model",
+    "MoELayer": "expertray.layer.reference",
+    "PlacementTable": "expertray.state.placement_table",
+    "from_pretrained": "expertray.models.pretrained",
 }
 
 __all__ = [

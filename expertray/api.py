@@ -24,14 +24,14 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from expertray.checkpoint.files import CheckpointDescriptor, describe
 from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError
-from expertray.exchange import from_host_array, to_host_array
-from expertray.layer import MoELayer
-from expertray.names import CONTROLLER, NAMESPACE
-from expertray.placement_table import PlacementTable
+from expertray.layer.reference import MoELayer
+from expertray.models.files import CheckpointDescriptor, describe
+from expertray.state.actor_names import CONTROLLER, NAMESPACE
+from expertray.state.placement_table import PlacementTable
 from expertray.validation import check_hidden, check_layer
+from expertray.wire.collective import from_host_array, to_host_array
 
 DEADLINE_GRACE_S = 2.0  # past a request's deadline, so the router's own RequestTimeoutError arrives first
 CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
@@ -214,7 +214,7 @@ class Cluster:
         return self._ask(self.controller.add_actor.remote(), steps=CHANGE_STEPS)
 
     def rebalance(self, policy: str = "balanced", slots_per_actor: int = 0) -> dict[str, Any]:
-        """Re-plan every layer's placement from the observed load (see policies/placement.py)."""
+        """Re-plan every layer's placement from the observed load (see policies/placement/__init__.py)."""
         return self._ask(self.controller.rebalance.remote(policy, slots_per_actor), steps=CHANGE_STEPS)
 
     def start_trace(self, path: str) -> list[str]:
@@ -258,7 +258,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
 
     check_policy_names(cfg)
     if cfg.model:
-        from expertray.checkpoint.model import checkpoint_cluster_config
+        from expertray.models.pretrained import checkpoint_cluster_config
 
         if layers is not None:
             raise ConfigError("launch: cluster.model names a checkpoint; do not also pass layers")

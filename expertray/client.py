@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from expertray.codec import decode_tensor, encode_tensor, pack, unpack
+from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
 MSGPACK = "application/msgpack"
 

@@ -16,7 +16,7 @@ OVERFLOW_MODES = ("drop", "reroute", "dropless")
 DROP_PRIORITIES = ("first_come", "score")
 TRANSPORTS = ("auto", "collective", "object_store")
 # The names each policy registry holds (policies/). Declared here so that the config is checked without
-# importing policies; tests/unit/test_registries.py asserts each registry holds exactly these names.
+# importing policies; tests/unit/policies/test_registries.py asserts each registry holds exactly these names.
 ROUTING_POLICIES = ("capacity", "laser", "topk")
 REPLICA_POLICIES = ("least_loaded", "locality", "round_robin")
 AUTOSCALE_POLICIES = ("hysteresis",)
@@ -89,7 +89,7 @@ class MoELayerConfig:
 
     expert_activation: swiglu (silu(gate)·up) or clamped_swiglu (GPT-OSS: gate clamped to ≤ swiglu_limit,
     up to ±swiglu_limit, gate·sigmoid(swiglu_alpha·gate)·(up + 1)); expert_bias: experts carry biases
-    (GPT-OSS) — see expertray/expert_math.py.
+    (GPT-OSS) — see expertray/layer/expert_math.py.
     """
 
     d_model: int = 256
@@ -196,7 +196,7 @@ class ClusterConfig:
     take `router_num_gpus` so gate, plan, permute and combine run beside them on a device.
     `actor_resources`: custom Ray resources each expert actor also asks for (e.g. {"expert_slot": 1}, declared
     per node by `ray start --resources`); the controller places each new actor on the live node with the most
-    room for them (expertray/nodes.py).
+    room for them (expertray/state/ray_nodes.py).
     model: a Hugging Face checkpoint directory to serve (empty: random weights of `layer` × `num_layers`).
     dtype: serving dtype of expert weights and compute; auto = the checkpoint's torch_dtype (float32 for
     random weights). Gate math is float32 whatever the dtype.

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from expertray.errors import ConfigError, UnknownExpertError, require
-from expertray.placement_table import PlacementTable
 from expertray.policies.placement import device_loads
-from expertray.policies.registry import Registry
+from expertray.registry import Registry
+from expertray.state.placement_table import PlacementTable
 
 log = logging.getLogger(__name__)
 

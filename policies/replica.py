@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from expertray.errors import ConfigError, InputError
-from expertray.interfaces import ReplicaSelector
-from expertray.placement_table import LayerRoute
-from expertray.policies.registry import Registry
+from expertray.registry import Registry
+from expertray.seams import ReplicaSelector
+from expertray.state.placement_table import LayerRoute
 
 
 @dataclass(frozen=True)

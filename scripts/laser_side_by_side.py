@@ -1,11 +1,11 @@
 """Laser's cost side by side in one process, 4,096 tokens, one thread.
 
 `laser_side_by_side.py [repeats]`: the top-k gate, the previous laser (the pinning oracle
-tests/unit/laser_reference.py) and laser now, device-aware defaults (and laser now pricing per expert), timed in
+tests/unit/policies/laser_reference.py) and laser now, device-aware defaults (and laser now pricing per expert), timed in
 turn each repeat (after one warm-up call); medians of wall and thread-CPU µs/token, and whether both device-aware
 lasers decide identically.
 
-`laser_side_by_side.py REPEATS REVISION`: laser now against policies/routing_laser.py as it stood at a git
+`laser_side_by_side.py REPEATS REVISION`: laser now against policies/routing/laser.py as it stood at a git
 revision, device-aware and per expert, over 16 batches of different seeds cycled (so no call meets a batch its
 caches or branch predictors have just learned), in turn; the best of REPEATS rounds of thread CPU µs/token, and
 whether both decide identically on every batch.
@@ -24,9 +24,9 @@ from functools import partial
 
 import torch
 
-from expertray.bench.routing import DROPLESS, MODELS, _device_of, families, us_per_token_in_turn
-from expertray.gating import GateOutput, gate_from_logits
-from expertray.policies.routing_laser import LaserRouting
+from expertray.layer.gating import GateOutput, gate_from_logits
+from expertray.policies.routing.laser import LaserRouting
+from expertray.tools.bench.routing import DROPLESS, MODELS, _device_of, families, us_per_token_in_turn
 
 TOKENS = 4096
 
@@ -53,9 +53,9 @@ def against_reference(repeats: int) -> None:
 
 
 def laser_at(revision: str) -> type:
-    """LaserRouting as policies/routing_laser.py stood at a git revision of this repository (its registry
+    """LaserRouting as policies/routing/laser.py stood at a git revision of this repository (its registry
     entry left out: the current module holds the name)."""
-    path = f"{revision}:policies/routing_laser.py"
+    path = f"{revision}:policies/routing/laser.py"
     source = subprocess.run(["git", "show", path], check=True, capture_output=True, text=True).stdout
     module = types.ModuleType(f"routing_laser_at_{revision}")
     sys.modules[module.__name__] = module  # dataclasses look their module up

@@ -22,9 +22,9 @@ import torch
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # Imports that pull in Ray (directly, or through the Ray-facing modules of the package).
-_NEEDS_RAY = re.compile(r"^\s*(import ray\b|from ray\b|from expertray\.(api|serve|demo|actors)\b|"
-                        r"import expertray\.(api|serve|demo|actors)\b|from expertray\.bench import .*\b(layer|elastic)\b)",
-                        re.MULTILINE)
+_NEEDS_RAY = re.compile(r"^\s*(import ray\b|from ray\b|from expertray\.(api|serve|tools\.demo|actors)\b|"
+                        r"import expertray\.(api|serve|tools\.demo|actors)\b|"
+                        r"from expertray\.tools\.bench import .*\b(layer|elastic)\b)", re.MULTILINE)
 # Modules that are optional on a bare GPU machine; a test module importing a missing one is not collected.
 _OPTIONAL = {"ray": _NEEDS_RAY,
              "prometheus_client": re.compile(r"^\s*(from prometheus_client\b|import prometheus_client\b|"
@@ -78,7 +78,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """EXPERTRAY_DEVICE (cpu | cuda | cuda:N); asking for CUDA where there is none fails, never falls back."""
-    from expertray.devices import resolve_device
+    from expertray.wire.devices import resolve_device
 
     return resolve_device()
 

@@ -1,5 +1,5 @@
 """CPU seconds (min of 3) of the `balanced` planner on one layer of 256 experts, an older version of
-policies/placement_balanced.py (its path in argv[1], e.g. `git show 412cfe2:policies/placement_balanced.py >
+policies/placement/balanced.py (its path in argv[1], e.g. `git show 412cfe2:policies/placement/balanced.py >
 /tmp/old_balanced.py`) beside this checkout's, at 64, 256 and 1,024 devices with the simulator's defaults."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from types import ModuleType
 import numpy as np
 
 import expertray.policies.placement as placement
-from expertray.coactivation import Coactivation
-from expertray.policies.placement_balanced import BalancedPlacement
-from expertray.sim.routing import SyntheticRouting
-from expertray.sim.simulator import default_slots_per_device
-from expertray.topology import Topology
+from expertray.tools.sim.coactivation import Coactivation
+from expertray.policies.placement.balanced import BalancedPlacement
+from expertray.tools.sim.routing import SyntheticRouting
+from expertray.tools.sim.simulator import default_slots_per_device
+from expertray.state.topology import Topology
 
 EXPERTS = 256
 

@@ -1,3 +1,3 @@
 """The `expertray` command line: the root app and cluster commands (main.py) and the error handling and
 progress output every command shares (common.py). Trace and sim commands live with their concern
-(expertray/trace/cli.py, expertray/sim/cli.py), benchmarks in expertray/bench/cli.py."""
+(expertray/tools/trace/cli.py, expertray/tools/sim/cli.py), benchmarks in expertray/tools/bench/cli.py."""

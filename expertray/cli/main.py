@@ -25,12 +25,12 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from expertray.bench.cli import bench_app  # noqa: E402
 from expertray.cli.common import EXIT_USAGE, friendly, progress, say  # noqa: E402
 from expertray.config import load_config  # noqa: E402
 from expertray.errors import ConfigError  # noqa: E402
-from expertray.sim import cli as sim_cli  # noqa: E402
-from expertray.trace.cli import trace_app  # noqa: E402
+from expertray.tools.bench.cli import bench_app  # noqa: E402
+from expertray.tools.sim import cli as sim_cli  # noqa: E402
+from expertray.tools.trace.cli import trace_app  # noqa: E402
 
 app = typer.Typer(help="expertray: elastic expert-parallel MoE inference on Ray.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -254,7 +254,7 @@ def status(address: str | None = ADDRESS, as_json: bool = JSON) -> None:
 def experts(address: str | None = ADDRESS, layer: int | None = typer.Option(None, help="Only this layer."),
             as_json: bool = JSON) -> None:
     """Per logical expert: replicas, the actors holding them, window tokens, share, tokens/s since start."""
-    from expertray.placement_table import PlacementTable
+    from expertray.state.placement_table import PlacementTable
     from expertray.validation import check_layer
 
     st = _connect(address).status()
@@ -355,7 +355,7 @@ def load(seconds: float = typer.Option(10.0, min=0.0, help="How long to send tra
     """Put the demo's skewed, shifting traffic on a running cluster (hidden states are shaped through the gates
     of random_model(cfg), the weights `expertray up` serves; on other weights the skew is approximate)."""
     from expertray.api import random_model
-    from expertray.demo import drive
+    from expertray.tools.demo import drive
 
     cluster = _connect(address)
     cfg = cluster.cfg
@@ -382,7 +382,7 @@ def generate(model: str = typer.Option(..., "--model", help="Hugging Face checkp
                                                                          "(no Ray) instead of on a new cluster."),
              as_json: bool = JSON) -> None:
     """Greedy generation end to end with a checkpoint's MoE layers on a new cluster; prints tokens/s."""
-    from expertray.checkpoint.generate import generate as run_generate
+    from expertray.models.generate import generate as run_generate
 
     ids = None
     if prompt_ids is not None:
@@ -407,7 +407,7 @@ def demo(seconds: float = typer.Option(20.0, help="How long to serve traffic."),
          config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON); default: embedded.")) -> None:
     """The main job: a Ray of its own serving a multi-layer MoE with live balancing (any cluster that is up is
     left alone; `expertray load` drives that one)."""
-    from expertray.demo import run_demo
+    from expertray.tools.demo import run_demo
 
     run_demo(load_config(config), seconds)
 

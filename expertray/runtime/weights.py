@@ -28,12 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from expertray.config import ClusterConfig, MoELayerConfig
-from expertray.expert_math import ExpertBiases
-from expertray.experts import ExpertWeights, SharedExpert
-from expertray.gating import GateWeights
-from expertray.layer import MoELayer
-from expertray.slots import SlotStore
-from expertray.snapshot import SnapshotError
+from expertray.layer.expert_math import ExpertBiases
+from expertray.layer.experts import ExpertWeights, SharedExpert
+from expertray.layer.gating import GateWeights
+from expertray.layer.reference import MoELayer
+from expertray.layer.slots import SlotStore
+from expertray.runtime.snapshot import SnapshotError
 
 
 def serving_dtype(cfg: ClusterConfig) -> str:
@@ -45,7 +45,7 @@ def serving_dtype(cfg: ClusterConfig) -> str:
 def expert_blob(layers: list[MoELayer], keys: list[tuple[int, int]], dtype: str) -> dict[str, Any]:
     """The ExpertBlob (see actors/expert.py) of `keys` from in-memory layers, in `dtype`: weights and, for
     layers with expert biases, biases; bf16 as its raw bits."""
-    from expertray.exchange import to_host_array
+    from expertray.wire.collective import to_host_array
 
     def rows(m: MoELayer, e: int) -> list[torch.Tensor]:
         out = [m.experts.gate_up[e], m.experts.down[e]]
@@ -95,8 +95,8 @@ def read_slots(source: Any, keys: list[tuple[int, int]], store: SlotStore, chunk
 def router_params(descriptor: dict[str, Any], dtype: str) -> list[Any]:
     """LayerParams (gate weights in float32, shared expert in `dtype`) of every MoE layer of a checkpoint,
     read from its shards: what a router loads for itself (routed experts are never read)."""
-    from expertray.checkpoint.source import cached_source
-    from expertray.runtime.datapath import LayerParams
+    from expertray.layer.datapath import LayerParams
+    from expertray.models.source import cached_source
 
     source = cached_source(descriptor, dtype)
     return [LayerParams(rw.gate, rw.shared) for rw in (source.router(layer) for layer in range(source.num_layers))]

@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 
 from expertray.api import launch, random_model
 from expertray.client import free_port
-from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig, from_dict
 from expertray.errors import ConfigError, InputError, OversizeError, UnknownExpertError
-from expertray.placement_table import PlacementTable
-from expertray.snapshot import SnapshotError, load_snapshot, save_snapshot
+from expertray.runtime.snapshot import SnapshotError, load_snapshot, save_snapshot
+from expertray.state.placement_table import PlacementTable
+from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
 pytestmark = pytest.mark.ray
 D = 32
@@ -45,7 +45,7 @@ def _cfg(**kw) -> ClusterConfig:
 def live(ray_session):
     from ray import serve
 
-    from expertray.serve import run_app
+    from expertray.serve.layers import run_app
 
     cfg = _cfg()
     layers = random_model(cfg)

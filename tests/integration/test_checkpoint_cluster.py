@@ -13,10 +13,10 @@ import ray
 import torch
 
 from expertray.api import launch, to_wire
-from expertray.checkpoint.model import cluster_config, from_pretrained
-from expertray.checkpoint.source import WeightSource
-from expertray.checkpoint.synthetic import write_tiny_checkpoint
-from expertray.snapshot import load_controller_snapshot
+from expertray.models.pretrained import cluster_config, from_pretrained
+from expertray.models.source import WeightSource
+from expertray.models.synthetic import write_tiny_checkpoint
+from expertray.runtime.snapshot import load_controller_snapshot
 
 tf = pytest.importorskip("transformers")
 pytestmark = pytest.mark.ray

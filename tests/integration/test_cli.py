@@ -101,7 +101,7 @@ def test_live_trace_round_trips_through_replay_and_analyze(live, tmp_path) -> No
     for i in range(5):
         cluster.forward(i % 2, torch.randn(16, 32))
     assert cluster.stop_trace()[0] > 0
-    from expertray.trace import read_trace
+    from expertray.tools.trace import read_trace
 
     records = list(read_trace(path))
     assert len(records) == 5 and {r.layer for r in records} == {0, 1}

@@ -12,7 +12,7 @@ import torch
 
 from expertray.api import launch, random_model
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
-from expertray.hidden_from_logits import LogitInverter
+from expertray.tools.hidden_from_logits import LogitInverter
 from expertray.validation import tensor_view
 
 pytestmark = pytest.mark.ray

@@ -58,7 +58,7 @@ def test_kill_replicated_actor_serves_from_replicas_before_the_heal(ray_session)
     """Every expert of the victim has a replica elsewhere: the router masks the dead actor (a failed batch names
     it, or the controller's liveness push does, whichever comes first) and answers from the replicas at once
     (object-store fallback while the collective group re-forms), before the heal ends."""
-    from expertray.bench.faults import replicate_elsewhere
+    from expertray.tools.bench.faults import replicate_elsewhere
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 8, 2)), num_layers=2,
                         num_expert_actors=3, transport="collective", actor_num_cpus=0.25, collective_timeout_s=10)
@@ -222,7 +222,7 @@ def test_a_hung_actor_whose_experts_have_replicas_is_routed_around_before_any_he
     import os
     import signal
 
-    from expertray.bench.faults import replicate_elsewhere
+    from expertray.tools.bench.faults import replicate_elsewhere
 
     cfg = _small(transport="collective", ping_timeout_s=20.0, collective_timeout_s=20.0, liveness_timeout_s=0.5)
     layers = random_model(cfg)

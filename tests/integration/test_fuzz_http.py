@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from expertray.api import launch, random_model
 from expertray.client import free_port, post
-from expertray.codec import WIRE_DTYPES
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+from expertray.wire.http_codec import WIRE_DTYPES
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install '.[dev]')")
 
@@ -35,7 +35,7 @@ FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
 def base_url(ray_session):
     from ray import serve
 
-    from expertray.serve import run_app
+    from expertray.serve.layers import run_app
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=32, gate=GateConfig("mixtral", 4, 2)), num_layers=2,
                         num_expert_actors=2, actor_num_cpus=0.25, router_num_cpus=0.25, max_request_tokens=128,

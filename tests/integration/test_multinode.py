@@ -3,7 +3,7 @@ of its own, `expert_slot` standing in for GPUs): placement by node, a second dri
 node, losing a node under a stream; then the same model with the collective transport (gloo), its group
 spanning raylets: correct answers, and losing a node under a stream.
 
-The scenarios run in expertray/bench/multinode.py, in a process of its own (this process already
+The scenarios run in expertray/tools/bench/multinode.py, in a process of its own (this process already
 holds the session's Ray connection), once for the module; each test checks one scenario's JSON result.
 """
 
@@ -24,11 +24,11 @@ CLEAR_ERRORS = {"RequestTimeoutError", "ExpertUnavailableError", "RouterUnavaila
 
 
 def _run_driver(args: list[str], budget_s: int) -> dict[str, Any]:
-    """Run expertray.bench.multinode with `args` in a process of its own; its scenarios' results."""
+    """Run expertray.tools.bench.multinode with `args` in a process of its own; its scenarios' results."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     timeout_s = budget_s + 60
-    proc = subprocess.Popen([sys.executable, "-m", "expertray.bench.multinode", "--budget-s", str(budget_s), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "expertray.tools.bench.multinode", "--budget-s", str(budget_s), *args],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:

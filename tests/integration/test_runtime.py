@@ -100,7 +100,7 @@ def test_several_routers_and_threads_of_clients(ray_session) -> None:
 
 def test_routing_policy_by_config_name_changes_live_routing(ray_session) -> None:
     """The device-aware laser, chosen by name in the cluster config, moves flat tokens off the hot actor."""
-    from expertray.hidden_from_logits import LogitInverter
+    from expertray.tools.hidden_from_logits import LogitInverter
 
     results = {}
     for policy, params in (("topk", {}), ("laser", {"device_aware": True, "balance_weight": 0.7,

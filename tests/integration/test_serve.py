@@ -13,8 +13,8 @@ import torch
 
 from expertray.api import launch, random_model
 from expertray.client import forward, free_port, post
-from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
 pytestmark = pytest.mark.ray
 D = 32
@@ -24,7 +24,7 @@ D = 32
 def served(ray_session):
     from ray import serve
 
-    from expertray.serve import run_app
+    from expertray.serve.layers import run_app
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=48, gate=GateConfig("mixtral", 6, 2)),
                         num_layers=2, num_expert_actors=2, actor_num_cpus=0.25, max_request_tokens=256)

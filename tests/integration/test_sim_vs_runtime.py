@@ -13,9 +13,9 @@ import torch
 
 from expertray.api import launch, random_model
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
-from expertray.sim.traffic import simulate_layer_bytes
-from expertray.topology import Topology
-from expertray.trace import read_trace
+from expertray.state.topology import Topology
+from expertray.tools.sim.traffic import simulate_layer_bytes
+from expertray.tools.trace import read_trace
 
 pytestmark = pytest.mark.ray
 D = 32

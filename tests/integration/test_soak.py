@@ -28,8 +28,8 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 
 from expertray.api import launch, random_model
 from expertray.client import free_port
-from expertray.codec import decode_tensor, encode_tensor, pack, unpack
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
 pytestmark = pytest.mark.ray
 D = 64
@@ -78,7 +78,7 @@ def _rss_mib(pid: int) -> float:
 def served(ray_session):
     from ray import serve
 
-    from expertray.serve import run_app
+    from expertray.serve.layers import run_app
 
     cfg = ClusterConfig(layer=MoELayerConfig(d_model=D, d_ff=128, gate=GateConfig("mixtral", 8, 2)), num_layers=2,
                         num_expert_actors=3, actor_num_cpus=0.25, router_num_cpus=0.25, max_wait_ms=2.0,

@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from expertray.codec import MAX_JSON_TOKENS, MediaTypeError, decode_json_hidden, json_depth, media_type
 from expertray.config import CapacityConfig, GateConfig, MoELayerConfig, from_dict, to_dict
 from expertray.errors import ConfigError, InputError, OversizeError, UnknownExpertError
 from expertray.validation import check_hidden, check_layer
+from expertray.wire.http_codec import (
+    MAX_JSON_TOKENS,
+    MediaTypeError,
+    decode_json_hidden,
+    json_depth,
+    media_type,
+)
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -122,9 +128,9 @@ def test_decode_json_hidden_rejects(body: bytes, exc: type, needle: str) -> None
 def test_decode_json_hidden_keeps_n_d_shapes_and_bounds_size(monkeypatch) -> None:
     assert decode_json_hidden(b'{"hidden": [[[1, 2], [3, 4], [5, 6]]]}').shape == (1, 3, 2)
     assert decode_json_hidden(b'{"hidden": [[1, 2]], "extra": "[[["}').shape == (1, 2)
-    import expertray.codec
+    import expertray.wire.http_codec
 
-    monkeypatch.setattr(expertray.codec, "MAX_JSON_BYTES", 10)
+    monkeypatch.setattr(expertray.wire.http_codec, "MAX_JSON_BYTES", 10)
     with pytest.raises(OversizeError, match="12 bytes is over the 10-byte limit"):
         decode_json_hidden(b'{"hidden":1}')
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from expertray.config import ClusterConfig, from_dict
-from expertray.devices import choose_backend
+from expertray.wire.devices import choose_backend
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 

@@ -73,7 +73,7 @@ def test_stop_head_signals_only_the_recorded_process(state_dir) -> None:
 
 
 def test_fit_to_cpus_shrinks_only_what_does_not_fit() -> None:
-    from expertray.serve import fit_to_cpus
+    from expertray.serve.layers import fit_to_cpus
 
     cfg = ClusterConfig()  # 4 actors x 0.5 + 1 router x 0.5 = 2.5 CPUs
     fitted = fit_to_cpus(cfg, free_cpus=1.75, reserve_cpus=0.75)

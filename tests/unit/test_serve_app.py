@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from expertray.errors import ConfigError
-from expertray.serve import APP_ARGS, ExpertRayIngress, app
+from expertray.serve.layers import APP_ARGS, ExpertRayIngress, app
 
 
 def test_builder_passes_known_arguments_to_the_ingress() -> None:

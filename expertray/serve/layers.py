@@ -1,0 +1,288 @@
+"""Ray Serve application: HTTP front door of an expertray cluster (`serve run expertray.serve:app`).
+
+POST /v1/layers/{layer}/forward  — JSON {"hidden": [...]} for small inputs, or application/msgpack
+                                   {"hidden": {"dtype", "shape", "data"}} for real sizes; hidden states have
+                                   shape [..., d_model] and the output has the same shape; the reply uses the
+                                   request's format. Other content types → 415 (see expertray.wire.http_codec).
+GET  /v1/experts, /v1/placement, /healthz.
+Every error reply, FastAPI's own 404/405/422 included, is {"error": "<message>"}.
+
+The ingress connects to the running cluster's controller, or launches one from $EXPERTRAY_CONFIG / the default
+config when none runs — with random weights (said in the log and in /healthz "weights") and its CPU asks
+shrunk to what the Ray cluster has free, so `serve run` on a 2-core machine does not wait forever.
+Backpressure: over `max_inflight_tokens` → 503 with Retry-After.
+
+Rejections the ingress answers itself (400/404/413/415/422/503, before or instead of a router) are counted
+per ingress replica: /healthz "rejected" (by status code) and the Ray metric
+`expertray_ingress_rejected_total{code}` (exported with Ray's metrics; summed over replicas by Prometheus).
+Requests a router refuses are counted by the router (`expertray status`, `expertray_requests_total{outcome}`).
+"""
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from expertray.api import to_wire
+from expertray.config import ClusterConfig, load_config
+from expertray.errors import (
+    BackpressureError,
+    ConfigError,
+    ExpertUnavailableError,
+    InputError,
+    OversizeError,
+    RequestTimeoutError,
+    RouterUnavailableError,
+    UnknownExpertError,
+)
+from expertray.wire.collective import from_host_array
+from expertray.wire.http_codec import (
+    MAX_JSON_BYTES,
+    MAX_WIRE_BYTES,
+    MSGPACK,
+    MediaTypeError,
+    decode_json_hidden,
+    decode_tensor,
+    encode_tensor,
+    media_type,
+    pack,
+    unpack,
+)
+
+__all__ = ["ExpertRayIngress", "app", "fit_to_cpus", "run_app"]
+
+log = logging.getLogger(__name__)
+INGRESS_NUM_CPUS = 0.25
+INGRESS_MAX_REPLICAS = 4
+
+api = FastAPI(title="expertray", version="0.1.0",
+              description="Expert-parallel MoE layers served by an expertray cluster on Ray.")
+# Non-2xx replies this process (one ingress replica) answered, by status code.
+REJECTED: collections.Counter[int] = collections.Counter()
+_rejected_metric: Any = None
+
+
+def _count_rejection(status: int) -> None:
+    global _rejected_metric
+    REJECTED[status] += 1
+    if _rejected_metric is None:
+        from ray.util.metrics import Counter
+
+        _rejected_metric = Counter("expertray_ingress_rejected", "Requests the Serve ingress answered with an "
+                                   "error status itself, by HTTP status code.", tag_keys=("code",))
+    _rejected_metric.inc(tags={"code": str(status)})
+
+
+def rejected_counts() -> dict[str, int]:
+    """This process's error replies by status code. (A module function, not a read of REJECTED in the ingress
+    class: Serve ships the class by value, with copies of the globals it names.)"""
+    return {str(code): n for code, n in sorted(REJECTED.items())}
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    """The one error shape of the API: {"error": message}; every error reply is counted."""
+    _count_rejection(status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own 404 (no such route) and 405 (wrong method) in the app's error shape."""
+    return _error(exc.status_code, str(exc.detail), **(exc.headers or {}))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A malformed path or query parameter (e.g. /v1/layers/abc/forward): 422 naming the parameter."""
+    problems = ["{}: {} (got {!r})".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg", "invalid"),
+                                           e.get("input")) for e in exc.errors()]
+    return _error(422, "; ".join(problems) or "invalid request")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc
+
+
+def fit_to_cpus(cfg: ClusterConfig, free_cpus: float, reserve_cpus: float = 0.0) -> ClusterConfig:
+    """`cfg` with its routers' and expert actors' CPU asks shrunk so that all of them fit in
+    `free_cpus - reserve_cpus` (never raised; at least 0.01 each, Ray's fractional resources allow it)."""
+    pieces = cfg.num_expert_actors + cfg.num_routers
+    asked = cfg.num_expert_actors * cfg.actor_num_cpus + cfg.num_routers * cfg.router_num_cpus
+    budget = free_cpus - reserve_cpus
+    if asked <= budget:
+        return cfg
+    share = max(0.01, round(budget / pieces, 2) if budget > 0 else 0.0)
+    return dataclasses.replace(cfg, actor_num_cpus=min(cfg.actor_num_cpus, share),
+                               router_num_cpus=min(cfg.router_num_cpus, share))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with OversizeError as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise OversizeError(f"request body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OversizeError(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(body: bytes, kind: str) -> np.ndarray | torch.Tensor:
+    if kind == MSGPACK:
+        doc = unpack(body)
+        if not isinstance(doc, dict) or "hidden" not in doc:
+            raise InputError("msgpack body must be a map with key 'hidden'")
+        return decode_tensor(doc["hidden"])
+    return decode_json_hidden(body)
+
+
+@serve.deployment(name="ExpertRayIngress", ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
+                  autoscaling_config={"min_replicas": 1, "max_replicas": INGRESS_MAX_REPLICAS,
+                                      "target_ongoing_requests": 8})
+@serve.ingress(api)
+class ExpertRayIngress:
+    def __init__(self, max_inflight_tokens: int = 65536, model: str = "", dtype: str = "", config: str = "") -> None:
+        """Attach to the running expertray cluster; with none running, launch one from `config` (path; else
+        $EXPERTRAY_CONFIG, else the default) serving checkpoint `model` (a Hugging Face directory) in `dtype`,
+        or random weights when no model is given (said in a log line and in /healthz)."""
+        import ray
+
+        from expertray.api import connect, launch
+
+        self.weights = "as loaded by the running expertray cluster"
+        try:
+            self.cluster = connect(None)
+        except ConfigError:
+            path = config or os.environ.get("EXPERTRAY_CONFIG")
+            free = ray.available_resources().get("CPU", 0.0)
+            cfg = load_config(Path(path) if path else None)
+            if model or dtype:
+                cfg = dataclasses.replace(cfg, model=model or cfg.model, dtype=dtype or cfg.dtype)
+            cfg = fit_to_cpus(cfg, free, reserve_cpus=(INGRESS_MAX_REPLICAS - 1) * INGRESS_NUM_CPUS)
+            if cfg.model:
+                self.weights = f"checkpoint {cfg.model} ({cfg.dtype}), launched by this ingress"
+                log.warning("no expertray cluster running: launching one serving %s", cfg.model)
+            else:
+                self.weights = (f"random (seed {cfg.seed}): no expertray cluster was running, this ingress "
+                                "launched one")
+                log.warning("no expertray cluster running: launching one from %s with RANDOM weights (seed %d), "
+                            "%g CPU per expert actor and %g per router (%.2f CPUs free); start your cluster "
+                            "first (`expertray up`, expertray.launch) or pass model=PATH to serve real weights",
+                            path or "the default config", cfg.seed, cfg.actor_num_cpus, cfg.router_num_cpus, free)
+            self.cluster = launch(cfg)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.max_inflight_tokens = max_inflight_tokens
+        self.inflight_tokens = 0
+
+    @api.post("/v1/layers/{layer}/forward", summary="Run one MoE layer on hidden states [..., d_model]")
+    async def forward(self, layer: int, request: Request) -> Response:
+        try:
+            kind = media_type(request.headers.get("content-type"))
+            body = await _read_body(request, MAX_WIRE_BYTES if kind == MSGPACK else MAX_JSON_BYTES)
+            hidden = _decode(body, kind)
+            x = self.cluster.validate(layer, hidden)
+        except UnknownExpertError as exc:
+            return _error(404, str(exc))
+        except MediaTypeError as exc:
+            return _error(415, str(exc))
+        except OversizeError as exc:
+            return _error(413, str(exc))
+        except InputError as exc:
+            return _error(400, str(exc))
+        tokens = int(np.prod(hidden.shape[:-1]))
+        if self.inflight_tokens + tokens > self.max_inflight_tokens:
+            return _error(503, f"overloaded: {self.inflight_tokens} tokens in flight", **{"Retry-After": "1"})
+        self.inflight_tokens += tokens
+        try:
+            wire, wire_dtype = to_wire(x)
+            answer = await self.cluster.forward_wire(layer, wire, wire_dtype)
+            out = from_host_array(np.asarray(answer), wire_dtype).reshape(tuple(hidden.shape))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below; nothing is swallowed
+            cause = _root_cause(exc)
+            if isinstance(cause, BackpressureError):
+                return _error(503, str(cause), **{"Retry-After": "1"})
+            if isinstance(cause, InputError | UnknownExpertError):
+                return _error(400, str(cause))
+            if isinstance(cause, ExpertUnavailableError | RouterUnavailableError):
+                return _error(503, str(cause), **{"Retry-After": "1"})
+            if isinstance(cause, RequestTimeoutError):
+                return _error(504, str(cause))
+            log.exception("forward failed")
+            return _error(500, f"internal error: {type(cause).__name__}: {cause}")
+        finally:
+            self.inflight_tokens -= tokens
+        if kind == MSGPACK:
+            same = out if isinstance(hidden, torch.Tensor) else out.numpy().astype(hidden.dtype, copy=False)
+            return Response(pack({"output": encode_tensor(same)}),
+                            media_type=MSGPACK)
+        return JSONResponse({"output": out.tolist()})
+
+    @api.get("/v1/placement", summary="The current placement table")
+    async def placement(self) -> dict[str, Any]:
+        return await self.cluster.controller.get_table.remote()
+
+    @api.get("/v1/experts", summary="Per logical expert: replicas and their actors")
+    async def experts(self) -> list[dict[str, Any]]:
+        from expertray.state.placement_table import PlacementTable
+
+        table = PlacementTable.from_dict(await self.cluster.controller.get_table.remote())
+        return [{"layer": layer, "expert": e, "actors": [s.actor for s in table.replicas(layer, e)]}
+                for layer in range(table.num_layers) for e in range(table.num_experts)]
+
+    @api.get("/healthz", summary="Cluster health: controller, routers and expert actors reachable")
+    async def healthz(self) -> Response:
+        try:
+            status = await asyncio.wait_for(self.cluster.controller.status.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - reported as unhealthy
+            return _error(503, f"cluster unreachable: {_root_cause(exc)}")
+        return JSONResponse({"status": "ok", "table_version": status["table"]["version"],
+                             "actors": len(status["actors"]), "routers": len(status["routers"]),
+                             "transport": status["transport"], "weights": self.weights,
+                             "ingress": {"replica": self.replica,
+                                         "rejected": rejected_counts()}})
+
+
+APP_ARGS = ("model", "dtype", "config", "max_inflight_tokens")
+
+
+def app(args: dict[str, str] | None = None) -> serve.Application:
+    """The Serve application builder: `serve run expertray.serve:app [model=PATH] [dtype=bfloat16]
+    [config=cluster.yaml] [max_inflight_tokens=N]`, or `args:` under the application in a Serve config file.
+    Unknown keys are refused by name."""
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(APP_ARGS))
+    if unknown:
+        raise ConfigError(f"expertray.serve:app: unknown argument(s) {', '.join(unknown)} "
+                          f"(accepted: {', '.join(APP_ARGS)})")
+    kwargs: dict[str, Any] = {k: str(v) for k, v in args.items() if k != "max_inflight_tokens"}
+    if "max_inflight_tokens" in args:
+        try:
+            kwargs["max_inflight_tokens"] = int(args["max_inflight_tokens"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"expertray.serve:app: max_inflight_tokens must be an integer, got "
+                              f"{args['max_inflight_tokens']!r}") from None
+    return ExpertRayIngress.bind(**kwargs)
+
+
+def run_app(port: int = 8000, host: str = "127.0.0.1", name: str = "expertray", quiet: bool = False,
+            **ingress_kwargs: Any) -> str:
+    """Start Serve's HTTP proxy on host:port (loopback by default), deploy the ingress, return its base URL."""
+    logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(ExpertRayIngress.bind(**ingress_kwargs), name=name, route_prefix="/", logging_config=logging_config)
+    return f"http://{host}:{port}"

@@ -1,0 +1,232 @@
+"""The controller's change and heal logic, driven without Ray by fake expert actors and routers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from expertray.errors import ExpertRayError, NoChangeError
+from expertray.runtime.changes import PlacementControl
+from expertray.state.placement_table import PlacementTable
+
+
+class FakeActors:
+    """Expert actors in memory: which keys each holds; `dead` ones fail every call and ping False."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.held: dict[str, set[tuple[int, int]]] = {a: set() for a in ids}
+        self.next = len(ids)
+        self.dead: set[str] = set()
+        self.killed: list[str] = []
+        self.fail_loads_into: set[str] = set()
+        self.loads: list[tuple[str, list, str | None]] = []
+
+    def has(self, actor: str) -> bool:
+        return actor in self.held
+
+    def create(self) -> str:
+        actor = f"expert-{self.next}"
+        self.next += 1
+        self.held[actor] = set()
+        return actor
+
+    async def ping(self, actor: str) -> bool:
+        return actor in self.held and actor not in self.dead
+
+    async def load(self, actor: str, keys, source) -> None:
+        if actor in self.dead or actor in self.fail_loads_into:
+            raise RuntimeError(f"{actor} cannot load")
+        if source is not None:
+            assert source not in self.dead and set(keys) <= self.held[source], (source, keys)
+        self.loads.append((actor, list(keys), source))
+        self.held[actor] |= set(keys)
+
+    async def unload(self, actor: str, keys) -> None:
+        if actor in self.dead:
+            raise RuntimeError(f"{actor} is dead")
+        self.held[actor] -= set(keys)
+
+    def kill(self, actor: str) -> None:
+        self.killed.append(actor)
+        self.held.pop(actor, None)
+        self.dead.discard(actor)
+
+
+class FakeRouters:
+    def __init__(self, n: int, table: PlacementTable) -> None:
+        self.tables = {f"router-{i}": table for i in range(n)}
+        self.next = n
+        self.dead: set[str] = set()
+        self.refuse: set[str] = set()
+        self.reopened: list[str] = []
+
+    def ids(self) -> list[str]:
+        return list(self.tables)
+
+    async def ping(self, router: str) -> bool:
+        return router not in self.dead
+
+    async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
+        if router in self.dead:
+            raise ConnectionError(f"{router} died")
+        if router in self.refuse and table.version > self.tables[router].version:
+            raise RuntimeError("transport failed to form")
+        if reopen:
+            self.reopened.append(router)
+        self.tables[router] = table
+        return table.version
+
+    async def replace(self, router: str, table: PlacementTable) -> str:
+        new = f"router-{self.next}"
+        self.next += 1
+        self.tables = {(new if r == router else r): (table if r == router else t) for r, t in self.tables.items()}
+        self.dead.discard(router)
+        return new
+
+
+def _setup(num_routers: int = 2):
+    table = PlacementTable.balanced(2, 4, ["expert-0", "expert-1", "expert-2"])
+    actors = FakeActors(list(table.actors))
+    for s in table.slots:
+        actors.held[s.actor].add((s.layer, s.expert))
+    routers = FakeRouters(num_routers, table)
+    events: list[dict] = []
+    return PlacementControl(table, actors, routers, events.append), actors, routers, events
+
+
+def _holdings_match(control: PlacementControl, actors: FakeActors) -> None:
+    for a in control.table.actors:
+        assert actors.held[a] == {(s.layer, s.expert) for s in control.table.slots_of(a)}, a
+
+
+def test_replicate_loads_from_a_live_holder_switches_then_unloads() -> None:
+    control, actors, routers, events = _setup()
+    new = control.table.replicate(0, 1, "expert-2").remove(0, 1, "expert-0")
+    event = asyncio.run(control.apply(new, "migrate 0:1"))
+    assert event["version"] == 1 and all(t.version == 1 for t in routers.tables.values())
+    assert actors.loads == [("expert-2", [(0, 1)], "expert-0")]
+    _holdings_match(control, actors)
+    assert events == [event]
+
+
+def test_a_change_that_changes_nothing_raises_and_keeps_the_version() -> None:
+    control, _, routers, events = _setup()
+    with pytest.raises(NoChangeError, match="would stay as it is"):
+        asyncio.run(control.apply(control.table.bump(5), "rebalance"))
+    assert control.table.version == 0 and events == []
+
+
+def test_failed_load_leaves_no_router_switched_and_kills_created_actors() -> None:
+    control, actors, routers, _ = _setup()
+    fresh = actors.create()
+    actors.fail_loads_into.add(fresh)
+    new = control.table.with_actor(fresh).replicate(0, 0, fresh)
+    with pytest.raises(RuntimeError, match="cannot load"):
+        asyncio.run(control.apply(new, "add", created=(fresh,)))
+    assert control.table.version == 0 and all(t.version == 0 for t in routers.tables.values())
+    assert fresh in actors.killed
+
+
+def test_router_refusing_a_table_rolls_every_router_back() -> None:
+    """Issue 11 hole 2: a failed change left router and controller on different table versions."""
+    control, actors, routers, _ = _setup()
+    routers.refuse.add("router-1")
+    new = control.table.replicate(1, 2, "expert-0")
+    with pytest.raises(ExpertRayError, match="rolled back"):
+        asyncio.run(control.apply(new, "replicate 1:2"))
+    assert control.table.version == 0
+    assert {r: t.version for r, t in routers.tables.items()} == {"router-0": 0, "router-1": 0}
+    _holdings_match(control, actors)  # the slot loaded for the change was unloaded again
+
+
+def test_dead_router_during_a_change_is_replaced_with_the_new_table() -> None:
+    control, _, routers, _ = _setup()
+    routers.dead.add("router-0")
+    asyncio.run(control.apply(control.table.replicate(1, 2, "expert-0"), "replicate 1:2"))
+    assert {r: t.version for r, t in routers.tables.items()} == {"router-2": 1, "router-1": 1}
+
+
+def test_heal_replaces_dead_and_hung_actors_from_replicas_or_the_store() -> None:
+    control, actors, routers, _ = _setup()
+
+    async def go():
+        async with control.lock:
+            await control.apply(control.table.replicate(0, 0, "expert-2"), "replicate 0:0")
+        actors.dead.add("expert-0")  # holds 0:0 (replica on expert-2 survives) and 0:1, 1:0, 1:1
+        async with control.lock:
+            return await control.heal("router-0")
+
+    result = asyncio.run(go())
+    assert result["replaced"] == {"expert-0": "expert-3"} and result["version"] == 2
+    assert "expert-0" in actors.killed and "expert-0" not in control.table.actors
+    sources = {tuple(k): src for a, keys, src in actors.loads if a == "expert-3" for k in keys}
+    assert sources[(0, 0)] == "expert-2" and sources[(0, 1)] is None  # live replica, else the weight store
+    assert set(routers.reopened) == {"router-0", "router-1"}
+    _holdings_match(control, actors)
+
+
+def test_heal_that_fails_leaks_no_actor_and_keeps_the_table() -> None:
+    """Issue 11 hole 2: each failing liveness round leaked a new expert actor (8 in 30 s)."""
+    control, actors, routers, _ = _setup()
+    actors.dead.add("expert-1")
+    routers.refuse.add("router-0")
+    for _ in range(3):
+        with pytest.raises(ExpertRayError):
+            asyncio.run(control.heal("liveness"))
+    leaked = [a for a in actors.held if a not in control.table.actors]
+    assert leaked == [] and control.table.version == 0
+
+
+def test_heal_without_dead_actors_reopens_only_the_reporter() -> None:
+    control, _, routers, _ = _setup()
+    result = asyncio.run(control.heal("router-1"))
+    assert result == {"replaced": {}, "routers_replaced": {}, "version": 0} and routers.reopened == ["router-1"]
+
+
+def test_heal_does_not_ping_again_the_actors_the_caller_found_dead() -> None:
+    """The liveness loop hands over the actors it found dead: the heal is not held up by pings to a lost node
+    (here a ping that never returns; the guard turns a regression into a failure, not a hang)."""
+    control, actors, _, _ = _setup()
+    pinged: list[str] = []
+
+    async def ping(actor: str) -> bool:
+        pinged.append(actor)
+        if actor == "expert-1":
+            await asyncio.Event().wait()
+        return True
+
+    actors.ping = ping
+    actors.dead.add("expert-1")
+    result = asyncio.run(asyncio.wait_for(control.heal("liveness check", known_dead=frozenset({"expert-1", "gone"})),
+                                          30))
+    assert result["replaced"] == {"expert-1": "expert-3"} and sorted(pinged) == ["expert-0", "expert-2"]
+    _holdings_match(control, actors)
+
+
+def test_dead_router_is_replaced_and_recorded() -> None:
+    control, _, routers, events = _setup()
+    routers.dead.add("router-1")
+    assert asyncio.run(control.heal_routers()) == {"router-1": "router-2"}
+    assert routers.ids() == ["router-0", "router-2"] and routers.tables["router-2"] == control.table
+    assert "replaced routers" in events[-1]["reason"]
+
+
+def test_a_router_whose_switch_lands_after_the_deadline_is_switched_back_too() -> None:
+    """A switch that passed the controller's deadline may still land on the router (it runs switches in
+    arrival order): the rollback is sent to that router as well, so it ends on the old table."""
+    control, actors, routers, _ = _setup()
+    take = routers.set_table
+
+    async def late(router: str, table: PlacementTable, reopen: bool) -> int:
+        await take(router, table, reopen)  # lands on the router...
+        if router == "router-1" and table.version > 0:
+            raise TimeoutError("router-1 switching to v1: no answer within 30 s")  # ...after the deadline
+        return table.version
+
+    routers.set_table = late
+    with pytest.raises(ExpertRayError, match="rolled back"):
+        asyncio.run(control.apply(control.table.replicate(1, 2, "expert-0"), "replicate 1:2"))
+    assert control.table.version == 0
+    assert {r: t.version for r, t in routers.tables.items()} == {"router-0": 0, "router-1": 0}
+    _holdings_match(control, actors)
