@@ -1,5 +1,5 @@
 """RouterActor: a thin Ray shell over the Ray-free batcher (expertray/runtime/batcher.py) and data path
-(expertray/layer/datapath.py).
+(expertray/layer/route.py).
 
 Rows travel in the serving dtype (`cluster.dtype`): requests may arrive in any float dtype (bf16 in the
 object store's raw-bits wire format, see `forward`), gate math runs in float32, rows to the experts and the
@@ -36,12 +36,13 @@ from ray.exceptions import RayActorError
 from expertray.actors.transport import ObjectStoreTransport, open_transport
 from expertray.config import ClusterConfig
 from expertray.errors import InputError, TransportError, UnknownExpertError
-from expertray.layer.datapath import BatchResult, Failover, LayerParams, failed_actors, run_layer, waits_on
 from expertray.layer.experts import SharedExpert
+from expertray.layer.route import BatchResult, LayerParams, run_layer, waits_on
 from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
+from expertray.runtime.failover import Failover, failed_actors
 from expertray.runtime.rate import RateWindow
 from expertray.runtime.switch import TableSwitch, reform_needed
 from expertray.runtime.weights import router_params, serving_dtype
@@ -364,7 +365,7 @@ class RouterActor:
 
     async def start_trace(self, path: str) -> str:
         """Record every routed batch (experts, weights, gate probs) to a msgpack trace at `path`."""
-        from expertray.tools.trace import TraceWriter
+        from expertray.wire.trace import TraceWriter
 
         async with self.lane:
             if self.trace is not None:

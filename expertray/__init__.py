@@ -29,9 +29,8 @@ from expertray.errors import (
 )
 
 if TYPE_CHECKING:
-    from expertray.api import Cluster, connect, launch
+    from expertray.api import Cluster, connect, from_pretrained, launch
     from expertray.layer.reference import MoELayer
-    from expertray.models.pretrained import from_pretrained
     from expertray.state.placement_table import PlacementTable
 
 __version__ = "0.1.0"
@@ -43,7 +42,7 @@ _LAZY = {
     "Cluster": "expertray.api",
     "MoELayer": "expertray.layer.reference",
     "PlacementTable": "expertray.state.placement_table",
-    "from_pretrained": "expertray.models.pretrained",
+    "from_pretrained": "expertray.api",  # with the Ray backend registered
 }
 
 __all__ = [

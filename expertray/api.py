@@ -28,6 +28,11 @@ from expertray.config import ClusterConfig, check_policy_names
 from expertray.errors import ConfigError, RequestTimeoutError, RouterUnavailableError
 from expertray.layer.reference import MoELayer
 from expertray.models.files import CheckpointDescriptor, describe
+from expertray.models.pretrained import (
+    BACKENDS,
+    checkpoint_cluster_config,
+    from_pretrained,  # noqa: F401 - expertray.from_pretrained, Ray backend added below
+)
 from expertray.state.actor_names import CONTROLLER, NAMESPACE
 from expertray.state.placement_table import PlacementTable
 from expertray.validation import check_hidden, check_layer
@@ -258,7 +263,6 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
 
     check_policy_names(cfg)
     if cfg.model:
-        from expertray.models.pretrained import checkpoint_cluster_config
 
         if layers is not None:
             raise ConfigError("launch: cluster.model names a checkpoint; do not also pass layers")
@@ -310,10 +314,10 @@ def start_deadline_s(cfg: ClusterConfig, layers: list[MoELayer] | None) -> float
 
 def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:
     """Attach to the running cluster's controller: in the Ray this process already runs, else at `address`,
-    else at the head `expertray up` started (its record: expertray.localhead). Raises ConfigError saying what
+    else at the head `expertray up` started (its record: expertray.cli.localhead). Raises ConfigError saying what
     to do when there is no cluster or its controller does not answer within `timeout_s`."""
     if not ray.is_initialized():
-        from expertray.localhead import read_state, use_head
+        from expertray.cli.localhead import read_state, use_head
 
         state = read_state()
         if address is None:
@@ -336,3 +340,14 @@ def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:
         raise ConfigError(f"the expertray controller in the Ray cluster {where} does not answer "
                           f"({type(exc).__name__}); `expertray down` then `expertray up` restarts it") from None
     return Cluster(controller)
+
+
+def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False,
+                **launch_options: Any) -> Cluster:
+    """The `from_pretrained` backend "ray": a cluster from `launch`, which sends only `descriptor` out (each
+    expert actor reads its own slots, each router its gates and shared experts); not detached, it lives with
+    the calling process. `launch_options`: address, num_cpus."""
+    return launch(cfg, detached=detached, checkpoint=descriptor, **launch_options)
+
+
+BACKENDS["ray"] = ray_backend

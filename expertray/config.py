@@ -89,7 +89,7 @@ class MoELayerConfig:
 
     expert_activation: swiglu (silu(gate)·up) or clamped_swiglu (GPT-OSS: gate clamped to ≤ swiglu_limit,
     up to ±swiglu_limit, gate·sigmoid(swiglu_alpha·gate)·(up + 1)); expert_bias: experts carry biases
-    (GPT-OSS) — see expertray/layer/expert_math.py.
+    (GPT-OSS) — see expertray/layer/experts.py.
     """
 
     d_model: int = 256

@@ -2,7 +2,7 @@
 trace, simulate.
 
 Where the cluster is: `expertray up` starts a Ray head of its own on 127.0.0.1 and records it
-(expertray.localhead); every other command connects to exactly that address, or to `--address HOST:PORT` (an
+(expertray.cli.localhead); every other command connects to exactly that address, or to `--address HOST:PORT` (an
 existing Ray cluster: `ray up`, KubeRay, `ray start`; `expertray up --address` launches expertray there).
 `expertray down` stops the expertray actors and only the head `up` started. Expected failures (unknown
 expert/actor, bad value, no cluster, dead controller) print one line on stderr and exit with status 2.
@@ -99,7 +99,7 @@ def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON)
        actors: int | None = typer.Option(None, "--actors", min=1, help="Number of expert actors."),
        as_json: bool = JSON) -> None:
     """Start a local Ray head (127.0.0.1) and an expertray cluster on it, or launch one on --address."""
-    from expertray import localhead
+    from expertray.cli import localhead
 
     cfg = _with_overrides(load_config(config), model=model, dtype=dtype, num_expert_actors=actors)
     state = localhead.read_state()
@@ -169,7 +169,7 @@ def _stop_actors(address: str | None) -> str:
 @friendly
 def down(address: str | None = ADDRESS) -> None:
     """Stop the expertray cluster, and the Ray head if `expertray up` started it (no other Ray)."""
-    from expertray import localhead
+    from expertray.cli import localhead
 
     state = localhead.read_state()
     if address is None and state is None:
@@ -391,9 +391,14 @@ def generate(model: str = typer.Option(..., "--model", help="Hugging Face checkp
         except ValueError:
             raise ConfigError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
     options = {k: v for k, v in {"dtype": dtype, "num_expert_actors": actors}.items() if v is not None}
+    backend: Any = "in_process"
+    if not in_process:
+        from expertray.api import ray_backend
+
+        backend = ray_backend
     with progress(f"loading {model} and generating {max_new_tokens} tokens"):
         result = run_generate(model, prompt=prompt, prompt_ids=ids, max_new_tokens=max_new_tokens,
-                              backend="in_process" if in_process else "ray", **options)
+                              backend=backend, **options)
     if as_json:
         _print({"prompt_ids": result.prompt_ids, "new_ids": result.new_ids, "text": result.text,
                 "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "dtype": result.dtype}, True)

@@ -14,8 +14,13 @@ import torch
 from expertray.config import MoELayerConfig
 from expertray.layer.capacity import apply_capacity
 from expertray.layer.dispatch import build_plan
-from expertray.layer.expert_math import ExpertBiases, fused_experts_combine_general
-from expertray.layer.experts import ExpertWeights, SharedExpert, fused_experts_combine
+from expertray.layer.experts import (
+    ExpertBiases,
+    ExpertWeights,
+    SharedExpert,
+    fused_experts_combine,
+    fused_experts_combine_general,
+)
 from expertray.layer.gating import GateOutput, GateWeights, gate
 from expertray.validation import check_hidden
 

@@ -18,8 +18,8 @@ import torch
 
 from expertray.config import MoELayerConfig
 from expertray.errors import UnknownExpertError
-from expertray.layer.expert_math import expert_mlp
 from expertray.layer.experts import (
+    expert_mlp,
     expert_path,
     grouped_mm_fast,
     padded_bmm_swiglu,

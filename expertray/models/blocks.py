@@ -13,8 +13,7 @@ from torch import nn
 
 from expertray.config import CapacityConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
-from expertray.layer.expert_math import ExpertBiases, deinterleave_gpt_oss
-from expertray.layer.experts import ExpertWeights, SharedExpert
+from expertray.layer.experts import ExpertBiases, ExpertWeights, SharedExpert, deinterleave_gpt_oss
 from expertray.layer.gating import GateWeights
 from expertray.layer.reference import MoELayer
 

@@ -93,18 +93,9 @@ def in_process_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig) -> 
     return InProcessCluster(cfg, [source.layer(layer, cfg.layer.capacity) for layer in range(source.num_layers)])
 
 
-def ray_backend(descriptor: CheckpointDescriptor, cfg: ClusterConfig, detached: bool = False,
-                **launch_options: Any) -> Any:
-    """A Ray cluster via expertray.api.launch, which sends only `descriptor` out: each expert actor reads
-    its own slots, each router its gates and shared experts (not detached: it lives with the calling
-    process unless `detached`; `launch_options`: address, num_cpus)."""
-    from expertray.api import launch
-
-    return launch(cfg, detached=detached, checkpoint=descriptor, **launch_options)
-
-
 Backend = Callable[[CheckpointDescriptor, ClusterConfig], Any]
-BACKENDS: dict[str, Backend] = {"in_process": in_process_backend, "ray": ray_backend}
+# Name -> backend; expertray.api adds "ray" (a Ray cluster) when it is imported, so this core module needs no Ray.
+BACKENDS: dict[str, Backend] = {"in_process": in_process_backend}
 
 
 def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -184,7 +175,8 @@ def from_pretrained(path: str, *, backend: str | Backend = "ray", **cluster_opti
     """
     runner_factory = BACKENDS.get(backend) if isinstance(backend, str) else backend
     if runner_factory is None:
-        raise ConfigError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
+        hint = "; the Ray backend comes with expertray.api (use expertray.from_pretrained)" if backend == "ray" else ""
+        raise ConfigError(f"backend {backend!r} is unknown (known: {', '.join(BACKENDS)}){hint}")
     requested = _options_config(path, cluster_options)
     descriptor = describe(path)
     source = WeightSource(descriptor, requested.dtype, verify=False)

@@ -20,8 +20,7 @@ from safetensors import safe_open
 
 from expertray.config import CapacityConfig, MoELayerConfig
 from expertray.errors import CheckpointError
-from expertray.layer.expert_math import ExpertBiases, deinterleave_gpt_oss
-from expertray.layer.experts import ExpertWeights, SharedExpert
+from expertray.layer.experts import ExpertBiases, ExpertWeights, SharedExpert, deinterleave_gpt_oss
 from expertray.layer.gating import GateWeights
 from expertray.layer.reference import MoELayer
 from expertray.models.families import Family, HFConfig, family_for

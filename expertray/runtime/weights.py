@@ -28,8 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from expertray.config import ClusterConfig, MoELayerConfig
-from expertray.layer.expert_math import ExpertBiases
-from expertray.layer.experts import ExpertWeights, SharedExpert
+from expertray.layer.experts import ExpertBiases, ExpertWeights, SharedExpert
 from expertray.layer.gating import GateWeights
 from expertray.layer.reference import MoELayer
 from expertray.layer.slots import SlotStore
@@ -95,7 +94,7 @@ def read_slots(source: Any, keys: list[tuple[int, int]], store: SlotStore, chunk
 def router_params(descriptor: dict[str, Any], dtype: str) -> list[Any]:
     """LayerParams (gate weights in float32, shared expert in `dtype`) of every MoE layer of a checkpoint,
     read from its shards: what a router loads for itself (routed experts are never read)."""
-    from expertray.layer.datapath import LayerParams
+    from expertray.layer.route import LayerParams
     from expertray.models.source import cached_source
 
     source = cached_source(descriptor, dtype)

@@ -364,11 +364,11 @@ UP_CASES = [
 def test_cli_up_rejects_bad_config_before_starting_anything(monkeypatch, tmp_path, yaml_text: str,
                                                             needle: str) -> None:
     import expertray.api
-    import expertray.localhead
+    import expertray.cli.localhead
     from expertray.cli.main import app
 
     started: list[str] = []
-    monkeypatch.setattr(expertray.localhead, "start_head", lambda *a, **kw: started.append("ray head"))
+    monkeypatch.setattr(expertray.cli.localhead, "start_head", lambda *a, **kw: started.append("ray head"))
     monkeypatch.setattr(expertray.api, "launch", lambda *a, **kw: started.append("launch"))
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml_text)
@@ -379,10 +379,10 @@ def test_cli_up_rejects_bad_config_before_starting_anything(monkeypatch, tmp_pat
 
 
 def test_cli_up_missing_config_file(monkeypatch, tmp_path) -> None:
-    import expertray.localhead
+    import expertray.cli.localhead
     from expertray.cli.main import app
 
-    monkeypatch.setattr(expertray.localhead, "start_head", lambda *a, **kw: pytest.fail("started Ray"))
+    monkeypatch.setattr(expertray.cli.localhead, "start_head", lambda *a, **kw: pytest.fail("started Ray"))
     result = runner.invoke(app, ["up", "--config", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "missing.yaml: cannot read" in result.output
 

@@ -12,8 +12,8 @@ import pytest
 import ray
 import torch
 
-from expertray.api import launch, to_wire
-from expertray.models.pretrained import cluster_config, from_pretrained
+from expertray.api import from_pretrained, launch, to_wire
+from expertray.models.pretrained import cluster_config
 from expertray.models.source import WeightSource
 from expertray.models.synthetic import write_tiny_checkpoint
 from expertray.runtime.snapshot import load_controller_snapshot

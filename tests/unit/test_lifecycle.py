@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from expertray import localhead
+from expertray.cli import localhead
 from expertray.cli.common import cli_errors
 from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, UnknownExpertError

@@ -1,14 +1,19 @@
-"""The router's prepare/finish on the test device: buckets and counts from the plan's one host transfer
-equal a direct count, replica selection runs where the gate ran, and finish combines what prepare cut."""
+"""The router's data path on the test device (EXPERTRAY_DEVICE: a GPU in `make gpu-check`): prepare's buckets and
+counts from the plan's one host transfer equal a direct count, replica selection runs where the gate ran, finish
+combines what prepare cut, and the whole `run_layer` equals the in-process layer on the CPU."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
 
 from expertray.config import CapacityConfig, GateConfig, MoELayerConfig
+from expertray.layer.experts import ExpertWeights
 from expertray.layer.gating import GateWeights
-from expertray.layer.route import finish, prepare
+from expertray.layer.reference import MoELayer
+from expertray.layer.route import InProcessTransport, LayerParams, finish, prepare, run_layer
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.state.placement_table import PlacementTable
@@ -45,3 +50,23 @@ def test_prepare_buckets_and_counts_match_a_direct_count(overflow: str, device: 
     out = finish(batch, batch.rows.clone(), hidden, None)
     mass = torch.where(experts >= 0, batch.routing.weights.cpu(), 0.0).sum(dim=1, keepdim=True)
     torch.testing.assert_close(out.cpu(), hidden.cpu() * mass)
+
+
+GATES = [GateConfig("mixtral", 8, 2), GateConfig("deepseek_v3", 16, 4, num_groups=4, topk_groups=2,
+                                                  routed_scaling_factor=2.5)]
+
+
+@pytest.mark.parametrize("gate", GATES, ids=lambda g: g.family)
+@pytest.mark.parametrize("policy", ["topk", "capacity"])
+def test_run_layer_on_device_equals_moe_layer(device: torch.device, gate: GateConfig, policy: str) -> None:
+    cfg = MoELayerConfig(d_model=32, d_ff=48, gate=gate, shared_d_ff=24 if gate.family == "deepseek_v3" else 0)
+    layer = MoELayer.random(cfg, seed=5)
+    params = LayerParams(layer.gate_weights, layer.shared).to(device)
+    assert params.gate.weight.device.type == device.type
+    transport = InProcessTransport([ExpertWeights(layer.experts.gate_up.to(device), layer.experts.down.to(device))])
+    table = PlacementTable.balanced(1, gate.num_experts, ["a", "b", "c"]).replicate(0, 1, "c")
+    x = torch.randn(37, 32, generator=torch.Generator().manual_seed(2))
+    result = asyncio.run(run_layer(x.to(device), 0, cfg, params, ROUTING.create(policy), REPLICA.create("round_robin"),
+                                   table, transport))
+    assert result.output.device.type == device.type
+    torch.testing.assert_close(result.output.cpu(), layer(x), atol=2e-5, rtol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expertray.config import GateConfig, MoELayerConfig
-from expertray.layer.expert_math import expert_mlp
+from expertray.layer.experts import expert_mlp
 from expertray.layer.reference import MoELayer
 from expertray.layer.slots import SlotStore
 from expertray.models.files import describe

@@ -15,8 +15,8 @@ from expertray.errors import (
     RequestTimeoutError,
     TransportError,
 )
-from expertray.layer.datapath import InProcessTransport, LayerParams, run_layer
 from expertray.layer.reference import MoELayer
+from expertray.layer.route import InProcessTransport, LayerParams, run_layer
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits

@@ -12,11 +12,12 @@ import torch
 
 from expertray.config import GateConfig, MoELayerConfig
 from expertray.errors import TransportError
-from expertray.layer.datapath import Failover, InProcessTransport, LayerParams, failed_actors, run_layer
 from expertray.layer.reference import MoELayer
+from expertray.layer.route import InProcessTransport, LayerParams, run_layer
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
 from expertray.runtime.batcher import Batcher, BatchLimits
+from expertray.runtime.failover import Failover, failed_actors
 from expertray.state.placement_table import PlacementTable, Slot
 
 D = 16

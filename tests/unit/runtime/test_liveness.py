@@ -1,5 +1,5 @@
 """The controller's liveness decisions (expertray/runtime/liveness.py) and the router side of a suspect push
-(Failover.suspect, waits_on in expertray/layer/datapath.py), without Ray: which actors become suspect, when
+(Failover.suspect, waits_on in expertray/layer/route.py), without Ray: which actors become suspect, when
 the routers are told, when an actor is dead, and which batch in flight is dropped."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import torch
 
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
-from expertray.layer.datapath import Failover, InProcessTransport, LayerParams, run_layer, waits_on
 from expertray.layer.reference import MoELayer
+from expertray.layer.route import InProcessTransport, LayerParams, run_layer, waits_on
 from expertray.policies.replica import REPLICA
 from expertray.policies.routing import ROUTING
+from expertray.runtime.failover import Failover
 from expertray.runtime.liveness import Liveness, Reply
 from expertray.state.placement_table import PlacementTable, Slot
 

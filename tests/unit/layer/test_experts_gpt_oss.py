@@ -5,8 +5,13 @@ import torch
 
 from expertray.config import GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
-from expertray.layer.expert_math import ExpertBiases, clamped_swiglu_act, deinterleave_gpt_oss, expert_mlp
-from expertray.layer.experts import ExpertWeights
+from expertray.layer.experts import (
+    ExpertBiases,
+    ExpertWeights,
+    clamped_swiglu_act,
+    deinterleave_gpt_oss,
+    expert_mlp,
+)
 from expertray.layer.reference import MoELayer
 
 CFG = MoELayerConfig(d_model=8, d_ff=6, gate=GateConfig("gpt_oss", 4, 2), expert_activation="clamped_swiglu",
