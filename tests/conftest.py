@@ -13,22 +13,19 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from package_graph import source_needs
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-# Imports that pull in Ray (directly, or through the Ray-facing modules of the package).
-_NEEDS_RAY = re.compile(r"^\s*(import ray\b|from ray\b|from expertray\.(api|serve|tools\.demo|actors)\b|"
-                        r"import expertray\.(api|serve|tools\.demo|actors)\b|"
-                        r"from expertray\.tools\.bench import .*\b(layer|elastic)\b)", re.MULTILINE)
-# Modules that are optional on a bare GPU machine; a test module importing a missing one is not collected.
-_OPTIONAL = {"ray": _NEEDS_RAY,
-             "prometheus_client": re.compile(r"^\s*(from prometheus_client\b|import prometheus_client\b|"
-                                             r"from expertray\.metrics\b)", re.MULTILINE)}
+# Packages that are optional on a bare GPU machine; a test module needing a missing one is not collected. A
+# test module needs one when it imports it, or a package module that imports it when imported
+# (tests/package_graph.py reads that from the source): which modules may import Ray is the package boundary
+# tests/unit/test_layering.py checks, not a list kept here.
+_OPTIONAL = ("ray", "prometheus_client")
 
 
 def _installed(name: str) -> bool:
@@ -57,7 +54,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
             return True
         return None
     text = _source(collection_path)
-    missing = sorted(name for name in _MISSING if _OPTIONAL[name].search(text))
+    missing = sorted(name for name in _MISSING if source_needs(text, name))
     if missing:
         _not_collected.append(f"{collection_path.name} (needs {', '.join(missing)})")
         return True
@@ -66,7 +63,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if _NEEDS_RAY.search(_source(Path(str(item.fspath)))):
+        if source_needs(_source(Path(str(item.fspath))), "ray"):
             item.add_marker(pytest.mark.ray)
 
 

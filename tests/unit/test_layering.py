@@ -14,78 +14,28 @@ Imports inside functions count: a lazy import is still a dependency.
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from package_graph import MODULES, ROOT, imported_names, imports, needs_at_import, within
 
-ROOT = Path(__file__).resolve().parents[2]
-# where each installed package lives in the checkout (actors/ and policies/ install as expertray.*)
-SOURCES = {"expertray": ROOT / "expertray", "expertray.actors": ROOT / "actors",
-           "expertray.policies": ROOT / "policies"}
 LAYERS = ("core", "policies", "actors", "surfaces", "tools")
 SURFACES = ("expertray.api", "expertray.client", "expertray.serve", "expertray.cli")
 # Ray may be imported here and nowhere else
-RAY_SIDE = ("expertray.actors", "expertray.api", "expertray.serve", "expertray.cli", "expertray.tools.bench",
-            "expertray.tools.demo")
-
-
-def _modules() -> dict[str, Path]:
-    found = {}
-    for package, folder in SOURCES.items():
-        for path in folder.rglob("*.py"):
-            rel = path.relative_to(folder).with_suffix("").parts
-            if package == "expertray" and rel[0] in ("actors", "policies"):
-                continue  # a development symlink to ../actors or ../policies
-            parts = rel[:-1] if rel[-1] == "__init__" else rel
-            found[".".join((package, *parts))] = path
-    return found
-
-
-MODULES = _modules()
-
-
-def _within(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+RAY_SIDE = ("expertray.actors", "expertray.api", "expertray.serve", "expertray.cli", "expertray.tools")
 
 
 def layer_of(module: str) -> str:
-    if _within(module, ("expertray.tools",)):
+    if within(module, ("expertray.tools",)):
         return "tools"
-    if _within(module, SURFACES):
+    if within(module, SURFACES):
         return "surfaces"
-    if _within(module, ("expertray.actors",)):
+    if within(module, ("expertray.actors",)):
         return "actors"
-    if _within(module, ("expertray.policies",)):
+    if within(module, ("expertray.policies",)):
         return "policies"
     return "core"
-
-
-def _resolve(name: str) -> str | None:
-    """The expertray module an imported name lives in (`from m import x`: m.x if a module, else m)."""
-    while name and name not in MODULES:
-        name = name.rpartition(".")[0]
-    return name or None
-
-
-def imports(module: str, top_level_only: bool = False) -> set[str]:
-    """The expertray modules `module` imports (module level only, or anywhere in it)."""
-    tree = ast.parse(MODULES[module].read_text())
-    nodes = tree.body if top_level_only else ast.walk(tree)
-    found = set()
-    for node in nodes:
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            target = _resolve(name) if name.startswith("expertray") else None
-            if target and target != module:
-                found.add(target)
-    return found
 
 
 def test_every_module_is_found_and_parsed() -> None:
@@ -141,8 +91,13 @@ def test_no_import_cycles() -> None:
 
 
 def test_ray_only_behind_the_boundary() -> None:
-    """Every module outside RAY_SIDE imports in a fresh interpreter where `import ray` fails."""
-    ray_free = sorted(m for m in MODULES if not _within(m, RAY_SIDE))
+    """No module outside RAY_SIDE imports Ray, even lazily, and each imports in a fresh interpreter where
+    `import ray` fails."""
+    importing = sorted(m for m in MODULES if not within(m, RAY_SIDE)
+                       and any(within(n, ("ray",)) for n in imported_names(MODULES[m].read_text())))
+    assert not importing, f"modules outside {RAY_SIDE} import Ray: {importing}"
+    assert needs_at_import("ray") >= {"expertray.actors.router", "expertray.api"}
+    ray_free = sorted(m for m in MODULES if not within(m, RAY_SIDE))
     code = ("import importlib, sys\n"
             "class Block:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
