@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -24,6 +24,7 @@ from expertray.errors import TransportError
 from expertray.layer.experts import ExpertWeights, SharedExpert, swiglu
 from expertray.layer.gating import GateWeights
 from expertray.layer.route import PreparedBatch, ReplicaSelector, RoutingPolicy, finish, prepare
+from expertray.seams import Transport
 from expertray.state.placement_table import PlacementTable
 
 
@@ -47,12 +48,6 @@ def _tensors_to(obj: Any, device: torch.device) -> Any:
                                        if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
-class Exchange(Protocol):
-    """What the data path needs of a transport: rows [N, D] out in plan order, outputs [N, D] back."""
-
-    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, Any]: ...
-
-
 @dataclass
 class BatchResult:
     """A finished batch: output [T, D], the prepared batch, the transport's stats, and the four timestamps
@@ -65,7 +60,7 @@ class BatchResult:
 
 
 async def run_layer(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, params: LayerParams,
-                    policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Exchange,
+                    policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Transport,
                     expert_load: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                     suspects: frozenset[str] = frozenset(),
                     on_prepared: Callable[[PreparedBatch], None] | None = None) -> BatchResult:
@@ -146,10 +141,11 @@ class InProcessStats:
         return max(self.compute_ms.values(), default=0.0)
 
 
-class InProcessTransport:
+class InProcessTransport(Transport):
     """Computes every bucket in this process from full expert weights per layer (tests, simulation)."""
 
     name = "in_process"
+    every_member = False
 
     def __init__(self, experts: list[ExpertWeights]) -> None:
         self.experts = experts
