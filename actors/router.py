@@ -33,7 +33,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from expertray.actors.transport import ObjectStoreTransport, open_transport
+from expertray.actors.transport import open_transport
 from expertray.config import ClusterConfig
 from expertray.errors import InputError, TransportError, UnknownExpertError
 from expertray.layer.experts import SharedExpert
@@ -219,7 +219,7 @@ class RouterActor:
         hidden = hidden.to(self.device, non_blocking=True)  # the batch's one host -> device copy
 
         def prepared(batch: Any) -> None:
-            self.in_flight_actors = waits_on(batch, table.actors, transport.name != "object_store")
+            self.in_flight_actors = waits_on(batch, table.actors, transport.every_member)
             late = self.in_flight_actors & (self.failover.suspects - suspects)  # pushed after the start
             if late:
                 self.dropped_for = late
@@ -286,14 +286,13 @@ class RouterActor:
         return covered
 
     def _fall_back(self, lost: Any) -> None:
-        """If the transport is a collective group (one dead member breaks it), serve on the object store over
-        the same actors until the healed table re-forms it; the broken group closes in the background."""
-        if self.transport.name == "object_store":
+        """If the transport cannot serve without the lost members (a collective group: one dead member breaks
+        it), serve on its fallback (the object store) over the same actors until the healed table re-forms it;
+        the broken transport closes in the background."""
+        replacement = self.transport.fallback(f"fallback: group lost {', '.join(sorted(lost))}")
+        if replacement is None:
             return
-        broken = self.transport
-        self.transport = ObjectStoreTransport([self.handles[a] for a in self.table.actors],
-                                              self.cfg.collective_timeout_s, list(self.table.actors),
-                                              reason=f"fallback: group lost {', '.join(sorted(lost))}")
+        broken, self.transport = self.transport, replacement
         self.fallback = True
         task = asyncio.get_running_loop().create_task(self.switch.close(broken))  # bounded, a failure logged
         self.closing.add(task)

@@ -1,16 +1,18 @@
-"""Transports move a PreparedBatch's per-actor buckets to the expert actors and the outputs back.
+"""The Ray transports: they move a PreparedBatch's per-actor buckets to the expert actors and the outputs back.
 
-Every transport is a `Transport` registered by name in `TRANSPORTS` (Ray's collective backend registry is
-the pattern; `expertray.registry.Registry` the mechanism), and produces the same [N, D] output
-rows in plan order; they differ only in how bytes move:
+Each is a `Transport` (the interface is expertray.seams.Transport) registered by name in `TRANSPORTS` (Ray's
+collective backend registry is the pattern), built from the same arguments (`ActorTransport`), and produces
+the same [N, D] output rows in plan order; they differ only in how bytes move:
 - `object_store`: one Ray call per busy actor with its rows as a numpy view (object store).
 - `collective`: the router is rank 0 of a torch.distributed group with the expert actors; rows go out and
   come back by all-to-all with uneven split sizes (`expertray.wire.collective`, Ray-free), while a small Ray call
   per actor carries the metadata (which experts, how many rows each). The backend follows what the ranks
   own (`expertray.wire.devices.choose_backend`): NCCL when every rank holds a distinct GPU, gloo otherwise.
+A new transport is one class here registered under its name, plus the name in config.TRANSPORTS (and, when
+its members do more than answer `compute`, their side in actors/expert.py).
 
 Each `exchange` has a deadline (`timeout_s`): an actor that does not answer in time is named in a
-TransportError, its call is cancelled, and the router treats it like a failed actor (issue 11, item 4).
+TransportError, its call is cancelled, and the router treats it like a failed actor.
 The rendezvous store of a collective group listens on the router's node address only and is sealed with
 a per-group secret that only members receive; see `expertray.wire.collective` and docs/RELIABILITY.md.
 
@@ -21,19 +23,19 @@ one of its threads while another computes) and closes the old one after the swap
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
 
+from expertray.config import TRANSPORTS as TRANSPORT_NAMES
 from expertray.errors import TransportError
 from expertray.layer.route import PreparedBatch
 from expertray.registry import Registry
+from expertray.seams import Transport, TransportStats
 from expertray.wire.collective import (
     Group,
     from_host_array,
@@ -50,24 +52,12 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 2.0  # after a failed exchange: how long a live actor may take to answer a ping
 
 
-@dataclass
-class TransportStats:
-    """Bytes sent to each actor (the same number comes back), for metrics and the simulator comparison."""
+class ActorTransport(Transport):
+    """A transport over expert actors: `handles` in table actor order, a deadline per exchange, and the
+    device the router's rows live on (used by those that move rows device to device)."""
 
-    bytes_out: list[int] = field(default_factory=list)
-    compute_ms: dict[int, float] = field(default_factory=dict)  # actor index -> compute time of its bucket
-
-    @property
-    def max_compute_ms(self) -> float:
-        return max(self.compute_ms.values(), default=0.0)
-
-
-class Transport(abc.ABC):
-    """Moves one batch's buckets to the expert actors (handles in table actor order) and back."""
-
-    name: str = ""
-
-    def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None) -> None:
+    def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None,
+                 device: torch.device | None = None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"transport timeout must be > 0 seconds, got {timeout_s}")
         self.handles = handles
@@ -75,28 +65,13 @@ class Transport(abc.ABC):
         self.actor_names = actor_names or [f"#{i}" for i in range(len(handles))]
         if len(self.actor_names) != len(handles):
             raise ValueError(f"{len(self.actor_names)} actor names for {len(handles)} handles")
-
-    async def open(self) -> None:
-        """Set up whatever the transport needs before the first batch (default: nothing)."""
-        return None
-
-    @abc.abstractmethod
-    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
-        """Rows [N, D] of `batch` out, expert outputs [N, D] back in plan order, within `timeout_s`."""
-
-    async def close(self) -> None:
-        """Release what `open` set up (default: nothing)."""
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        """What `expertray status` shows: the transport, its backend and why it was chosen."""
-        return {"name": self.name, "backend": None, "reason": ""}
+        self.device = device or torch.device("cpu")
 
     def _names(self, actors: list[int]) -> str:
         return ", ".join(self.actor_names[a] for a in actors)
 
 
-TRANSPORTS: Registry[Transport] = Registry("transport")
+TRANSPORTS: Registry[ActorTransport] = Registry("transport")
 
 
 def _sent_bytes(batch: PreparedBatch) -> list[int]:
@@ -105,12 +80,12 @@ def _sent_bytes(batch: PreparedBatch) -> list[int]:
 
 
 @TRANSPORTS.register("object_store")
-class ObjectStoreTransport(Transport):
+class ObjectStoreTransport(ActorTransport):
     name = "object_store"
 
     def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None,
-                 reason: str = "requested") -> None:
-        super().__init__(handles, timeout_s, actor_names)
+                 device: torch.device | None = None, reason: str = "requested") -> None:
+        super().__init__(handles, timeout_s, actor_names, device)
         self.reason = reason
 
     def describe(self) -> dict[str, Any]:
@@ -159,13 +134,13 @@ def _cancel(ref: Any) -> None:
 
 
 @TRANSPORTS.register("collective")
-class CollectiveTransport(Transport):
+class CollectiveTransport(ActorTransport):
     name = "collective"
+    every_member = True  # one silent member stalls the all-to-all
 
     def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None,
                  device: torch.device | None = None, host: str | None = None) -> None:
-        super().__init__(handles, timeout_s, actor_names)
-        self.device = device or torch.device("cpu")
+        super().__init__(handles, timeout_s, actor_names, device)
         self.host = host
         self.group_name = f"g-{uuid.uuid4().hex[:12]}"  # one per formed group: old and new coexist on the actors
         self.choice: BackendChoice | None = None
@@ -256,21 +231,30 @@ class CollectiveTransport(Transport):
             return {"name": self.name, "backend": None, "reason": "group not formed yet"}
         return {"name": self.name, "backend": self.choice.backend, "reason": self.choice.reason}
 
+    def fallback(self, reason: str) -> Transport:
+        """The object store over the same actors: a group that lost a member (or never formed) cannot serve."""
+        return ObjectStoreTransport(self.handles, self.timeout_s, self.actor_names, self.device, reason=reason)
+
+
+TRANSPORTS.check(set(TRANSPORT_NAMES) - {"auto"})
+AUTO = "collective"  # what `auto` tries first; its `fallback` serves when it cannot open
+
 
 async def open_transport(mode: str, handles: list[Any], timeout_s: float, actor_names: list[str],
                          device: torch.device) -> Transport:
-    """The transport for `mode` (a registered name, or `auto`: collective, else the object store), opened.
+    """The transport for `mode` (a registered name, or `auto`: AUTO, else its fallback), opened.
 
-    With `auto`, a group that fails to form falls back to the object store with a warning that says why."""
-    if mode != "auto":
-        params: dict[str, Any] = {"device": device} if mode == "collective" else {}
-        transport = TRANSPORTS.create(mode, handles=handles, timeout_s=timeout_s, actor_names=actor_names, **params)
+    With `auto`, a transport that fails to open falls back with a warning that says why."""
+    transport = TRANSPORTS.create(AUTO if mode == "auto" else mode, handles=handles, timeout_s=timeout_s,
+                                  actor_names=actor_names, device=device)
+    try:
         await transport.open()
         return transport
-    collective = CollectiveTransport(handles, timeout_s, actor_names, device)
-    try:
-        await collective.open()
-        return collective
-    except Exception as exc:  # noqa: BLE001 - auto means "collective when it can form"; the reason is logged
-        log.warning("collective group failed to form (%s); using the object store", exc, exc_info=True)
-        return ObjectStoreTransport(handles, timeout_s, actor_names, reason=f"collective group failed to form: {exc}")
+    except Exception as exc:  # noqa: BLE001 - auto means "AUTO when it can open"; the reason is logged
+        if mode != "auto":
+            raise
+        log.warning("%s transport failed to open (%s); falling back", AUTO, exc, exc_info=True)
+        fallback = transport.fallback(f"{AUTO} group failed to form: {exc}")
+        if fallback is None:
+            raise
+        return fallback

@@ -11,15 +11,17 @@ from typing import Any
 from expertray.errors import ConfigError
 from expertray.errors import require as _require
 
+# The names each seam's registry holds (expertray/seams.py lists the registries). Declared here so that a
+# config is checked without importing torch or Ray; each registry checks it holds exactly these names when its
+# module is imported (Registry.check).
 GATING_FAMILIES = ("mixtral", "qwen_moe", "deepseek_v3", "gpt_oss")
-OVERFLOW_MODES = ("drop", "reroute", "dropless")
-DROP_PRIORITIES = ("first_come", "score")
-TRANSPORTS = ("auto", "collective", "object_store")
-# The names each policy registry holds (policies/). Declared here so that the config is checked without
-# importing policies; tests/unit/policies/test_registries.py asserts each registry holds exactly these names.
+TRANSPORTS = ("auto", "collective", "object_store")  # auto: collective when the group forms, else its fallback
 ROUTING_POLICIES = ("capacity", "laser", "topk")
 REPLICA_POLICIES = ("least_loaded", "locality", "round_robin")
+PLACEMENT_POLICIES = ("balanced", "round_robin", "topology_aware")
 AUTOSCALE_POLICIES = ("hysteresis",)
+OVERFLOW_MODES = ("drop", "reroute", "dropless")
+DROP_PRIORITIES = ("first_come", "score")
 EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 SERVING_DTYPES = ("auto", "bfloat16", "float16", "float32")
 

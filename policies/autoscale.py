@@ -3,7 +3,8 @@
 The controller calls `decide(signals, table, now_s)` on a timer and applies the returned actions in order:
 slot actions through `Action.apply` (PlacementTable.replicate / remove / migrate / drain), `add_actor` by
 starting an actor, `request_resources` by asking the cluster autoscaler for room. Policies keep state
-between decisions (streaks, cooldowns) and never touch Ray. `AUTOSCALE.create(name, **params)` builds one.
+between decisions (streaks, cooldowns) and never touch Ray. `AUTOSCALE.create(name, **params)` builds one;
+the interface, AutoscalePolicy, is declared in expertray.seams.
 
 `hysteresis` (the default): every condition must hold for `sustain_checks` consecutive decisions before it
 acts, each target then waits `cooldown_s`, and a decision returns at most `max_actions` actions, most urgent
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from expertray.config import AUTOSCALE_POLICIES
 from expertray.errors import ConfigError, UnknownExpertError, require
 from expertray.policies.placement import device_loads
 from expertray.registry import Registry
+from expertray.seams import AutoscalePolicy
 from expertray.state.placement_table import PlacementTable
 
 log = logging.getLogger(__name__)
@@ -129,24 +131,6 @@ class Action:
         if self.kind == "remove_actor":
             return table.drain(self.src)
         return table
-
-
-class AutoscalePolicy(ABC):
-    """Interface of every autoscale policy."""
-
-    @abstractmethod
-    def decide(self, signals: Signals, table: PlacementTable, now_s: float) -> list[Action]:
-        """Actions to apply to `table`, in order, given the signals measured at time `now_s` (seconds)."""
-
-    def export_state(self, now_s: float) -> dict[str, Any]:
-        """The policy's own state as plain msgpack-able data, times relative to `now_s`; the controller keeps
-        it in its snapshot and hands it back with `restore_state` after a restart (stateless: {})."""
-        return {}
-
-    def restore_state(self, state: dict[str, Any], now_s: float) -> None:
-        """Take back what `export_state` returned (possibly in another process, with another clock)."""
-        if state:
-            raise ConfigError(f"autoscale: {type(self).__name__} keeps no state, got {sorted(state)}")
 
 
 AUTOSCALE: Registry[AutoscalePolicy] = Registry("autoscale")
@@ -425,3 +409,6 @@ def resource_request_settled(asked_with: frozenset[str], actors: tuple[str, ...]
     size that stands until the next one, so left alone it would keep the autoscaler from removing the nodes
     it brought once the load falls."""
     return bool(set(actors) - asked_with) or len(set(actors)) < len(asked_with)
+
+
+AUTOSCALE.check(AUTOSCALE_POLICIES)

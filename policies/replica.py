@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from expertray.config import REPLICA_POLICIES
 from expertray.errors import ConfigError, InputError
 from expertray.registry import Registry
 from expertray.seams import ReplicaSelector
@@ -143,3 +144,6 @@ class LeastLoaded(ReplicaSelector):
             out[c] = pick
             load += torch.bincount(pick[pick >= 0], minlength=S).to(load.dtype)
         return out
+
+
+REPLICA.check(REPLICA_POLICIES)

@@ -1,18 +1,21 @@
 """Gating families: router logits → (top-k expert ids, combine weights), registered by name in GATING.
 
+A new family is one GatingRule (expertray.seams) here, registered under its name, plus that name in
+config.GATING_FAMILIES.
+
 Shapes: hidden [T, D], logits/scores [T, E], experts/weights [T, k]. Weights are float32.
 """
 
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
-from expertray.config import GateConfig
+from expertray.config import GATING_FAMILIES, GateConfig
 from expertray.registry import Registry
+from expertray.seams import GatingRule
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,6 @@ def router_logits(hidden: torch.Tensor, gw: GateWeights) -> torch.Tensor:
     """[T, D] → [T, E] float32 logits."""
     return torch.nn.functional.linear(hidden.float(), gw.weight.float(),
                                       None if gw.bias is None else gw.bias.float())
-
-
-class GatingRule(ABC):
-    """One gating family's rule: float32 logits [T, E] → GateOutput. Registered in GATING by family name."""
-
-    @abstractmethod
-    def __call__(self, logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
-        """Choose cfg.top_k experts per token from logits [T, E] (float32)."""
 
 
 GATING: Registry[GatingRule] = Registry("gating family")
@@ -101,6 +96,9 @@ class SigmoidGroupTopK(GatingRule):
         top = top * cfg.routed_scaling_factor
         return GateOutput(logits, choice, scores * cfg.routed_scaling_factor, idx, top)
 
+    def random_router_extras(self, num_experts: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"correction_bias": torch.randn(num_experts, generator=generator) * 0.01}
+
 
 @GATING.register("gpt_oss")
 class LogitTopKSoftmax(GatingRule):
@@ -109,6 +107,12 @@ class LogitTopKSoftmax(GatingRule):
     def __call__(self, logits: torch.Tensor, cfg: GateConfig, gw: GateWeights) -> GateOutput:
         top, idx = torch.topk(logits, cfg.top_k, dim=-1)
         return GateOutput(logits, logits, torch.softmax(logits, dim=-1), idx, torch.softmax(top, dim=-1))
+
+    def random_router_extras(self, num_experts: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"bias": torch.randn(num_experts, generator=generator) * 0.1}
+
+
+GATING.check(GATING_FAMILIES)
 
 
 @functools.cache

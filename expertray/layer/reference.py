@@ -21,7 +21,7 @@ from expertray.layer.experts import (
     fused_experts_combine,
     fused_experts_combine_general,
 )
-from expertray.layer.gating import GateOutput, GateWeights, gate
+from expertray.layer.gating import GateOutput, GateWeights, gate, gating_rule
 from expertray.validation import check_hidden
 
 
@@ -64,11 +64,8 @@ class MoELayer:
     def random(cls, cfg: MoELayerConfig, seed: int = 0) -> MoELayer:
         """Random weights (deterministic in `seed`), with a shared expert when cfg.shared_d_ff > 0."""
         g = torch.Generator().manual_seed(seed + 7919)
-        gw = GateWeights(torch.randn(cfg.num_experts, cfg.d_model, generator=g) / cfg.d_model**0.5)
-        if cfg.gate.family == "gpt_oss":
-            gw.bias = torch.randn(cfg.num_experts, generator=g) * 0.1
-        if cfg.gate.family == "deepseek_v3":
-            gw.correction_bias = torch.randn(cfg.num_experts, generator=g) * 0.01
+        gw = GateWeights(torch.randn(cfg.num_experts, cfg.d_model, generator=g) / cfg.d_model**0.5,
+                         **gating_rule(cfg.gate.family).random_router_extras(cfg.num_experts, g))
         biases = None
         if cfg.expert_bias:
             biases = ExpertBiases(torch.randn(cfg.num_experts, 2 * cfg.d_ff, generator=g) * 0.1,

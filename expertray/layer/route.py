@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -21,7 +21,7 @@ from expertray.layer.capacity import CapacityResult
 from expertray.layer.dispatch import DispatchPlan, build_plan, combine, permute
 from expertray.layer.experts import ExpertWeights, SharedExpert, swiglu
 from expertray.layer.gating import GateOutput, GateWeights, gate
-from expertray.seams import ReplicaSelector, RoutingPolicy
+from expertray.seams import ReplicaSelector, RoutingPolicy, Transport, TransportStats
 from expertray.state.placement_table import LayerRoute, PlacementTable
 
 
@@ -87,14 +87,8 @@ class BatchResult:
     times: tuple[float, float, float, float]
 
 
-class Exchange(Protocol):
-    """What the data path needs of a transport: rows [N, D] out in plan order, outputs [N, D] back."""
-
-    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, Any]: ...
-
-
 async def run_layer(hidden: torch.Tensor, layer: int, cfg: MoELayerConfig, params: LayerParams,
-                    policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Exchange,
+                    policy: RoutingPolicy, selector: ReplicaSelector, table: PlacementTable, transport: Transport,
                     expert_load: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                     suspects: frozenset[str] = frozenset(),
                     on_prepared: Callable[[PreparedBatch], None] | None = None) -> BatchResult:
@@ -186,27 +180,16 @@ def waits_on(batch: PreparedBatch, actors: tuple[str, ...], every_member: bool) 
     return frozenset(actors[b.actor] for b in batch.buckets if b.num_rows)
 
 
-@dataclass
-class InProcessStats:
-    """TransportStats-shaped stats of the in-process transport."""
-
-    bytes_out: list[int] = field(default_factory=list)
-    compute_ms: dict[int, float] = field(default_factory=dict)
-
-    @property
-    def max_compute_ms(self) -> float:
-        return max(self.compute_ms.values(), default=0.0)
-
-
-class InProcessTransport:
+class InProcessTransport(Transport):
     """Computes every bucket in this process from full expert weights per layer (tests, simulation)."""
 
     name = "in_process"
+    every_member = False
 
     def __init__(self, experts: list[ExpertWeights]) -> None:
         self.experts = experts
 
-    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, InProcessStats]:
+    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
         out = torch.empty_like(batch.rows)
         weights = self.experts[batch.layer]
         for b in batch.buckets:
@@ -215,7 +198,7 @@ class InProcessTransport:
                 swiglu(batch.rows[start:start + n], weights.gate_up[e], weights.down[e], out=out[start:start + n])
                 start += n
         per_row = batch.rows.shape[1] * batch.rows.element_size()
-        return out, InProcessStats([b.num_rows * per_row for b in batch.buckets], {})
+        return out, TransportStats([b.num_rows * per_row for b in batch.buckets], {})
 
     async def close(self) -> None:
         return None

@@ -26,9 +26,9 @@ from expertray.layer.experts import (
     slots_swiglu,
     swiglu,
 )
+from expertray.state.placement_table import ExpertKey
 from expertray.validation import tensor_view
 
-ExpertKey = tuple[int, int]  # (layer, logical expert)
 Tensorish = np.ndarray | torch.Tensor
 SlotWeights = tuple[Tensorish, ...]  # (gate_up [2F, D], down [D, F]) or with (gate_up_bias [2F], down_bias [D])
 

@@ -15,19 +15,22 @@ import torch
 from torch import nn
 
 from expertray.errors import ConfigError
-from expertray.models.blocks import SUPPORTED_BLOCKS
+from expertray.models import families
+from expertray.models.blocks import supported_blocks
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, block) of every sparse-MoE block expertray can serve, in module order."""
-    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS]
+    supported = set(supported_blocks())
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in supported]
 
 
 def find_unsupported_moe_blocks(model: nn.Module) -> list[tuple[str, str]]:
     """(qualified name, class name) of every module holding routed `experts` that expertray cannot serve
     (e.g. Llama-4's Llama4TextMoe), in module order."""
+    supported = set(supported_blocks())
     return [(name, type(m).__name__) for name, m in model.named_modules()
-            if isinstance(getattr(m, "experts", None), nn.Module) and type(m).__name__ not in SUPPORTED_BLOCKS]
+            if isinstance(getattr(m, "experts", None), nn.Module) and type(m).__name__ not in supported]
 
 
 class ClusterMoEProxy(nn.Module):
@@ -63,18 +66,19 @@ def swap_moe_blocks(model: nn.Module, cluster: Any) -> int:
     unsupported = find_unsupported_moe_blocks(model)
     if unsupported:
         name, cls = unsupported[0]
-        raise ConfigError(f"{name}: MoE block {cls} is not supported (supported: {', '.join(SUPPORTED_BLOCKS)})")
+        raise ConfigError(f"{name}: MoE block {cls} is not supported (supported: {', '.join(supported_blocks())})")
     blocks = find_moe_blocks(model)
     cfg = cluster.cfg
     if len(blocks) != cfg.num_layers:
         raise ConfigError(f"model has {len(blocks)} sparse-MoE blocks but the cluster serves "
                           f"cluster.num_layers={cfg.num_layers}")
     for name, block in blocks:  # check all before swapping any: a refused model stays untouched
-        width = (block.router if hasattr(block, "router") else block.gate).weight.shape[1]
+        width = getattr(block, families.by_block(type(block).__name__).router).weight.shape[1]
         if width != cfg.layer.d_model:
             raise ConfigError(f"{name}: hidden size {width} != cluster.layer.d_model={cfg.layer.d_model}")
     for layer, (name, block) in enumerate(blocks):
         parent_name, _, attr = name.rpartition(".")
-        proxy = ClusterMoEProxy(cluster, layer, cfg.layer.d_model, SUPPORTED_BLOCKS[type(block).__name__] == "gpt_oss")
+        returns_scores = families.by_block(type(block).__name__).returns_router_scores
+        proxy = ClusterMoEProxy(cluster, layer, cfg.layer.d_model, returns_scores)
         setattr(model.get_submodule(parent_name), attr, proxy)
     return len(blocks)

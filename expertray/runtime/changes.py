@@ -28,11 +28,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from expertray.errors import ConfigError, ExpertRayError, NoChangeError
-from expertray.state.placement_table import PlacementTable, Slot
+from expertray.state.placement_table import ExpertKey, PlacementTable, Slot
 
 log = logging.getLogger(__name__)
 
-ExpertKey = tuple[int, int]  # (layer, logical expert)
 
 
 class ActorPool(Protocol):

@@ -17,6 +17,8 @@ import torch
 
 from expertray.errors import ConfigError, UnknownExpertError
 
+ExpertKey = tuple[int, int]  # (layer, logical expert): what a slot holds, whichever actor it is on
+
 
 @dataclass(frozen=True, order=True)
 class Slot:

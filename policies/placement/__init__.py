@@ -11,20 +11,22 @@ trade one layer's balance against another's, which the window load gives no basi
 Load model (what balancedness measures): an expert's tokens split evenly over its replicas, as round-robin
 replica selection does, so device d carries Σ load[l, e] / replicas[l, e] over its slots of layer l.
 `PLACEMENT.create(name, **params)` builds a policy; `round_robin` (no replication, expert e on device e mod D,
-O(L · E)) lives here, `balanced` in its own module. Measuring a plan costs O(slots) per table.
+O(L · E)) lives here, the others in their own modules: a new policy is one module here registering itself,
+plus its name in config.PLACEMENT_POLICIES. The interface, PlacementPolicy, is declared in expertray.seams. Measuring a plan costs O(slots) per table.
 """
 
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from expertray.config import PLACEMENT_POLICIES
 from expertray.errors import ConfigError
-from expertray.registry import Registry
+from expertray.registry import Registry, import_submodules
+from expertray.seams import PlacementPolicy
 from expertray.state.loadstats import balancedness
 from expertray.state.placement_table import PlacementTable, Slot
 from expertray.state.topology import Topology
@@ -61,20 +63,6 @@ class PlacementPlan:
     balancedness_after: Balancedness
     slots_moved: int
     bytes_moved: int
-
-
-class PlacementPolicy(ABC):
-    """Interface of every placement policy."""
-
-    @abstractmethod
-    def plan(self, load: np.ndarray, topology: Topology, current: PlacementTable | None = None,
-             expert_bytes: int = 0) -> PlacementPlan:
-        """A table over topology.devices for load [L, E] (tokens per logical expert over the window).
-
-        The table's version is current.version + 1, or 0 without a current table. `current` is the table
-        the cluster runs now (a policy may keep its slots to move fewer weights); expert_bytes is one
-        slot's weight bytes, used only to report bytes_moved. Bad inputs raise ConfigError (check_inputs).
-        """
 
 
 PLACEMENT: Registry[PlacementPolicy] = Registry("placement")
@@ -158,6 +146,5 @@ class RoundRobinPlacement(PlacementPolicy):
         return finish_plan("round_robin", slots, arr, topology, current, expert_bytes)
 
 
-# Importing the policy modules registers them, so importing this module is enough to use PLACEMENT.
-import expertray.policies.placement.balanced  # noqa: E402,F401
-import expertray.policies.placement.topology  # noqa: E402,F401
+import_submodules(__name__, __path__)  # each policy module registers itself
+PLACEMENT.check(PLACEMENT_POLICIES)

@@ -14,9 +14,9 @@ import torch
 
 from expertray.actors.transport import (
     TRANSPORTS,
+    ActorTransport,
     CollectiveTransport,
     ObjectStoreTransport,
-    Transport,
     TransportStats,
     open_transport,
 )
@@ -75,7 +75,7 @@ def test_a_fake_transport_plugs_in_through_the_registry(monkeypatch: pytest.Monk
     monkeypatch.setattr(TRANSPORTS, "_entries", dict(TRANSPORTS._entries))  # registered for this test only
 
     @TRANSPORTS.register("loopback")
-    class LoopbackTransport(Transport):
+    class LoopbackTransport(ActorTransport):
         """Computes 'experts' in process: the output rows are the input rows negated."""
 
         name = "loopback"

@@ -14,6 +14,7 @@ import torch
 import expertray
 from expertray.config import (
     AUTOSCALE_POLICIES,
+    PLACEMENT_POLICIES,
     REPLICA_POLICIES,
     ROUTING_POLICIES,
     CapacityConfig,
@@ -47,7 +48,8 @@ def scratch(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
 
 
-DECLARED = [(ROUTING, ROUTING_POLICIES), (REPLICA, REPLICA_POLICIES), (AUTOSCALE, AUTOSCALE_POLICIES)]
+DECLARED = [(ROUTING, ROUTING_POLICIES), (REPLICA, REPLICA_POLICIES), (PLACEMENT, PLACEMENT_POLICIES),
+            (AUTOSCALE, AUTOSCALE_POLICIES)]
 
 
 @pytest.mark.parametrize("registry,declared", DECLARED, ids=[r.kind for r, _ in DECLARED])
