@@ -1,8 +1,10 @@
-"""The controller's ActorPool and RouterPool (expertray/runtime/changes.py) over Ray actor handles.
+"""The Ray side of the controller's Ray-free logic (expertray/runtime/): the ActorPool and RouterPool of
+changes.py, the liveness Probe, the autoscaler's Cluster and restore's RunningCluster, over actor handles.
 
-Every call is bounded: pings by `ping_timeout_s`, weight loads, unloads and table switches by
-`control_timeout_s`. `ctl` is the Controller actor's instance: the pools read its handles (`handles`,
-`routers`), weight source (`checkpoint` descriptor or weight store `layers`) and config, and ask it to start actors (`_new_actor`) and routers
+Every call is bounded: liveness pings and suspect pushes by `liveness_timeout_s`, pings and stats by
+`ping_timeout_s`, weight loads, unloads and table switches by `control_timeout_s`. `ctl` is the Controller
+actor's instance: the adapters read its handles (`handles`, `routers`), weight source (`checkpoint`
+descriptor or weight store `layers`) and config, and ask it to start actors (`_new_actor`) and routers
 (`_start_router`) and to persist its state (`_save`).
 """
 
@@ -14,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError
 
 from expertray.errors import ExpertRayError
-from expertray.runtime.changes import ExpertKey
+from expertray.policies.autoscale import Signals
+from expertray.runtime.changes import ExpertKey, PlacementControl
+from expertray.runtime.liveness import Reply
 from expertray.runtime.weights import expert_blob
+from expertray.state.actor_names import NAMESPACE
 from expertray.state.placement_table import PlacementTable
-from expertray.state.ray_nodes import NodeInfo, choose_node, nodes_from_ray
+from expertray.state.ray_nodes import NodeInfo, nodes_from_ray
 
 CHECKPOINT_MIN_READ_BPS = 100e6  # an actor reading its slots slower than this (bytes/s) counts as hung
 
@@ -76,16 +82,38 @@ def actor_location(handle: Any) -> dict[str, str] | None:
     return {"node_id": node_id, "ip": address.get("IPAddress", ""), "state": str(info.get("State", ""))}
 
 
-def node_affinity(demand: dict[str, float], nodes: list[NodeInfo], used: dict[str, dict[str, float]],
-                  actors_on: dict[str, int], avoid: Any = ()) -> tuple[str | None, dict[str, Any]]:
-    """(chosen node id, actor options) for a new expert actor: a soft NodeAffinitySchedulingStrategy on the
-    node `choose_node` picks, or no preference (Ray queues it until a node with room joins) when none fits."""
+def child_options(name: str, num_cpus: float, num_gpus: float, detached: bool) -> dict[str, Any]:
+    """Options of an actor the controller starts, named in expertray's namespace; a detached one outlives a
+    controller restart and keeps serving."""
+    opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "name": name, "namespace": NAMESPACE}
+    if detached:
+        opts["lifetime"] = "detached"
+    return opts
+
+
+def affinity_options(node_id: str | None) -> dict[str, Any]:
+    """Actor options preferring `node_id` (a soft NodeAffinitySchedulingStrategy); {} without one: Ray places
+    the actor, or queues it until a node with room joins."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = choose_node(nodes, used, demand, actors_on, avoid)
-    if node is None:
-        return None, {}
-    return node.node_id, {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=True)}
+    if node_id is None:
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
+
+
+def lookup(name: str) -> Any:
+    """The handle of the actor named `name` in expertray's namespace; None when there is none."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def request_resources(bundles: list[dict[str, float]]) -> None:
+    """Send `bundles` as the cluster's standing autoscaler request ([]: withdraw it)."""
+    from ray.autoscaler.sdk import request_resources as send
+
+    send(bundles=bundles)
 
 
 async def answers(handle: Any, timeout_s: float) -> bool:
@@ -114,8 +142,23 @@ class RayActorPool:
     async def ping(self, actor: str) -> bool:
         alive = await answers(self.ctl.handles.get(actor), self.ctl.cfg.ping_timeout_s)
         if actor in self.ctl.handles:
-            self.ctl._node_suspect(actor, not alive)
+            self.ctl.nodes.ping_result(actor, not alive)
         return alive
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Every table actor's stats ({"alive": True, ...}), or {"alive": False, "error"} for one that is not
+        running or does not answer within ping_timeout_s."""
+        ids = list(self.ctl.table.actors)
+
+        async def one(a: str) -> Any:
+            handle = self.ctl.handles.get(a)
+            if handle is None:
+                raise ExpertRayError(f"{a} is not running")
+            return await bounded(handle.stats.remote(), self.ctl.cfg.ping_timeout_s, f"{a}.stats")
+
+        replies = await asyncio.gather(*[one(a) for a in ids], return_exceptions=True)
+        return {a: {"alive": False, "error": str(r).splitlines()[0]} if isinstance(r, BaseException)
+                else {"alive": True, **r} for a, r in zip(ids, replies)}
 
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
         """Give `actor` the weights of `keys`: copied from live actor `source`; else, for a checkpoint cluster,
@@ -157,6 +200,18 @@ class RayRouterPool:
     async def ping(self, router: str) -> bool:
         return await answers(self.ctl.routers.get(router), self.ctl.cfg.ping_timeout_s)
 
+    async def call_all(self, method: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+        """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and
+        {"router", "alive", "error"} for those that did not."""
+        routers = self.ctl.routers
+        ids = list(routers)
+        replies = await asyncio.gather(*[bounded(getattr(routers[r], method).remote(), self.ctl.cfg.ping_timeout_s,
+                                                  f"{r}.{method}") for r in ids], return_exceptions=True)
+        ok = [(r, x) for r, x in zip(ids, replies) if not isinstance(x, BaseException)]
+        down = [{"router": r, "alive": False, "error": str(x).splitlines()[0] if str(x) else type(x).__name__}
+                for r, x in zip(ids, replies) if isinstance(x, BaseException)]
+        return ok, down
+
     async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
         handle = self.ctl.routers.get(router)
         if handle is None:
@@ -173,3 +228,76 @@ class RayRouterPool:
                             for r, h in self.ctl.routers.items()}
         self.ctl._save()
         return new_id
+
+
+class RayProbe:
+    """The liveness loop's Probe (expertray/runtime/liveness_loop.py), bounded by `liveness_timeout_s`."""
+
+    def __init__(self, ctl: Any) -> None:
+        self.ctl = ctl
+
+    def holds(self, actor: str) -> bool:
+        return actor in self.ctl.handles
+
+    async def ping(self, actor: str) -> Reply:
+        """One expert actor's ping (it answers on a thread of its own, beside its compute)."""
+        handle = self.ctl.handles.get(actor)
+        if handle is None:
+            return Reply.DIED
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.ctl.cfg.liveness_timeout_s)
+            return Reply.ANSWERED
+        except ActorDiedError:
+            return Reply.DIED
+        except Exception:  # noqa: BLE001 - no answer in time, or unreachable for now (a lost node): silent
+            return Reply.SILENT
+
+    async def push(self, suspects: list[str], recovered: list[str]) -> tuple[int, list[str]]:
+        """Every router at once (a late call is still delivered; a router that misses one gets the next)."""
+        routers = [(r, h) for r, h in self.ctl.routers.items() if h is not None]
+        replies = await asyncio.gather(*[bounded(h.suspect.remote(suspects, recovered),
+                                                 self.ctl.cfg.liveness_timeout_s, f"{r}.suspect")
+                                         for r, h in routers], return_exceptions=True)
+        return len(routers), [r for (r, _), x in zip(routers, replies) if isinstance(x, BaseException)]
+
+
+class RayScaling:
+    """The autoscaler's Cluster (expertray/runtime/autoscaling.py): the controller's signals and actors."""
+
+    def __init__(self, ctl: Any) -> None:
+        self.ctl = ctl
+
+    @property
+    def control(self) -> PlacementControl:
+        return self.ctl.control
+
+    async def signals(self) -> Signals:
+        return await self.ctl.signals()
+
+    async def add_actor(self, reason: str) -> str:
+        return await self.ctl._add_actor(reason)
+
+    def ask_for_room(self, why: str) -> bool:
+        return bool(self.ctl._ask_for_room(why))
+
+    def count_action(self, kind: str) -> None:
+        self.ctl.metrics.count_action(kind)
+
+
+class RayRunningCluster:
+    """restore's RunningCluster (expertray/runtime/restore.py): named actors, routers asked within `timeout_s`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+
+    def named_actors(self) -> list[str]:
+        return ray.util.list_named_actors()
+
+    def lookup(self, name: str) -> Any:
+        return lookup(name)
+
+    def router_table(self, handle: Any) -> dict[str, Any]:
+        return ray.get(handle.get_table.remote(), timeout=self.timeout_s)
+
+    def router_transport(self, handle: Any) -> str:
+        return ray.get(handle.stats.remote(), timeout=self.timeout_s)["transport"]

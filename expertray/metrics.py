@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -155,6 +156,18 @@ class Metrics:
             raise ValueError("request outcome must be a non-empty string")
         self.request_seconds.labels(str(layer)).observe(seconds)
         self.requests.labels(outcome).inc()
+
+    def observe_router(self, router: str, drained: Mapping[str, Any]) -> None:
+        """Record what one router buffered since its last drain (`RouterActor.drain_observations`): batches
+        (layer, counts, dropped, balancedness, dispatch_s, combine_s), actor calls (actor, seconds), requests
+        (layer, seconds, outcome) and its queue depth in tokens."""
+        for layer, counts, dropped, balancedness, dispatch_s, combine_s in drained["batches"]:
+            self.observe_batch(layer, counts, dropped, balancedness, dispatch_s, combine_s)
+        for actor, seconds in drained["actors"]:
+            self.observe_actor(actor, seconds)
+        for layer, seconds, outcome in drained["requests"]:
+            self.observe_request(layer, seconds, outcome)
+        self.set_queue_depth(router, drained["queued_tokens"])
 
     # -- exposition ----------------------------------------------------------------------------------
 

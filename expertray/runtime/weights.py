@@ -149,3 +149,18 @@ def load_weights(path: str | Path, cfg: MoELayerConfig, num_layers: int) -> list
         except ValueError as exc:
             raise SnapshotError(f"weight store {path}: layer {i} does not match the config ({exc})") from exc
     return layers
+
+
+def slot_bytes(layer: MoELayerConfig, checkpoint: dict[str, Any], dtype: str) -> int:
+    """Bytes of one expert slot as actors hold it in `dtype` (checkpoint: from the shard headers only)."""
+    if checkpoint:
+        from expertray.models.source import cached_source
+
+        return cached_source(checkpoint, dtype).slot_bytes(1)
+    per = 3 * layer.d_model * layer.d_ff + (2 * layer.d_ff + layer.d_model if layer.expert_bias else 0)
+    return per * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def held_bytes(layers: list[MoELayer] | None) -> int:
+    """Routed-expert bytes of a weight store (0 without one, as for a checkpoint cluster)."""
+    return sum(m.experts.nbytes + (m.biases.nbytes if m.biases is not None else 0) for m in layers or [])

@@ -90,6 +90,18 @@ def test_every_observation_renders_with_its_labels(metrics: Metrics) -> None:
     assert value(p, "expertray_request_seconds_count", layer="0") == 2
 
 
+def test_a_routers_drained_observations_are_recorded(metrics: Metrics) -> None:
+    metrics.observe_router("router-1", {"batches": [[0, [4, 0, 1], [0, 0, 1], 0.75, 0.001, 0.002]],
+                                        "actors": [["expert-0", 0.003]], "requests": [[0, 0.01, "timeout"]],
+                                        "queued_tokens": 7})
+    p = samples(metrics.render())
+    assert value(p, "expertray_tokens_routed_total", layer="0", expert="0") == 4
+    assert value(p, "expertray_balancedness", layer="0") == 0.75
+    assert value(p, "expertray_actor_compute_seconds_count", actor="expert-0") == 1
+    assert value(p, "expertray_requests_total", outcome="timeout") == 1
+    assert value(p, "expertray_queue_depth", router="router-1") == 7
+
+
 def test_per_expert_series_are_bounded_by_top_n() -> None:
     m = Metrics(MetricsConfig(per_expert_top_n=4))
     num_experts = 64

@@ -8,7 +8,7 @@ import torch
 from expertray.config import GateConfig, MoELayerConfig
 from expertray.layer.reference import MoELayer
 from expertray.runtime.snapshot import SnapshotError
-from expertray.runtime.weights import load_weights, save_weights
+from expertray.runtime.weights import held_bytes, load_weights, save_weights, slot_bytes
 
 CFG = MoELayerConfig(d_model=8, d_ff=12, gate=GateConfig("deepseek_v3", 4, 2, num_groups=2), shared_d_ff=6,
                      shared_gated=True)
@@ -31,7 +31,7 @@ class _Boom:
 
 
 def test_a_planted_pickle_is_refused_not_executed(tmp_path) -> None:
-    """Issue 11 hole 5: the old store was torch.load(weights_only=False) and ran a planted pickle."""
+    """A store once read with torch.load(weights_only=False) ran a planted pickle; safetensors executes nothing."""
     path = tmp_path / "w.safetensors"
     path.write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(SnapshotError, match="cannot read"):
@@ -45,3 +45,12 @@ def test_wrong_shapes_and_missing_layers_are_named(tmp_path) -> None:
     other = MoELayerConfig(d_model=8, d_ff=16, gate=CFG.gate)
     with pytest.raises(SnapshotError, match="layer 0 does not match"):
         load_weights(tmp_path / "w.safetensors", other, 1)
+
+
+def test_slot_bytes_match_what_the_weight_store_holds_per_expert() -> None:
+    cfg = MoELayerConfig(d_model=16, d_ff=8, gate=GateConfig(num_experts=4, top_k=2), expert_bias=True,
+                         expert_activation="clamped_swiglu")
+    layers = [MoELayer.random(cfg, seed=s) for s in (0, 1)]
+    assert held_bytes(layers) == 2 * 4 * slot_bytes(cfg, {}, "float32")
+    assert slot_bytes(cfg, {}, "bfloat16") * 2 == slot_bytes(cfg, {}, "float32")
+    assert held_bytes(None) == 0
