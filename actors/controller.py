@@ -37,7 +37,7 @@ from expertray.config import ClusterConfig
 from expertray.errors import ConfigError, ExpertRayError
 from expertray.layer.reference import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
-from expertray.policies.autoscale import Signals
+from expertray.policies.autoscale import AUTOSCALE, Signals
 from expertray.runtime import restore
 from expertray.runtime.autoscaling import Autoscaler, signals_from
 from expertray.runtime.changes import PlacementControl
@@ -77,7 +77,7 @@ class Controller:
         self.demand = actor_demand(cfg)  # what one expert actor asks of a node
         self.requests = ResourceRequests(pools.request_resources)
         self.autoscaler = Autoscaler(cfg.autoscale_policy, cfg.autoscale_params, cfg.autoscale_interval_s,
-                                     cfg.max_expert_actors, pools.RayScaling(self))
+                                     cfg.max_expert_actors, pools.RayScaling(self), AUTOSCALE.create)
         self.transport: str | None = None
         self.restored = False
         self.snapshot_error: str | None = None

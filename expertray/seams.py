@@ -33,8 +33,7 @@ if TYPE_CHECKING:
     from expertray.layer.capacity import CapacityResult
     from expertray.layer.gating import GateOutput, GateWeights
     from expertray.layer.route import PreparedBatch
-    from expertray.policies.autoscale import Action, Signals
-    from expertray.policies.placement import PlacementPlan
+    from expertray.state.decisions import Action, PlacementPlan, Signals
     from expertray.state.placement_table import LayerRoute, PlacementTable
     from expertray.state.topology import Topology
 

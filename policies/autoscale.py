@@ -16,122 +16,22 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 
 from expertray.config import AUTOSCALE_POLICIES
-from expertray.errors import ConfigError, UnknownExpertError, require
+from expertray.errors import ConfigError, require
 from expertray.policies.placement import device_loads
 from expertray.registry import Registry
 from expertray.seams import AutoscalePolicy
+from expertray.state.decisions import ACTION_KINDS, Action, Signals  # noqa: F401 - re-exported
 from expertray.state.placement_table import PlacementTable
 
 log = logging.getLogger(__name__)
-
-ACTION_KINDS = ("replicate", "dereplicate", "migrate", "add_actor", "remove_actor", "request_resources")
-_NEEDS = {"replicate": ("layer", "expert", "dst"), "dereplicate": ("layer", "expert", "src"),
-          "migrate": ("layer", "expert", "src", "dst"), "add_actor": (), "remove_actor": ("src",),
-          "request_resources": ()}
-
-
-@dataclass(frozen=True)
-class Signals:
-    """What the controller measured over its window.
-
-    load: [L, E] tokens routed to each logical expert over the window.
-    tokens_per_s: routed tokens per second, all layers and actors together.
-    free_capacity: expert actors the cluster has room to start now (0: adding one needs new resources).
-    overflow: [L, E] assignments dropped or rerouted away from each expert over the window: demand it could
-        not serve, counted with `load` when judging hot and cold (None: no overflow).
-    latency_p50_ms / latency_p99_ms: per actor; an actor without samples is absent.
-    memory_used_bytes / memory_budget_bytes: per actor; an actor without a budget has no memory limit.
-    expert_bytes: weight bytes of one slot (one replica of one logical expert).
-    """
-
-    load: np.ndarray
-    tokens_per_s: float
-    free_capacity: int
-    overflow: np.ndarray | None = None
-    latency_p50_ms: Mapping[str, float] = field(default_factory=dict)
-    latency_p99_ms: Mapping[str, float] = field(default_factory=dict)
-    memory_used_bytes: Mapping[str, int] = field(default_factory=dict)
-    memory_budget_bytes: Mapping[str, int] = field(default_factory=dict)
-    expert_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        load = np.asarray(self.load, dtype=np.float64)
-        if load.ndim != 2 or not np.isfinite(load).all() or (load < 0).any():
-            raise ConfigError(f"signals.load: expected finite tokens >= 0 of shape [layers, experts], "
-                              f"got shape {list(load.shape)}")
-        overflow = np.zeros_like(load) if self.overflow is None else np.asarray(self.overflow, dtype=np.float64)
-        if overflow.shape != load.shape or not np.isfinite(overflow).all() or (overflow < 0).any():
-            raise ConfigError(f"signals.overflow: expected finite counts >= 0 of shape {list(load.shape)}, "
-                              f"got shape {list(overflow.shape)}")
-        object.__setattr__(self, "load", load)
-        object.__setattr__(self, "overflow", overflow)
-        if not (math.isfinite(self.tokens_per_s) and self.tokens_per_s >= 0):
-            raise ConfigError(f"signals.tokens_per_s: must be a finite number >= 0, got {self.tokens_per_s}")
-        if self.free_capacity < 0:
-            raise ConfigError(f"signals.free_capacity: must be >= 0, got {self.free_capacity}")
-        if self.expert_bytes < 0:
-            raise ConfigError(f"signals.expert_bytes: must be >= 0, got {self.expert_bytes}")
-        for name in ("latency_p50_ms", "latency_p99_ms", "memory_used_bytes", "memory_budget_bytes"):
-            for actor, value in getattr(self, name).items():
-                if not (math.isfinite(value) and value >= 0):
-                    raise ConfigError(f"signals.{name}[{actor!r}]: must be a finite number >= 0, got {value}")
-
-    @property
-    def demand(self) -> np.ndarray:
-        """[L, E] routed plus overflowed assignments per logical expert."""
-        return self.load + self.overflow
-
-    def check(self, table: PlacementTable) -> None:
-        """Fail, naming the field, if these signals do not describe `table`."""
-        if self.load.shape != (table.num_layers, table.num_experts):
-            raise ConfigError(f"signals.load: shape {list(self.load.shape)} does not match the table's "
-                              f"{table.num_layers} layers x {table.num_experts} experts")
-        for name in ("latency_p50_ms", "latency_p99_ms", "memory_used_bytes", "memory_budget_bytes"):
-            for actor in getattr(self, name):
-                if actor not in table.actors:
-                    raise UnknownExpertError(f"signals.{name} names actor {actor!r}, which table "
-                                             f"v{table.version} does not hold (actors: {', '.join(table.actors)})")
-
-
-@dataclass(frozen=True)
-class Action:
-    """One change: kind in ACTION_KINDS; layer/expert/src/dst as the kind needs; reason with its numbers."""
-
-    kind: str
-    reason: str
-    layer: int | None = None
-    expert: int | None = None
-    src: str | None = None
-    dst: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ACTION_KINDS:
-            raise ConfigError(f"action.kind: {self.kind!r} is not one of {ACTION_KINDS}")
-        missing = [f for f in _NEEDS[self.kind] if getattr(self, f) is None]
-        if missing:
-            raise ConfigError(f"action {self.kind}: needs {', '.join(missing)}")
-
-    def apply(self, table: PlacementTable) -> PlacementTable:
-        """The table after this action; add_actor and request_resources leave it as it is (the controller
-        adds a started actor with PlacementTable.with_actor)."""
-        if self.kind == "replicate":
-            return table.replicate(self.layer, self.expert, self.dst)
-        if self.kind == "dereplicate":
-            return table.remove(self.layer, self.expert, self.src)
-        if self.kind == "migrate":
-            return table.migrate(self.layer, self.expert, self.src, self.dst)
-        if self.kind == "remove_actor":
-            return table.drain(self.src)
-        return table
-
 
 AUTOSCALE: Registry[AutoscalePolicy] = Registry("autoscale")
 
@@ -400,15 +300,6 @@ _URGENCY = {"straggler": 0, "hot": 1, "scale_up": 2, "cold": 3, "scale_down": 4}
 @AUTOSCALE.register("hysteresis")
 def _hysteresis(**params: Any) -> Hysteresis:
     return Hysteresis(HysteresisParams(**params))
-
-
-def resource_request_settled(asked_with: frozenset[str], actors: tuple[str, ...]) -> bool:
-    """Whether a standing `request_resources`, sent while the table held the expert actors `asked_with`, should
-    be withdrawn now that it holds `actors`: met (an actor started since, the one the room was asked for) or
-    moot (the table shrank since: whoever asked no longer grows it). The request is a floor on the cluster's
-    size that stands until the next one, so left alone it would keep the autoscaler from removing the nodes
-    it brought once the load falls."""
-    return bool(set(actors) - asked_with) or len(set(actors)) < len(asked_with)
 
 
 AUTOSCALE.check(AUTOSCALE_POLICIES)

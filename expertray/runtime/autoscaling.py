@@ -1,4 +1,4 @@
-"""The controller's autoscale loop, Ray-free: observe, decide (the pure policy, expertray/policies/autoscale.py),
+"""The controller's autoscale loop, Ray-free: observe, decide (a pure policy from policies/autoscale.py),
 apply each action as a table change, and keep a log of the decisions.
 
 The policy's streaks and cooldowns carry over a controller restart (`state()` goes into the snapshot,
@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from expertray.errors import ExpertRayError
-from expertray.policies.autoscale import AUTOSCALE, Action, AutoscalePolicy, Signals
 from expertray.runtime.changes import PlacementControl
 from expertray.runtime.periodic import every
+from expertray.seams import AutoscalePolicy
+from expertray.state.decisions import Action, Signals
 from expertray.state.placement_table import PlacementTable
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,15 @@ class Cluster(Protocol):
 
 
 class Autoscaler:
-    """The autoscale policy `name` (built from `params` when turned on) and the loop that runs it every
-    `interval_s`; an action that would grow past `max_expert_actors` fails with a message saying so."""
+    """The autoscale policy `name` (built by `create(name, **params)` when turned on: the policies' registry)
+    and the loop that runs it every `interval_s`; an action that would grow past `max_expert_actors` fails with
+    a message saying so."""
 
     def __init__(self, name: str, params: Mapping[str, Any], interval_s: float, max_expert_actors: int,
-                 cluster: Cluster, clock: Callable[[], float] = time.monotonic) -> None:
+                 cluster: Cluster, create: Callable[..., AutoscalePolicy],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        self.create = create
         self.params = dict(params)
         self.interval_s = interval_s
         self.max_expert_actors = max_expert_actors
@@ -67,7 +71,7 @@ class Autoscaler:
         """Start (a fresh policy, given the saved streaks and cooldowns when they are this policy's) or stop
         the loop; turning it on twice keeps the running one."""
         if on and self.task is None:
-            self.policy = AUTOSCALE.create(self.name, **self.params)
+            self.policy = self.create(self.name, **self.params)
             saved = self.saved
             if saved.get("policy") == self.name and isinstance(saved.get("state"), dict):
                 try:

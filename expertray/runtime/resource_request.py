@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from expertray.policies.autoscale import resource_request_settled
-
 log = logging.getLogger(__name__)
 
 Bundle = dict[str, float]
@@ -60,3 +58,12 @@ class ResourceRequests:
             log.warning("%s failed: %s", what, exc)
             return False
         return True
+
+
+def resource_request_settled(asked_with: frozenset[str], actors: tuple[str, ...]) -> bool:
+    """Whether a standing `request_resources`, sent while the table held the expert actors `asked_with`, should
+    be withdrawn now that it holds `actors`: met (an actor started since, the one the room was asked for) or
+    moot (the table shrank since: whoever asked no longer grows it). The request is a floor on the cluster's
+    size that stands until the next one, so left alone it would keep the autoscaler from removing the nodes
+    it brought once the load falls."""
+    return bool(set(actors) - asked_with) or len(set(actors)) < len(asked_with)

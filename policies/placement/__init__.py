@@ -27,42 +27,12 @@ from expertray.config import PLACEMENT_POLICIES
 from expertray.errors import ConfigError
 from expertray.registry import Registry, import_submodules
 from expertray.seams import PlacementPolicy
+from expertray.state.decisions import Balancedness, PlacementPlan  # noqa: F401 - re-exported
 from expertray.state.loadstats import balancedness
 from expertray.state.placement_table import PlacementTable, Slot
 from expertray.state.topology import Topology
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Balancedness:
-    """mean / max tokens per device, per layer ([L], 1.0 is perfect) and its mean over layers."""
-
-    per_layer: np.ndarray
-
-    @property
-    def mean(self) -> float:
-        return float(self.per_layer.mean()) if self.per_layer.size else 1.0
-
-
-@dataclass(frozen=True)
-class PlacementPlan:
-    """A planned table and what it costs and buys.
-
-    replica_counts: [L, E] replicas per logical expert in `table`.
-    balancedness_before: of the current table (plus the topology's new devices, empty) under the same load,
-        or of PlacementTable.balanced over the topology's devices (what the runtime starts from) without
-        one; balancedness_after: of `table`.
-    slots_moved: slots of `table` that are new on their device (weights to copy); bytes_moved = that ×
-        expert_bytes. Without a current table every slot is new.
-    """
-
-    table: PlacementTable
-    replica_counts: np.ndarray
-    balancedness_before: Balancedness
-    balancedness_after: Balancedness
-    slots_moved: int
-    bytes_moved: int
 
 
 PLACEMENT: Registry[PlacementPolicy] = Registry("placement")

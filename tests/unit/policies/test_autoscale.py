@@ -13,7 +13,6 @@ from expertray.policies.autoscale import (
     Hysteresis,
     HysteresisParams,
     Signals,
-    resource_request_settled,
 )
 from expertray.state.placement_table import PlacementTable
 
@@ -220,13 +219,3 @@ def test_state_survives_export_and_restore_with_another_clock() -> None:
 def test_bad_policy_state_is_refused(state: dict) -> None:
     with pytest.raises(ConfigError, match="autoscale.hysteresis state"):
         _policy().restore_state(state, 0.0)
-
-
-def test_a_resource_request_is_withdrawn_once_met_or_moot() -> None:
-    asked_with = frozenset({"expert-0", "expert-1"})
-    assert not resource_request_settled(asked_with, ("expert-0", "expert-1"))  # still waiting for the room
-    assert not resource_request_settled(asked_with, ("expert-1", "expert-0"))
-    assert resource_request_settled(asked_with, ("expert-0", "expert-1", "expert-2"))  # the new actor started
-    assert resource_request_settled(asked_with, ("expert-0", "expert-2"))  # a heal's replacement used the room
-    assert resource_request_settled(asked_with, ("expert-0",))  # the table shrank: nobody grows it now
-    assert resource_request_settled(frozenset(), ("expert-0",))  # asked at start-up, before any table

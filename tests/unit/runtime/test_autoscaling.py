@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from expertray.errors import ExpertRayError
-from expertray.policies.autoscale import Action, AutoscalePolicy
+from expertray.policies.autoscale import AUTOSCALE, Action, AutoscalePolicy
 from expertray.runtime.autoscaling import Autoscaler, signals_from
 from expertray.state.placement_table import PlacementTable
 
@@ -63,7 +63,7 @@ class Scripted(AutoscalePolicy):
 
 def _autoscaler(actions: list[Action], max_expert_actors: int = 4) -> tuple[Autoscaler, FakeCluster]:
     cluster = FakeCluster()
-    autoscaler = Autoscaler("hysteresis", {}, 0.01, max_expert_actors, cluster, clock=lambda: 42.0)
+    autoscaler = Autoscaler("hysteresis", {}, 0.01, max_expert_actors, cluster, AUTOSCALE.create, clock=lambda: 42.0)
     autoscaler.policy = Scripted(actions)
     return autoscaler, cluster
 
@@ -99,7 +99,7 @@ def test_a_resource_request_is_refused_at_the_actor_limit_and_reported_when_it_f
 def test_turning_on_builds_the_policy_restores_its_state_and_runs_the_loop() -> None:
     async def scenario():
         cluster = FakeCluster()
-        autoscaler = Autoscaler("hysteresis", {"sustain_checks": 1}, 0.01, 4, cluster, clock=lambda: 100.0)
+        autoscaler = Autoscaler("hysteresis", {"sustain_checks": 1}, 0.01, 4, cluster, AUTOSCALE.create, clock=lambda: 100.0)
         assert autoscaler.state() == {"on": False}
         saved = {"streaks": [[["hot", 0, 1], 2]], "cooldown_ages_s": [[["actor", "expert-0"], 3.0]]}
         autoscaler.saved = {"on": True, "policy": "hysteresis", "state": saved}
@@ -122,7 +122,7 @@ def test_turning_on_builds_the_policy_restores_its_state_and_runs_the_loop() -> 
 
 def test_state_saved_by_another_policy_or_broken_is_not_used(caplog) -> None:
     async def scenario(saved):
-        autoscaler = Autoscaler("hysteresis", {}, 1.0, 4, FakeCluster(), clock=lambda: 0.0)
+        autoscaler = Autoscaler("hysteresis", {}, 1.0, 4, FakeCluster(), AUTOSCALE.create, clock=lambda: 0.0)
         autoscaler.saved = saved
         autoscaler.turn(True)
         autoscaler.turn(False)
@@ -151,6 +151,6 @@ def test_signals_sum_routers_and_skip_actors_without_samples() -> None:
 
 
 def test_a_step_before_the_autoscaler_was_ever_on_is_refused() -> None:
-    autoscaler = Autoscaler("hysteresis", {}, 1.0, 4, FakeCluster())
+    autoscaler = Autoscaler("hysteresis", {}, 1.0, 4, FakeCluster(), AUTOSCALE.create)
     with pytest.raises(ExpertRayError, match="'hysteresis' autoscaler was never turned on"):
         asyncio.run(autoscaler.step())

@@ -3,7 +3,7 @@ once the table shows it met or moot, and never raised when the autoscaler cannot
 
 from __future__ import annotations
 
-from expertray.runtime.resource_request import ResourceRequests
+from expertray.runtime.resource_request import ResourceRequests, resource_request_settled
 
 DEMAND = {"CPU": 0.1, "expert_slot": 1.0}
 
@@ -63,3 +63,13 @@ def test_failures_are_logged_not_raised_and_leave_the_state_as_it_was(caplog) ->
     autoscaler.fail = False
     requests.settle(("expert-0", "expert-1"))  # still standing: withdrawn on the next change
     assert "withdrawn" in requests.last
+
+
+def test_a_resource_request_is_withdrawn_once_met_or_moot() -> None:
+    asked_with = frozenset({"expert-0", "expert-1"})
+    assert not resource_request_settled(asked_with, ("expert-0", "expert-1"))  # still waiting for the room
+    assert not resource_request_settled(asked_with, ("expert-1", "expert-0"))
+    assert resource_request_settled(asked_with, ("expert-0", "expert-1", "expert-2"))  # the new actor started
+    assert resource_request_settled(asked_with, ("expert-0", "expert-2"))  # a heal's replacement used the room
+    assert resource_request_settled(asked_with, ("expert-0",))  # the table shrank: nobody grows it now
+    assert resource_request_settled(frozenset(), ("expert-0",))  # asked at start-up, before any table
