@@ -26,7 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/expertray bench core --json
 
-# The one-shot device check (issue 15): Ray-free tests on EXPERTRAY_DEVICE (default cuda) + `bench gpu`, one
+# The one-shot device check: Ray-free tests on EXPERTRAY_DEVICE (default cuda) + `bench gpu`, one
 # JSON in $$OUT (default build/gpu-check). Needs no .venv and no Ray: on a bare GPU machine it installs the
 # checkout with pip --no-deps into the python it finds. CPU run here: EXPERTRAY_DEVICE=cpu make gpu-check.
 gpu-check:

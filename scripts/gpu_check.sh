@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the one-shot device check (issue 15). Built for a bare one-GPU machine with Python,
+# `make gpu-check`: the one-shot device check. Built for a bare one-GPU machine with Python,
 # torch (CUDA), transformers, safetensors, numpy, msgpack, typer, rich, pyyaml, matplotlib, pytest and
 # hypothesis, no network and no Ray. Steps:
 #   1. install this checkout without touching dependencies (pip --no-deps --no-build-isolation -e .);

@@ -56,7 +56,11 @@ def laser_at(revision: str) -> type:
     """LaserRouting as policies/routing/laser.py stood at a git revision of this repository (its registry
     entry left out: the current module holds the name)."""
     path = f"{revision}:policies/routing/laser.py"
-    source = subprocess.run(["git", "show", path], check=True, capture_output=True, text=True).stdout
+    shown = subprocess.run(["git", "show", path], capture_output=True, text=True)
+    if shown.returncode != 0:  # before the package layout (policies/routing_laser.py, other import paths)
+        raise SystemExit(f"{path} does not exist: revisions before the routing/ package imported modules that "
+                         "are gone; compare them from a checkout of that revision")
+    source = shown.stdout
     module = types.ModuleType(f"routing_laser_at_{revision}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source.replace('@ROUTING.register("laser")\n', ""), path, "exec"), module.__dict__)

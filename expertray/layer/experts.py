@@ -123,7 +123,7 @@ def grouped_mm_fast(device: torch.device, dtype: torch.dtype, d_model: int, d_ff
 
 
 # Fewest non-empty groups for which one grouped GEMM beats the per-slot loop on a fast-kernel device.
-# Measured on an H200 (bf16, `expertray bench gpu`, issue 15's first device run): with 8 groups the loop won at
+# Measured on an H200 (bf16, `expertray bench gpu`, the first device run): with 8 groups the loop won at
 # both 1024 and 32 rows per group (655 vs 564 and 96 vs 81 TFLOP/s: cuBLAS per expert beats the grouped
 # kernel's tiles, and 8 launches cost little); with 256 groups it lost at 128 and 4 rows per group
 # (202 vs 285 and 4.4 vs 12.7 TFLOP/s: ~4 launches per group dominate). 32 sits between the measured

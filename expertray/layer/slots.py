@@ -3,7 +3,7 @@
 Per layer: experts held (ascending logical ids), gate_up [S, 2F, D] and down [S, D, F] on one device in
 one dtype, plus expert biases gate_up [S, 2F] and down [S, D] for layers that have them (GPT-OSS). With a
 layer config whose experts are plain SwiGLU without biases the grouped GEMM / per-slot SwiGLU runs; any
-other activation (clamped SwiGLU) or biases go through `expert_math.expert_mlp`, one slot at a time. Stacking lets one grouped GEMM cover a whole call; a load or unload rebuilds that layer's stack
+other activation (clamped SwiGLU) or biases go through `experts.expert_mlp`, one slot at a time. Stacking lets one grouped GEMM cover a whole call; a load or unload rebuilds that layer's stack
 (rare: placement changes), never the hot path. No Ray here: the ExpertActor is a thin shell over this.
 """
 

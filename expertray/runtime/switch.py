@@ -1,4 +1,4 @@
-"""Switching a router to a new placement table without holding up its batches (issue 14, item 3), Ray-free.
+"""Switching a router to a new placement table without holding up its batches, Ray-free.
 
 A table whose actor set differs from the one in use needs a new transport (a collective group over the new
 actors: a rendezvous that can take hundreds of milliseconds). It forms *outside* the batch lane, while

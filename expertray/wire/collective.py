@@ -1,7 +1,7 @@
 """The collective exchange, Ray-free: the router (rank 0) sends each expert actor (ranks 1..W-1) its rows
 with an all-to-all of uneven split sizes, and gets the outputs back the same way.
 
-Group formation is locked down (issue 11, item 6), because the rendezvous store is a network server:
+Group formation is locked down because the rendezvous store is a network server:
 - The router binds the store's listening socket to its node address (never 0.0.0.0): it creates the
   socket itself and hands it to torch's TCPStore (`master_listen_fd`). The port travels to members only,
   inside the Ray call that asks them to join.

@@ -127,7 +127,7 @@ def _exact(cluster, layers, n: int = 6) -> None:
 
 
 def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) -> None:
-    """Hole 1: an actor slow past the batch deadline three times used to end the router's batch loop."""
+    """An actor slow past the batch deadline three times used to end the router's batch loop."""
     from expertray.errors import ExpertUnavailableError
 
     cfg = _small(collective_timeout_s=0.5, request_timeout_s=20.0)
@@ -143,7 +143,7 @@ def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) ->
         _exact(cluster, layers)  # the loop still runs
         router = cluster.status()["routers"][0]
         assert router["loop_errors"] == 0 and router["errors"] == 1 and router["retries"] >= 3
-        # hole 8 (runtime part): a refused request is counted in status and in requests_total{outcome}
+        # a refused request is counted in status and in requests_total{outcome}
         from expertray.errors import InputError
 
         with pytest.raises(InputError):
@@ -158,7 +158,7 @@ def test_router_loop_survives_a_request_that_used_up_its_retries(ray_session) ->
 
 
 def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session, until) -> None:
-    """Hole 2: a dead router was never replaced, status()/replicate() raised, actors leaked."""
+    """A dead router was never replaced, status()/replicate() raised, actors leaked."""
     cfg = _small(num_routers=2)
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
@@ -185,7 +185,7 @@ def test_dead_router_is_replaced_and_clients_retry_on_a_live_one(ray_session, un
 
 
 def test_hung_actor_is_killed_and_replaced_while_status_answers(ray_session) -> None:
-    """Hole 4: a SIGSTOPped actor stalled the object-store path with no timeout and status() timed out."""
+    """A SIGSTOPped actor stalled the object-store path with no timeout and status() timed out."""
     import os
     import signal
 
@@ -215,7 +215,7 @@ def test_hung_actor_is_killed_and_replaced_while_status_answers(ray_session) -> 
 
 
 def test_a_hung_actor_whose_experts_have_replicas_is_routed_around_before_any_heal(ray_session, until) -> None:
-    """Issue 14 item 3: the controller's liveness pings find a SIGSTOPped actor silent and push it to the
+    """The controller's liveness pings find a SIGSTOPped actor silent and push it to the
     router, which leaves the collective group for the object store and serves from the replicas while the
     actor is still stopped and still in the table (its heal deadline, ping_timeout_s, is far off); answering
     again (SIGCONT) un-masks it, with no heal at all."""
@@ -254,7 +254,7 @@ def test_a_hung_actor_whose_experts_have_replicas_is_routed_around_before_any_he
 
 def test_default_detached_controller_restarts_and_a_bad_snapshot_keeps_serving_and_healing(
         ray_session, until, controller_info) -> None:
-    """Holes 3, 5, 7: the default launch() (no snapshot_path) could not restart its controller; a corrupted
+    """The default launch() (no snapshot_path) could not restart its controller; a corrupted
     snapshot left nothing to heal an expert death with."""
     from pathlib import Path
 

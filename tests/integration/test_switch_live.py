@@ -1,4 +1,4 @@
-"""Placement switches that form a new collective group under a live stream (issue 14, item 3): the routers
+"""Placement switches that form a new collective group under a live stream: the routers
 form the group while batches keep flowing on the old one and swap between batches; nothing is lost or wrong,
 and every router ends on a collective group over the final actor set."""
 

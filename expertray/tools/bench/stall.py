@@ -1,4 +1,4 @@
-"""`expertray bench stall`: how long a placement change holds up a closed-loop stream (issue 14, item 3).
+"""`expertray bench stall`: how long a placement change holds up a closed-loop stream.
 
 A local cluster serving over the collective transport (a gloo group: every change of the actor set forms a
 new group) takes a closed-loop stream (expertray/tools/bench/multinode.py's `Stream`: clients send one request at a
@@ -11,7 +11,7 @@ after the other, `repeats` times each:
 Per change: the steady p50 / p99 of requests answered in the `steady_s` before it, the router's median batch
 time then, the largest latency of a request in flight while the change ran, the added latency
 (max − steady p99, in ms and in batch times) and how long the change took (the API call, start to end).
-Medians over repeats per kind. Goal (issue 14): at most one batch time added.
+Medians over repeats per kind. Goal: at most one batch time added.
 """
 
 from __future__ import annotations

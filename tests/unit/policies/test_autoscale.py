@@ -200,7 +200,7 @@ def test_straggler_slots_moves_several_slots_in_one_decision() -> None:
 
 
 def test_state_survives_export_and_restore_with_another_clock() -> None:
-    """The controller persists the policy's streaks and cooldowns (issue 12 item 5): a restarted controller
+    """The controller persists the policy's streaks and cooldowns: a restarted controller
     neither acts early (cooldown kept) nor forgets a streak."""
     table = PlacementTable.balanced(1, 6, ["a", "b", "c"])
     sig = _signals([50, 50, 10, 10, 40, 80], latency_p50_ms={"a": 10.0, "b": 9.0, "c": 30.0})

@@ -96,7 +96,7 @@ def test_transport_failing_n_times_is_retried_then_answers_exactly() -> None:
 
 
 def test_out_of_attempts_fails_clearly_and_the_loop_keeps_serving() -> None:
-    """Issue 11 hole 1: after the last retry the queues are empty; the loop must not die on them."""
+    """After the last retry the queues are empty; the loop must not die on them."""
     model = _Model()
     broken = {"on": True}
 

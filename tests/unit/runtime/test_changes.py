@@ -129,7 +129,7 @@ def test_failed_load_leaves_no_router_switched_and_kills_created_actors() -> Non
 
 
 def test_router_refusing_a_table_rolls_every_router_back() -> None:
-    """Issue 11 hole 2: a failed change left router and controller on different table versions."""
+    """A failed change left router and controller on different table versions."""
     control, actors, routers, _ = _setup()
     routers.refuse.add("router-1")
     new = control.table.replicate(1, 2, "expert-0")
@@ -167,7 +167,7 @@ def test_heal_replaces_dead_and_hung_actors_from_replicas_or_the_store() -> None
 
 
 def test_heal_that_fails_leaks_no_actor_and_keeps_the_table() -> None:
-    """Issue 11 hole 2: each failing liveness round leaked a new expert actor (8 in 30 s)."""
+    """Each failing liveness round leaked a new expert actor (8 in 30 s)."""
     control, actors, routers, _ = _setup()
     actors.dead.add("expert-1")
     routers.refuse.add("router-0")

@@ -1,4 +1,4 @@
-"""Losing an actor without stalling (issue 14 item 3), without Ray: the masked routing view over hand-built
+"""Losing an actor without stalling, without Ray: the masked routing view over hand-built
 tables, every replica selector on it, and the batcher + data path retrying on surviving replicas while a heal
 is still running (or waiting for it when an expert has no surviving replica)."""
 

@@ -59,7 +59,7 @@ def _doc(table: PlacementTable, state: dict) -> dict:
     ({"surprise": 1}, "state.surprise: unknown field"),
 ])
 def test_typed_state_refuses_bad_values(tmp_path, state: dict, needle: str) -> None:
-    """Issue 11 hole 5: `next_actor: "NaN"` loaded before; each state field is now checked by type."""
+    """`next_actor: "NaN"` loaded before; each state field is now checked by type."""
     path = tmp_path / "s"
     path.write_bytes(msgpack.packb(_doc(PlacementTable.balanced(1, 2, ["a"]), state)))
     with pytest.raises(SnapshotError, match=needle):
@@ -67,7 +67,7 @@ def test_typed_state_refuses_bad_values(tmp_path, state: dict, needle: str) -> N
 
 
 def test_checksum_refuses_a_valid_looking_edit_and_a_missing_checksum(tmp_path) -> None:
-    """Issue 11 hole 5: 116 of 2,250 single-byte mutations loaded as a different table before."""
+    """116 of 2,250 single-byte mutations loaded as a different table before."""
     table = PlacementTable.balanced(2, 4, ["a", "b"])
     save_snapshot(tmp_path / "s", table, ControllerState(next_actor=2, routers=("router-0",)))
     doc = msgpack.unpackb((tmp_path / "s").read_bytes())

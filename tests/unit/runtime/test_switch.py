@@ -1,4 +1,4 @@
-"""A table switch forms its new transport with the batch lane free (issue 14, item 3), without Ray: a fake
+"""A table switch forms its new transport with the batch lane free, without Ray: a fake
 transport whose forming blocks on an event while batches keep running through the old one; the swap lands
 between batches, the old transport closes after it; a failed forming changes nothing."""
 

@@ -1,4 +1,4 @@
-"""PlacementTable.migrate refuses a source that does not hold the expert (issue 11 hole 8: the CLI's
+"""PlacementTable.migrate refuses a source that does not hold the expert (the CLI's
 `migrate --from` such an actor exited 0 and bumped the table version)."""
 
 import pytest
