@@ -127,14 +127,19 @@ async def answers(handle: Any, timeout_s: float) -> bool:
         return False
 
 
-class RayActorPool:
-    """ActorPool over Ray expert actors (see expertray/runtime/changes.py)."""
+class _ControllerSide:
+    """An adapter the controller's Ray-free parts call through: it reads the Controller actor `ctl` it wraps."""
 
     def __init__(self, ctl: Any) -> None:
         self.ctl = ctl
 
     def has(self, actor: str) -> bool:
+        """Whether the controller still holds expert actor `actor` (a heal has not killed it)."""
         return actor in self.ctl.handles
+
+
+class RayActorPool(_ControllerSide):
+    """ActorPool over Ray expert actors (see expertray/runtime/changes.py)."""
 
     def create(self) -> str:
         return self.ctl._new_actor()
@@ -188,11 +193,8 @@ class RayActorPool:
             ray.kill(handle, no_restart=True)
 
 
-class RayRouterPool:
+class RayRouterPool(_ControllerSide):
     """RouterPool over Ray router actors (see expertray/runtime/changes.py)."""
-
-    def __init__(self, ctl: Any) -> None:
-        self.ctl = ctl
 
     def ids(self) -> list[str]:
         return list(self.ctl.routers)
@@ -230,14 +232,8 @@ class RayRouterPool:
         return new_id
 
 
-class RayProbe:
+class RayProbe(_ControllerSide):
     """The liveness loop's Probe (expertray/runtime/liveness_loop.py), bounded by `liveness_timeout_s`."""
-
-    def __init__(self, ctl: Any) -> None:
-        self.ctl = ctl
-
-    def holds(self, actor: str) -> bool:
-        return actor in self.ctl.handles
 
     async def ping(self, actor: str) -> Reply:
         """One expert actor's ping (it answers on a thread of its own, beside its compute)."""
@@ -261,11 +257,8 @@ class RayProbe:
         return len(routers), [r for (r, _), x in zip(routers, replies) if isinstance(x, BaseException)]
 
 
-class RayScaling:
+class RayScaling(_ControllerSide):
     """The autoscaler's Cluster (expertray/runtime/autoscaling.py): the controller's signals and actors."""
-
-    def __init__(self, ctl: Any) -> None:
-        self.ctl = ctl
 
     @property
     def control(self) -> PlacementControl:

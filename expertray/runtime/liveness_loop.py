@@ -30,7 +30,7 @@ BACKOFF_MAX_S = 30.0
 class Probe(Protocol):
     """The cluster as the liveness loop reaches it; every call bounded by the liveness timeout."""
 
-    def holds(self, actor: str) -> bool:
+    def has(self, actor: str) -> bool:
         """Whether the controller still holds the actor (the heal has not killed it)."""
 
     async def ping(self, actor: str) -> Reply: ...
@@ -76,7 +76,7 @@ class LivenessLoop:
         replies = dict(zip(ids, await asyncio.gather(*[self.probe.ping(a) for a in ids])))
         verdict = self.liveness.observe(replies, sent, self.clock())
         self.known_dead = verdict.dead
-        self.nodes.liveness_replies(replies, sent, {a for a in ids if self.probe.holds(a)})
+        self.nodes.liveness_replies(replies, sent, {a for a in ids if self.probe.has(a)})
         if verdict.push:
             await self._push(verdict)
         return verdict

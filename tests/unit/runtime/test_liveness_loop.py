@@ -55,7 +55,7 @@ class FakeProbe:
         self.pushes: list[tuple[list[str], list[str]]] = []
         self.failing_routers: list[str] = []
 
-    def holds(self, actor: str) -> bool:
+    def has(self, actor: str) -> bool:
         return actor in self.held
 
     async def ping(self, actor: str) -> Reply:
