@@ -171,6 +171,12 @@ class Controller:
 
     async def _start_router(self, table: PlacementTable) -> tuple[str, Any]:
         """Create a router serving `table` and start it (transport open, batching); killed if it fails."""
+        new_id, handle = self._create_router(table)
+        await self._open_router(new_id, handle)
+        return new_id, handle
+
+    def _create_router(self, table: PlacementTable) -> tuple[str, Any]:
+        """A new router actor for `table`: its process starts now; it serves once `_open_router` returns."""
         if self.checkpoint:  # the router reads its gates and shared experts from the checkpoint itself
             params: list[LayerParams] | dict[str, Any] = self.checkpoint
         elif self.layers is not None:
@@ -183,6 +189,10 @@ class Controller:
                                       self.detached)
         handle = RouterActor.options(**options).remote(new_id, self.cfg, params, table.to_dict(), self.handles,
                                                        max(1, math.floor(self.cfg.router_num_cpus)))
+        return new_id, handle
+
+    async def _open_router(self, new_id: str, handle: Any) -> None:
+        """Start a created router (its transport opens over the actors, then it batches); killed if it fails."""
         try:
             transport = await bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
                                        self.cfg.control_timeout_s, f"starting {new_id}")
@@ -190,7 +200,6 @@ class Controller:
             ray.kill(handle, no_restart=True)
             raise
         self.transport = self.transport or transport
-        return new_id, handle
 
     async def start(self, layers: list[MoELayer] | None = None, checkpoint: dict[str, Any] | None = None
                     ) -> dict[str, Any]:
@@ -214,11 +223,14 @@ class Controller:
             await asyncio.to_thread(save_weights, self.weights_path, self.layers)
         ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
         table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
+        # the routers' processes start beside the expert actors' (each process start is mostly imports); a
+        # router opens its transport only once every actor holds its slots
+        routers = [self._create_router(table) for _ in range(self.cfg.num_routers)]
+        self.routers.update(routers)  # a failed start's shutdown kills them too
         await asyncio.gather(*[self.actor_pool.load(a, [(s.layer, s.expert) for s in table.slots_of(a)], None)
                                for a in ids])
-        for _ in range(self.cfg.num_routers):
-            new_id, handle = await self._start_router(table)
-            self.routers[new_id] = handle
+        for new_id, handle in routers:
+            await self._open_router(new_id, handle)
         self._serve(table, [])
         self._changed()
         self._start_background()

@@ -1,5 +1,6 @@
 """Every integration test runs on the session's local Ray cluster: mark them all `ray`. Fixtures: `until`
-(poll a condition with a deadline) and `controller_info` (the controller's info, None while it restarts)."""
+(poll a condition with a deadline), `controller_info` (the controller's info, None while it restarts) and
+`multinode_driver` (the multi-node scenarios, started in a process of their own as soon as collection ends)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,42 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from multinode_driver import Driver
 
 _HERE = Path(__file__).resolve().parent
+
+
+MULTINODE_BUDGET_S = 300  # the driver's own budget; it then shuts its cluster down and still prints its result
+_DRIVER = pytest.StashKey[Driver]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.ray)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the multi-node driver now when a test will use it, so it works while the other tests run."""
+    if session.config.option.collectonly:
+        return
+    if any("multinode_driver" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[_DRIVER] = Driver([], MULTINODE_BUDGET_S)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    driver = config.stash.get(_DRIVER, None)
+    if driver is not None:
+        driver.stop()
+
+
+@pytest.fixture(scope="session")
+def multinode_driver(request: pytest.FixtureRequest) -> Driver:
+    """The multi-node scenarios' driver, started at the end of collection (or here, if it was not)."""
+    stash = request.config.stash
+    if _DRIVER not in stash:
+        stash[_DRIVER] = Driver([], MULTINODE_BUDGET_S)
+    return stash[_DRIVER]
 
 
 def _until(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:

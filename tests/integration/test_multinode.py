@@ -4,53 +4,25 @@ node, losing a node under a stream; then the same model with the collective tran
 spanning raylets: correct answers, and losing a node under a stream.
 
 The scenarios run in expertray/tools/bench/multinode.py, in a process of its own (this process already
-holds the session's Ray connection), once for the module; each test checks one scenario's JSON result.
+holds the session's Ray connection), started as soon as collection shows these tests will run (the integration
+conftest's `multinode_driver`), so the rest of the suite runs meanwhile; each test checks one scenario's JSON
+result.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+from multinode_driver import Driver
 
-BUDGET_S = 300  # the driver's own budget; it then shuts its cluster down and still prints its result
 AUTOSCALE_BUDGET_S = 300
 CLEAR_ERRORS = {"RequestTimeoutError", "ExpertUnavailableError", "RouterUnavailableError"}
 
 
-def _run_driver(args: list[str], budget_s: int) -> dict[str, Any]:
-    """Run expertray.tools.bench.multinode with `args` in a process of its own; its scenarios' results."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    timeout_s = budget_s + 60
-    proc = subprocess.Popen([sys.executable, "-m", "expertray.tools.bench.multinode", "--budget-s", str(budget_s), *args],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM: the driver shuts its cluster down in `finally`
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its raylets share its process group
-            out, err = proc.communicate()
-        pytest.fail(f"multi-node driver did not finish within {timeout_s} s; stderr tail: {err[-3000:]}")
-    lines = [line for line in out.splitlines() if line.startswith('{"scenarios"')]
-    assert proc.returncode == 0 and lines, f"driver exited {proc.returncode}; stderr tail: {err[-3000:]}"
-    result = json.loads(lines[-1])
-    assert "_run" not in result["scenarios"], result["scenarios"]["_run"]
-    return result["scenarios"]
-
-
 @pytest.fixture(scope="module")
-def scenarios() -> dict[str, Any]:
-    return _run_driver([], BUDGET_S)
+def scenarios(multinode_driver: Driver) -> dict[str, Any]:
+    return multinode_driver.result()
 
 
 def _scenario(scenarios: dict[str, Any], name: str) -> dict[str, Any]:
@@ -120,7 +92,11 @@ def test_collective_losing_a_node_under_a_stream_loses_nothing_and_regroups(scen
 def test_the_autoscaler_starts_a_node_for_a_new_actor_and_a_node_that_never_comes_is_a_clear_error() -> None:
     """Ray's fake multi-node autoscaler (worker raylets started as local processes) answers the
     controller's request_resources, for add_actor and for the autoscale policy: ~2 min on 2 cores, so slow."""
-    s = _scenario(_run_driver(["--scenarios", "autoscale"], AUTOSCALE_BUDGET_S), "autoscale")
+    driver = Driver(["--scenarios", "autoscale"], AUTOSCALE_BUDGET_S)
+    try:
+        s = _scenario(driver.result(), "autoscale")
+    finally:
+        driver.stop()
     assert s["resource_request"]["bundles"] == 3  # two actors kept + the new one
     assert s["resource_request"]["bundle"] == {"CPU": 0.1, "expert_slot": 1}
     assert s["resource_request"]["withdrawn"] >= s["resource_request"]["t"]  # met: no floor left standing
