@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=4)
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs if this script starts Ray")
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--port", type=int, default=None, help="loopback port for Serve's HTTP proxy (default: a free one)")
     return p.parse_args(argv)
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cluster, layers, launched = _cluster(args)
     d_model = cluster.cfg.layer.d_model
     try:
-        base = run_app(free_port(), name=APP, quiet=True)
+        base = run_app(args.port or free_port(), name=APP, quiet=True)
         with urllib.request.urlopen(f"{base}/healthz", timeout=30) as r:
             print(f"{base}/healthz -> {json.load(r)}")
         summary = _exercise(base, layers, d_model, args)

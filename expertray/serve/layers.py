@@ -24,10 +24,12 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -283,6 +285,35 @@ def run_app(port: int = 8000, host: str = "127.0.0.1", name: str = "expertray", 
             **ingress_kwargs: Any) -> str:
     """Start Serve's HTTP proxy on host:port (loopback by default), deploy the ingress, return its base URL."""
     logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    running = _serve_running()
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    # serve.start keeps a running Serve's proxy where it is; a fresh one starts its proxy in the background
+    if not _listening(host, port, timeout_s=2.0 if running else 30.0):
+        raise ConfigError(f"Serve is already running with its HTTP proxy elsewhere, not on {host}:{port}: deploy "
+                          "on its port, or stop it first (serve.shutdown())")
     serve.run(ExpertRayIngress.bind(**ingress_kwargs), name=name, route_prefix="/", logging_config=logging_config)
     return f"http://{host}:{port}"
+
+
+def _serve_running() -> bool:
+    """Whether a Serve instance (its controller actor) runs on this Ray cluster already."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def _listening(host: str, port: int, timeout_s: float) -> bool:
+    """Whether something accepts connections on host:port within `timeout_s` (Serve's proxy starts async)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)

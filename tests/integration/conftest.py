@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,15 @@ def until() -> Callable[[Callable[[], Any], float, str], Any]:
 def controller_info() -> Callable[[Any], dict[str, Any] | None]:
     """controller_info(cluster): the controller's info(), or None while it does not answer (restarting)."""
     return _controller_info
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session: Any) -> Iterator[int]:
+    """One Serve HTTP proxy for the session, on a free loopback port: each module deploys its app there and
+    deletes it after (`serve.delete`), rather than starting and stopping Serve itself (seconds each)."""
+    from ray import serve
+
+    from expertray.client import free_port
+
+    yield free_port()
+    serve.shutdown()

@@ -21,7 +21,6 @@ import torch
 from typer.testing import CliRunner
 
 from expertray.api import launch, random_model
-from expertray.client import free_port
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig, from_dict
 from expertray.errors import ConfigError, InputError, OversizeError, UnknownExpertError
 from expertray.runtime.snapshot import SnapshotError, load_snapshot, save_snapshot
@@ -42,7 +41,7 @@ def _cfg(**kw) -> ClusterConfig:
 
 # --- the module's live cluster behind Serve ----------------------------------------------------------
 @pytest.fixture(scope="module")
-def live(ray_session):
+def live(ray_session, serve_port):
     from ray import serve
 
     from expertray.serve.layers import run_app
@@ -50,9 +49,9 @@ def live(ray_session):
     cfg = _cfg()
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
-    base = run_app(free_port(), name="expertray-bad-input", quiet=True)
+    base = run_app(serve_port, name="expertray-bad-input", quiet=True)
     yield cluster, layers, base
-    serve.shutdown()
+    serve.delete("expertray-bad-input")
     cluster.shutdown()
 
 

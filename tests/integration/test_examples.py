@@ -28,9 +28,9 @@ def test_transformers_proxy_logits_match_unmodified_model(ray_session, capsys) -
     assert "OK: logits within 0.0001" in capsys.readouterr().out
 
 
-def test_http_client_msgpack_json_and_4xx(ray_session, capsys) -> None:
+def test_http_client_msgpack_json_and_4xx(serve_port, capsys) -> None:
     summary = _example("http_client").main(["--tokens", "256", "--repeats", "3", "--d-model", "32",
-                                            "--actors", "2"])
+                                            "--actors", "2", "--port", str(serve_port)])
     assert summary["msgpack_requests"] == 3 and summary["msgpack_p50_ms"] > 0
     assert summary["msgpack_max_abs_diff"] <= 1e-4 and summary["json_max_abs_diff"] <= 1e-4
     assert summary["error_status"] == 400 and "d_model=32" in summary["error_message"]

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertray.api import launch, random_model
-from expertray.client import free_port, post
+from expertray.client import post
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.wire.http_codec import WIRE_DTYPES
 
@@ -32,7 +32,7 @@ FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_session):
+def base_url(ray_session, serve_port):
     from ray import serve
 
     from expertray.serve.layers import run_app
@@ -41,8 +41,8 @@ def base_url(ray_session):
                         num_expert_actors=2, actor_num_cpus=0.25, router_num_cpus=0.25, max_request_tokens=128,
                         metrics_port=-1)
     cluster = launch(cfg, random_model(cfg), detached=False)
-    yield run_app(free_port(), name="expertray-fuzz", quiet=True)
-    serve.shutdown()
+    yield run_app(serve_port, name="expertray-fuzz", quiet=True)
+    serve.delete("expertray-fuzz")
     cluster.shutdown()
 
 

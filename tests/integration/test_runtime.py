@@ -23,9 +23,11 @@ def _cfg(transport: str, actors: int, **kw) -> ClusterConfig:
                          actor_num_cpus=0.25, router_num_cpus=0.25, **kw)
 
 
-@pytest.fixture(params=[("object_store", 1), ("object_store", 4), ("collective", 2), ("collective", 4)],
+@pytest.fixture(scope="class", params=[("object_store", 1), ("object_store", 4), ("collective", 2), ("collective", 4)],
                 ids=lambda p: f"{p[0]}-{p[1]}actors")
 def cluster(request, ray_session):
+    """One cluster per shape, shared by the tests of TestShapes (they only send it requests), torn down when
+    the class ends: the module's other tests launch clusters of their own, and one is served at a time."""
     transport, actors = request.param
     cfg = _cfg(transport, actors, max_wait_ms=20.0)
     layers = random_model(cfg)
@@ -34,32 +36,35 @@ def cluster(request, ray_session):
     c.shutdown()
 
 
-def test_distributed_equals_in_process(cluster) -> None:
-    c, layers = cluster
-    status = c.status()
-    assert status["transport"] == c.cfg.transport
-    if c.cfg.num_expert_actors == 4:  # 6 experts on 4 actors: uneven blocks 2,1,2,1
-        per_actor = [len(c.table().slots_of(a)) for a in c.table().actors]
-        assert sorted(per_actor) == [2, 2, 4, 4]
-    gen = torch.Generator().manual_seed(0)
-    for layer in (0, 1):
-        for tokens in (1, 5, 64):
-            x = torch.randn(tokens, D, generator=gen)
-            torch.testing.assert_close(c.forward(layer, x), layers[layer](x), atol=1e-5, rtol=0)
+class TestShapes:
+    """Each transport and actor count answers exactly as the in-process layer, alone and micro-batched."""
+
+    def test_distributed_equals_in_process(self, cluster) -> None:
+        c, layers = cluster
+        status = c.status()
+        assert status["transport"] == c.cfg.transport
+        if c.cfg.num_expert_actors == 4:  # 6 experts on 4 actors: uneven blocks 2,1,2,1
+            per_actor = [len(c.table().slots_of(a)) for a in c.table().actors]
+            assert sorted(per_actor) == [2, 2, 4, 4]
+        gen = torch.Generator().manual_seed(0)
+        for layer in (0, 1):
+            for tokens in (1, 5, 64):
+                x = torch.randn(tokens, D, generator=gen)
+                torch.testing.assert_close(c.forward(layer, x), layers[layer](x), atol=1e-5, rtol=0)
 
 
-def test_concurrent_requests_are_batched_and_answered_exactly(cluster) -> None:
-    c, layers = cluster
-    gen = torch.Generator().manual_seed(1)
-    reqs = [(i % 2, torch.randn(n, D, generator=gen)) for i, n in enumerate([1, 3, 17, 40, 2, 9, 33, 5])]
-    before = c.status()["routers"][0]["batches"]
-    refs = [c.forward_ref(layer, x) for layer, x in reqs]
-    outs = ray.get(refs)
-    for (layer, x), out in zip(reqs, outs):
-        torch.testing.assert_close(tensor_view(out), layers[layer](x), atol=1e-5, rtol=0)
-    router = c.status()["routers"][0]
-    assert router["batches"] - before < len(reqs), "concurrent requests were not micro-batched"
-    assert router["errors"] == 0
+    def test_concurrent_requests_are_batched_and_answered_exactly(self, cluster) -> None:
+        c, layers = cluster
+        gen = torch.Generator().manual_seed(1)
+        reqs = [(i % 2, torch.randn(n, D, generator=gen)) for i, n in enumerate([1, 3, 17, 40, 2, 9, 33, 5])]
+        before = c.status()["routers"][0]["batches"]
+        refs = [c.forward_ref(layer, x) for layer, x in reqs]
+        outs = ray.get(refs)
+        for (layer, x), out in zip(reqs, outs):
+            torch.testing.assert_close(tensor_view(out), layers[layer](x), atol=1e-5, rtol=0)
+        router = c.status()["routers"][0]
+        assert router["batches"] - before < len(reqs), "concurrent requests were not micro-batched"
+        assert router["errors"] == 0
 
 
 @pytest.mark.parametrize("transport", ["object_store", "collective"])

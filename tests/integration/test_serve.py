@@ -14,6 +14,7 @@ import torch
 from expertray.api import launch, random_model
 from expertray.client import forward, free_port, post
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
+from expertray.errors import ConfigError
 from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
 pytestmark = pytest.mark.ray
@@ -21,7 +22,7 @@ D = 32
 
 
 @pytest.fixture(scope="module")
-def served(ray_session):
+def served(ray_session, serve_port):
     from ray import serve
 
     from expertray.serve.layers import run_app
@@ -30,8 +31,8 @@ def served(ray_session):
                         num_layers=2, num_expert_actors=2, actor_num_cpus=0.25, max_request_tokens=256)
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
-    yield run_app(free_port(), max_inflight_tokens=96), layers
-    serve.shutdown()
+    yield run_app(serve_port, max_inflight_tokens=96), layers
+    serve.delete("expertray")
     cluster.shutdown()
 
 
@@ -131,3 +132,10 @@ def test_overload_503s_are_counted_by_the_ingress(served) -> None:
     with urllib.request.urlopen(f"{base}/healthz") as r:
         after = json.load(r)["ingress"]["rejected"].get("503", 0)
     assert 503 in codes and after - before == codes.count(503), codes
+
+
+def test_run_app_on_another_port_while_serve_runs_is_a_clear_error(served) -> None:
+    from expertray.serve.layers import run_app
+
+    with pytest.raises(ConfigError, match="already running with its HTTP proxy elsewhere"):
+        run_app(free_port(), name="expertray-elsewhere", quiet=True)

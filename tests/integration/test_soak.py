@@ -27,7 +27,6 @@ import torch
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address, global_gc
 
 from expertray.api import launch, random_model
-from expertray.client import free_port
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.wire.http_codec import decode_tensor, encode_tensor, pack, unpack
 
@@ -75,7 +74,7 @@ def _rss_mib(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session):
+def served(ray_session, serve_port):
     from ray import serve
 
     from expertray.serve.layers import run_app
@@ -85,8 +84,8 @@ def served(ray_session):
                         metrics_port=-1)
     layers = random_model(cfg)
     cluster = launch(cfg, layers, detached=False)
-    yield cluster, layers, run_app(free_port(), name="expertray-soak", quiet=True)
-    serve.shutdown()
+    yield cluster, layers, run_app(serve_port, name="expertray-soak", quiet=True)
+    serve.delete("expertray-soak")
     cluster.shutdown()
 
 
