@@ -8,8 +8,10 @@ KubeRay, `ray start`) exactly, and this driver binds the address that reaches it
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
+import threading
 
 # Ray reads this once, at `import ray`: local Rays bind loopback unless the user chose otherwise. Attaching to a
 # multi-node cluster passes the driver's real address explicitly (init_ray), so it does not depend on this.
@@ -108,6 +110,36 @@ def _unwire(out: np.ndarray, wire_dtype: str) -> torch.Tensor:
     return from_host_array(np.array(out), wire_dtype)
 
 
+class _LoopThread:
+    """An asyncio event loop on a daemon thread, for coroutines submitted from synchronous code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="expertray-client", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout_s: float = CONTROL_CALL_S) -> None:
+        """Cancel what still runs (its Futures raise CancelledError), then stop and close the loop."""
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.submit(cancel_all()).result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            log.warning("client event loop: requests not cancelled within %g s; stopping it anyway", timeout_s)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=timeout_s)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
 class Cluster:
     """A handle on a running expertray cluster (its Controller and routers)."""
 
@@ -116,24 +148,42 @@ class Cluster:
         self.cfg: ClusterConfig = ray.get(controller.get_config.remote(), timeout=CONTROL_CALL_S)
         self.routers: list[Any] = ray.get(controller.get_routers.remote(), timeout=CONTROL_CALL_S)
         self._next = 0
+        # routers seen dead: left out of the controller's list until it drops them too (it notices a death
+        # only at its next ping); forward_ref learns of one from its ref's completion
+        self._dead: set[Any] = set()
+        self._client_loop: _LoopThread | None = None
+        self._client_loop_lock = threading.Lock()
 
     def _router(self) -> Any:
         if not self.routers:
             self.refresh_routers()
-        if not self.routers:
+        routers = self.routers  # one list: other threads (forward_future, ref callbacks) may replace it
+        if not routers:
             raise RouterUnavailableError("the cluster has no router in service")
-        self._next = (self._next + 1) % len(self.routers)
-        return self.routers[self._next]
+        self._next = (self._next + 1) % len(routers)
+        return routers[self._next]
 
     def refresh_routers(self, failed: Any = None) -> None:
-        """Take the controller's current router list (dead routers are replaced there); without an answer,
-        at least stop using `failed`."""
+        """Take the controller's current router list (dead routers are replaced there), less the routers seen
+        dead; without an answer, at least stop using `failed`."""
+        if failed is not None:
+            self._dead.add(failed)
         try:
-            self.routers = ray.get(self.controller.get_routers.remote(), timeout=CONTROL_CALL_S)
+            listed = ray.get(self.controller.get_routers.remote(), timeout=CONTROL_CALL_S)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             log.warning("router list not refreshed (controller: %s)", exc)
             if failed is not None and len(self.routers) > 1:
                 self.routers = [r for r in self.routers if r != failed]
+            return
+        self._dead &= set(listed)  # ids are never reused: one the controller no longer lists is gone for good
+        self.routers = [r for r in listed if r not in self._dead]
+
+    def _drop_if_died(self, router: Any, answer: concurrent.futures.Future) -> None:
+        """A forward_ref's completion: when its router died, stop choosing that router (no controller call
+        here, on Ray's callback thread; the next refresh picks up its replacement)."""
+        if isinstance(answer.exception(), ray.exceptions.RayActorError):
+            self._dead.add(router)
+            self.routers = [r for r in self.routers if r != router]
 
     def validate(self, layer: object, hidden: Any) -> torch.Tensor:
         """Validate a request (layer: any integer type, not bool; hidden: [..., D]) → hidden as [T, D]."""
@@ -142,8 +192,12 @@ class Cluster:
 
     def forward_ref(self, layer: int, hidden: torch.Tensor | np.ndarray) -> ray.ObjectRef:
         """Submit [T, D] hidden states for `layer`; returns a Ray ref to the [T, D] numpy output (bf16 input:
-        its raw bits as int16, see exchange.from_host_array)."""
-        return self._router().forward.remote(layer, *to_wire(self.validate(layer, hidden)))
+        its raw bits as int16, see exchange.from_host_array). The ref is fixed to one router and is not
+        retried if that router dies (later calls avoid it); forward_async / forward_future retry."""
+        router = self._router()
+        ref = router.forward.remote(layer, *to_wire(self.validate(layer, hidden)))
+        ref.future().add_done_callback(lambda answer: self._drop_if_died(router, answer))
+        return ref
 
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out.
@@ -184,16 +238,36 @@ class Cluster:
                 await asyncio.to_thread(self._router_died, layer, router, deadline, exc)
                 await asyncio.sleep(0.05)
 
+    async def forward_async(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """`forward` for async callers: [..., D] in, same shape and dtype out, with its deadline and retry."""
+        x = self.validate(layer, hidden)
+        wire, wire_dtype = to_wire(x)
+        out = await self.forward_wire(layer, wire, wire_dtype)
+        return _unwire(out, wire_dtype).to(x.dtype).reshape(hidden.shape)
+
+    def forward_future(self, layer: int, hidden: torch.Tensor | np.ndarray) -> concurrent.futures.Future:
+        """`forward_async` run on this handle's client event loop (one daemon thread, started on first use):
+        a non-blocking call for synchronous code; its Future holds the [..., D] answer or the error."""
+        with self._client_loop_lock:
+            if self._client_loop is None:
+                self._client_loop = _LoopThread()
+        return self._client_loop.submit(self.forward_async(layer, hidden))
+
     def _timed_out(self, layer: int) -> RequestTimeoutError:
         return RequestTimeoutError(f"layer {layer}: no answer within request_timeout_s="
                                    f"{self.cfg.request_timeout_s:g} s")
 
     def _router_died(self, layer: int, router: Any, deadline: float, exc: BaseException) -> None:
-        """Refresh the router list (dropping `router`); raise RouterUnavailableError past the deadline."""
-        self.refresh_routers(failed=router)
-        if time.monotonic() >= deadline:
-            raise RouterUnavailableError(f"layer {layer}: routers died and no live router answered within "
-                                         f"request_timeout_s={self.cfg.request_timeout_s:g} s") from exc
+        """Refresh the router list (dropping `router`) until it names a router not seen dead (the controller
+        replaces dead ones); raise RouterUnavailableError past the deadline."""
+        while True:
+            self.refresh_routers(failed=router)
+            if time.monotonic() >= deadline:
+                raise RouterUnavailableError(f"layer {layer}: routers died and no live router answered within "
+                                             f"request_timeout_s={self.cfg.request_timeout_s:g} s") from exc
+            if self.routers:
+                return
+            time.sleep(0.25)
 
     def _ask(self, refs: Any, steps: int = 1) -> Any:
         """ray.get with a deadline: `steps` × control_timeout_s (queries 1, placement changes CHANGE_STEPS);
@@ -241,7 +315,11 @@ class Cluster:
         return self._ask(self.controller.apply_table.remote(table, reason), steps=CHANGE_STEPS)
 
     def shutdown(self) -> None:
-        """Stop the routers, expert actors and the controller."""
+        """Stop the client event loop (cancelling its requests), the routers, expert actors and the controller."""
+        with self._client_loop_lock:
+            if self._client_loop is not None:
+                self._client_loop.stop()
+                self._client_loop = None
         try:
             ray.get(self.controller.shutdown.remote(), timeout=self.cfg.control_timeout_s)
         finally:
