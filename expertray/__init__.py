@@ -29,7 +29,7 @@ from expertray.errors import (
 )
 
 if TYPE_CHECKING:
-    from expertray.api import Cluster, connect, from_pretrained, launch
+    from expertray.api import Cluster, connect, launch
     from expertray.layer.reference import MoELayer
     from expertray.state.placement_table import PlacementTable
 
@@ -42,7 +42,6 @@ _LAZY = {
     "Cluster": "expertray.api",
     "MoELayer": "expertray.layer.reference",
     "PlacementTable": "expertray.state.placement_table",
-    "from_pretrained": "expertray.api",  # with the Ray backend registered
 }
 
 __all__ = [
@@ -52,6 +51,15 @@ __all__ = [
     "ExpertUnavailableError", "TransportError", "BackpressureError", "RequestTimeoutError",
     "RouterUnavailableError", "NoChangeError", "CheckpointError",
 ]
+
+
+def from_pretrained(path: str, *, backend: str | Any = "ray", **cluster_options: Any) -> tuple[Any, Any]:
+    """(transformers model, cluster) serving checkpoint `path` (expertray.models.pretrained.from_pretrained):
+    backend "ray" (a new cluster; imports Ray), "in_process" (no Ray) or a backend callable."""
+    if backend == "ray":
+        importlib.import_module("expertray.api")  # registers the "ray" backend
+    build = importlib.import_module("expertray.models.pretrained").from_pretrained
+    return build(path, backend=backend, **cluster_options)
 
 
 def __getattr__(name: str) -> Any:
