@@ -16,9 +16,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from expertray.errors import ConfigError
 
@@ -49,6 +50,16 @@ class _LayerExperts:
     tracked: frozenset[int] = frozenset()
     replicas: list[int] | None = None
     has_other: bool = False
+
+
+STOP_POLL_S = 0.02
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Serves the metrics without a log line per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        return None
 
 
 @dataclass
@@ -180,7 +191,13 @@ class Metrics:
         if self._endpoint is not None:
             raise RuntimeError(f"metrics endpoint already serving on {self.address}; call stop() first")
         # The server binds `port` itself, so port 0 needs no probe socket (and has no probe-then-bind race).
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        server = make_server(host, port, make_wsgi_app(self.registry), ThreadingWSGIServer,
+                             handler_class=_QuietHandler)
+        # a short poll interval: stop() waits for the serving loop to notice (prometheus_client's own server
+        # polls every 0.5 s, which every cluster shutdown then waited for)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": STOP_POLL_S},
+                                  name="metrics-http", daemon=True)
+        thread.start()
         self._endpoint = _Endpoint(server, thread)
         return server.server_port
 
