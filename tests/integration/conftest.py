@@ -1,6 +1,6 @@
 """Every integration test runs on the session's local Ray cluster: mark them all `ray`. Fixtures: `until`
 (poll a condition with a deadline), `controller_info` (the controller's info, None while it restarts) and
-`multinode_driver` (the multi-node scenarios, started in a process of their own as soon as collection ends)."""
+`multinode_driver` and `cli_lifecycle` (work that runs beside the suite, started when collection ends)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_lifecycle import CliLifecycle
 from multinode_driver import Driver
 
 _HERE = Path(__file__).resolve().parent
 
 
 MULTINODE_BUDGET_S = 300  # the driver's own budget; it then shuts its cluster down and still prints its result
-_DRIVER = pytest.StashKey[Driver]()
+# Work that runs beside the tests rather than before the test that checks it: each needs nothing of the session's
+# Ray and mostly waits, so it starts when collection ends (if a collected test uses its fixture) and the test
+# waits for its result.
+BACKGROUND: dict[str, Callable[[], Any]] = {"multinode_driver": lambda: Driver([], MULTINODE_BUDGET_S),
+                                            "cli_lifecycle": CliLifecycle}
+_STARTED = pytest.StashKey[dict[str, Any]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,26 +32,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the multi-node driver now when a test will use it, so it works while the other tests run."""
+    """Start the background work that a collected test will check."""
     if session.config.option.collectonly:
         return
-    if any("multinode_driver" in getattr(item, "fixturenames", ()) for item in session.items):
-        session.config.stash[_DRIVER] = Driver([], MULTINODE_BUDGET_S)
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ()) if name in BACKGROUND}
+    for name in sorted(used):
+        _background(session.config, name)
+
+
+def _background(config: pytest.Config, name: str) -> Any:
+    started = config.stash.setdefault(_STARTED, {})
+    if name not in started:
+        started[name] = BACKGROUND[name]()
+    return started[name]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    driver = config.stash.get(_DRIVER, None)
-    if driver is not None:
-        driver.stop()
+    for job in config.stash.get(_STARTED, {}).values():
+        job.stop()
 
 
 @pytest.fixture(scope="session")
 def multinode_driver(request: pytest.FixtureRequest) -> Driver:
-    """The multi-node scenarios' driver, started at the end of collection (or here, if it was not)."""
-    stash = request.config.stash
-    if _DRIVER not in stash:
-        stash[_DRIVER] = Driver([], MULTINODE_BUDGET_S)
-    return stash[_DRIVER]
+    """The multi-node scenarios' driver, started when collection ended (or now)."""
+    return _background(request.config, "multinode_driver")
+
+
+@pytest.fixture(scope="session")
+def cli_lifecycle(request: pytest.FixtureRequest) -> CliLifecycle:
+    """`expertray up → status → load → down` in processes of their own, started when collection ended (or now)."""
+    return _background(request.config, "cli_lifecycle")
 
 
 def _until(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:

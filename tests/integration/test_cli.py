@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_lifecycle import CliLifecycle
 from typer.testing import CliRunner
 
 from expertray.api import launch, random_model
@@ -113,53 +112,39 @@ def test_live_trace_round_trips_through_replay_and_analyze(live, tmp_path) -> No
 
 
 # --- lifecycle, as a user runs it: separate processes, a Ray head of its own, the session's Ray untouched -----
-def _cli(args: list[str], env: dict[str, str], timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "expertray.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
-
-
 def _one_line_exit_2(result: subprocess.CompletedProcess, needle: str) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr
 
 
-def test_up_status_load_down_touch_only_what_up_started(ray_session, tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    env["EXPERTRAY_STATE_DIR"] = str(tmp_path / "state")
-    cfg = tmp_path / "cluster.yaml"
-    cfg.write_text("layer: {d_model: 32, d_ff: 48, gate: {family: mixtral, num_experts: 4, top_k: 2}}\n"
-                   "num_expert_actors: 2\nactor_num_cpus: 0.25\nrouter_num_cpus: 0.25\nmetrics_port: -1\n")
-    _one_line_exit_2(_cli(["status"], env), "no expertray cluster is up on this machine")
-    _one_line_exit_2(_cli(["down"], env), "nothing to stop")
-    _one_line_exit_2(_cli(["status", "--address", "127.0.0.1:1"], env), "no Ray cluster answers at '127.0.0.1:1'")
-    up = _cli(["up", "--config", str(cfg)], env)
+def test_up_status_load_down_touch_only_what_up_started(ray_session, cli_lifecycle: CliLifecycle) -> None:
+    run = cli_lifecycle.result()
+    steps = run.steps
+    _one_line_exit_2(steps["status before up"], "no expertray cluster is up on this machine")
+    _one_line_exit_2(steps["down before up"], "nothing to stop")
+    _one_line_exit_2(steps["status of nothing"], "no Ray cluster answers at '127.0.0.1:1'")
+    up = steps["up"]
     assert up.returncode == 0, up.stderr
     started = json.loads(up.stdout)
     assert started["address"].startswith("127.0.0.1:") and started["ray_head_started"] is True
     assert "starting a Ray head on 127.0.0.1" in up.stderr  # progress goes to stderr
-    state = json.loads((tmp_path / "state" / "head.json").read_text())
-    try:
-        _one_line_exit_2(_cli(["up", "--config", str(cfg)], env), f"already up at {started['address']}")
-        load = _cli(["load", "--seconds", "2", "--tokens", "16", "--check", "--json"], env)
-        assert load.returncode == 0, load.stderr
-        summary = json.loads(load.stdout)
-        assert summary["requests"] > 0 and summary["errors"] == 0 and summary["max_abs_diff_vs_in_process"] < 1e-4
-        status = _cli(["status", "--json"], env)
-        assert status.returncode == 0, status.stderr
-        doc = json.loads(status.stdout)
-        assert doc["routers"][0]["tokens"] == summary["tokens"] and doc["tokens_per_s"] >= 0
-        kill = subprocess.run([sys.executable, "-c", "import ray, expertray.api as ex; "
-                               "ray.kill(ex.connect().controller, no_restart=True)"],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert kill.returncode == 0, kill.stderr
-        _one_line_exit_2(_cli(["status"], env), "expertray down")
-    finally:
-        down = _cli(["down"], env)
+    _one_line_exit_2(steps["second up"], f"already up at {started['address']}")
+    load = steps["load"]
+    assert load.returncode == 0, load.stderr
+    summary = json.loads(load.stdout)
+    assert summary["requests"] > 0 and summary["errors"] == 0 and summary["max_abs_diff_vs_in_process"] < 1e-4
+    status = steps["status"]
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["routers"][0]["tokens"] == summary["tokens"] and doc["tokens_per_s"] >= 0
+    assert steps["kill controller"].returncode == 0, steps["kill controller"].stderr
+    _one_line_exit_2(steps["status without controller"], "expertray down")
+    down = steps["down"]
     assert down.returncode == 0, down.stderr
     assert f"Ray head {started['address']} stopped" in down.stdout
-    assert not Path(f"/proc/{state['pid']}").exists() or b"start" not in Path(
-        f"/proc/{state['pid']}/cmdline").read_bytes()
-    assert not (tmp_path / "state" / "head.json").exists()
+    pid = run.head["pid"]
+    assert not Path(f"/proc/{pid}").exists() or b"start" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert not (run.state_dir / "head.json").exists()
     assert ray_session.cluster_resources()["CPU"] > 0  # the session's own Ray is still up
-    _one_line_exit_2(_cli(["status"], env), "no expertray cluster is up on this machine")
+    _one_line_exit_2(steps["status after down"], "no expertray cluster is up on this machine")
