@@ -127,18 +127,35 @@ async def answers(handle: Any, timeout_s: float) -> bool:
         return False
 
 
+async def call_routers(routers: dict[str, Any], method: str, args: tuple, timeout_s: float
+                       ) -> list[tuple[str, Any]]:
+    """Call `method(*args)` on every router at once, each bounded by `timeout_s`: (router id, its reply or the
+    exception it ended with), in router order; a router without a handle (not found after a restart) ends
+    with an ExpertRayError."""
+    async def one(router: str, handle: Any) -> Any:
+        if handle is None:
+            raise ExpertRayError(f"{router} is not running")
+        return await bounded(getattr(handle, method).remote(*args), timeout_s, f"{router}.{method}")
+
+    ids = list(routers)
+    replies = await asyncio.gather(*[one(r, routers[r]) for r in ids], return_exceptions=True)
+    return list(zip(ids, replies))
+
+
 class _ControllerSide:
     """An adapter the controller's Ray-free parts call through: it reads the Controller actor `ctl` it wraps."""
 
     def __init__(self, ctl: Any) -> None:
         self.ctl = ctl
 
+
+class _ExpertActorsSide(_ControllerSide):
     def has(self, actor: str) -> bool:
         """Whether the controller still holds expert actor `actor` (a heal has not killed it)."""
         return actor in self.ctl.handles
 
 
-class RayActorPool(_ControllerSide):
+class RayActorPool(_ExpertActorsSide):
     """ActorPool over Ray expert actors (see expertray/runtime/changes.py)."""
 
     def create(self) -> str:
@@ -205,13 +222,10 @@ class RayRouterPool(_ControllerSide):
     async def call_all(self, method: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
         """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and
         {"router", "alive", "error"} for those that did not."""
-        routers = self.ctl.routers
-        ids = list(routers)
-        replies = await asyncio.gather(*[bounded(getattr(routers[r], method).remote(), self.ctl.cfg.ping_timeout_s,
-                                                  f"{r}.{method}") for r in ids], return_exceptions=True)
-        ok = [(r, x) for r, x in zip(ids, replies) if not isinstance(x, BaseException)]
+        replies = await call_routers(self.ctl.routers, method, (), self.ctl.cfg.ping_timeout_s)
+        ok = [(r, x) for r, x in replies if not isinstance(x, BaseException)]
         down = [{"router": r, "alive": False, "error": str(x).splitlines()[0] if str(x) else type(x).__name__}
-                for r, x in zip(ids, replies) if isinstance(x, BaseException)]
+                for r, x in replies if isinstance(x, BaseException)]
         return ok, down
 
     async def set_table(self, router: str, table: PlacementTable, reopen: bool) -> int:
@@ -232,7 +246,7 @@ class RayRouterPool(_ControllerSide):
         return new_id
 
 
-class RayProbe(_ControllerSide):
+class RayProbe(_ExpertActorsSide):
     """The liveness loop's Probe (expertray/runtime/liveness_loop.py), bounded by `liveness_timeout_s`."""
 
     async def ping(self, actor: str) -> Reply:
@@ -250,11 +264,9 @@ class RayProbe(_ControllerSide):
 
     async def push(self, suspects: list[str], recovered: list[str]) -> tuple[int, list[str]]:
         """Every router at once (a late call is still delivered; a router that misses one gets the next)."""
-        routers = [(r, h) for r, h in self.ctl.routers.items() if h is not None]
-        replies = await asyncio.gather(*[bounded(h.suspect.remote(suspects, recovered),
-                                                 self.ctl.cfg.liveness_timeout_s, f"{r}.suspect")
-                                         for r, h in routers], return_exceptions=True)
-        return len(routers), [r for (r, _), x in zip(routers, replies) if isinstance(x, BaseException)]
+        routers = {r: h for r, h in self.ctl.routers.items() if h is not None}
+        replies = await call_routers(routers, "suspect", (suspects, recovered), self.ctl.cfg.liveness_timeout_s)
+        return len(replies), [r for r, x in replies if isinstance(x, BaseException)]
 
 
 class RayScaling(_ControllerSide):

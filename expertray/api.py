@@ -341,7 +341,6 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
 
     check_policy_names(cfg)
     if cfg.model:
-
         if layers is not None:
             raise ConfigError("launch: cluster.model names a checkpoint; do not also pass layers")
         cfg = checkpoint_cluster_config(cfg)

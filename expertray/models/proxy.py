@@ -72,13 +72,13 @@ def swap_moe_blocks(model: nn.Module, cluster: Any) -> int:
     if len(blocks) != cfg.num_layers:
         raise ConfigError(f"model has {len(blocks)} sparse-MoE blocks but the cluster serves "
                           f"cluster.num_layers={cfg.num_layers}")
-    for name, block in blocks:  # check all before swapping any: a refused model stays untouched
-        width = getattr(block, families.by_block(type(block).__name__).router).weight.shape[1]
+    rows = [families.by_block(type(block).__name__) for _, block in blocks]
+    for (name, block), row in zip(blocks, rows):  # check all before swapping any: a refused model stays untouched
+        width = getattr(block, row.router).weight.shape[1]
         if width != cfg.layer.d_model:
             raise ConfigError(f"{name}: hidden size {width} != cluster.layer.d_model={cfg.layer.d_model}")
-    for layer, (name, block) in enumerate(blocks):
+    for layer, ((name, _), row) in enumerate(zip(blocks, rows)):
         parent_name, _, attr = name.rpartition(".")
-        returns_scores = families.by_block(type(block).__name__).returns_router_scores
-        proxy = ClusterMoEProxy(cluster, layer, cfg.layer.d_model, returns_scores)
+        proxy = ClusterMoEProxy(cluster, layer, cfg.layer.d_model, row.returns_router_scores)
         setattr(model.get_submodule(parent_name), attr, proxy)
     return len(blocks)

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -287,8 +286,7 @@ def run_app(port: int = 8000, host: str = "127.0.0.1", name: str = "expertray", 
     logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
     running = _serve_running()
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
-    # serve.start keeps a running Serve's proxy where it is; a fresh one starts its proxy in the background
-    if not _listening(host, port, timeout_s=2.0 if running else 30.0):
+    if running and not _listening(host, port):  # serve.start leaves a running Serve's proxy where it is
         raise ConfigError(f"Serve is already running with its HTTP proxy elsewhere, not on {host}:{port}: deploy "
                           "on its port, or stop it first (serve.shutdown())")
     serve.run(ExpertRayIngress.bind(**ingress_kwargs), name=name, route_prefix="/", logging_config=logging_config)
@@ -306,14 +304,10 @@ def _serve_running() -> bool:
         return False
 
 
-def _listening(host: str, port: int, timeout_s: float) -> bool:
-    """Whether something accepts connections on host:port within `timeout_s` (Serve's proxy starts async)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port (a running Serve's proxy is already up)."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
