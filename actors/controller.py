@@ -67,6 +67,7 @@ class Controller:
         self.checkpoint: dict[str, Any] = {}  # the served checkpoint's descriptor (checkpoint clusters)
         self.layers: list[MoELayer] | None = None  # random-weight clusters' weight store
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
+        self.starting: set[str] = set()  # expert actors created here whose process has not answered yet
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -152,6 +153,7 @@ class Controller:
             **pools.child_options(ray_name(actor_id), c.actor_num_cpus, c.actor_num_gpus, self.detached),
             resources=dict(c.actor_resources), **pools.affinity_options(node)).remote(
             actor_id, max(1, math.floor(c.actor_num_cpus)), self.dtype, c.layer)
+        self.starting.add(actor_id)
         self.nodes.of[actor_id] = node
         return actor_id
 
@@ -194,6 +196,7 @@ class Controller:
     async def _open_router(self, new_id: str, handle: Any) -> None:
         """Start a created router (its transport opens over the actors, then it batches); killed if it fails."""
         try:
+            await bounded(handle.ping.remote(), self.cfg.start_timeout_s, f"starting {new_id}'s process")
             transport = await bounded(handle.start.remote(ray.get_actor(CONTROLLER, namespace=NAMESPACE)),
                                        self.cfg.control_timeout_s, f"starting {new_id}")
         except BaseException:
@@ -407,12 +410,12 @@ class Controller:
         actor_id = self._new_actor()
         waited_for_room = self.nodes.of.get(actor_id) is None
         try:
-            await bounded(self.handles[actor_id].ping.remote(), self.cfg.control_timeout_s, f"starting {actor_id}")
+            await self.actor_pool.started(actor_id)
         except TimeoutError as exc:
             self.actor_pool.kill(actor_id)
             if waited_for_room:
                 raise ExpertRayError(
-                    f"{actor_id} did not start within control_timeout_s={self.cfg.control_timeout_s:g} s: no node "
+                    f"{actor_id} did not start within start_timeout_s={self.cfg.start_timeout_s:g} s: no node "
                     f"had room for {self.demand} and none joined; asked the autoscaler (request_resources: "
                     f"{(self.requests.last or {}).get('bundles')} bundles), which stands: add the actor again "
                     f"once a node has joined") from exc

@@ -182,9 +182,19 @@ class RayActorPool(_ExpertActorsSide):
         return {a: {"alive": False, "error": str(r).splitlines()[0]} if isinstance(r, BaseException)
                 else {"alive": True, **r} for a, r in zip(ids, replies)}
 
+    async def started(self, actor: str) -> None:
+        """Wait (within start_timeout_s) until a new actor's process answers: its start (scheduling, imports, a
+        node the autoscaler adds) is not a control step, and on a busy host it takes longer than one."""
+        ctl = self.ctl
+        if actor in ctl.starting:
+            await bounded(ctl.handles[actor].ping.remote(), ctl.cfg.start_timeout_s, f"starting {actor}")
+            ctl.starting.discard(actor)
+
     async def load(self, actor: str, keys: list[ExpertKey], source: str | None) -> None:
         """Give `actor` the weights of `keys`: copied from live actor `source`; else, for a checkpoint cluster,
-        read by the actor itself from the shards; else from the controller's weight store."""
+        read by the actor itself from the shards; else from the controller's weight store. A new actor's
+        process is first given start_timeout_s to come up."""
+        await self.started(actor)
         handle, ctl = self.ctl.handles[actor], self.ctl
         timeout_s = ctl.cfg.control_timeout_s
         if source is not None:
@@ -205,6 +215,7 @@ class RayActorPool(_ExpertActorsSide):
                        f"unloading from {actor}")
 
     def kill(self, actor: str) -> None:
+        self.ctl.starting.discard(actor)
         handle = self.ctl.handles.pop(actor, None)
         if handle is not None:
             ray.kill(handle, no_restart=True)

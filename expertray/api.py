@@ -374,7 +374,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
         raise RequestTimeoutError(f"launch: the cluster did not start within {deadline_s:.0f} s (expert actors, "
                                   "weight loads or routers did not come up: are there resources for "
                                   f"{cfg.num_expert_actors} expert actors and {cfg.num_routers} routers? "
-                                  "cluster.control_timeout_s sets the bound per step)") from None
+                                  "cluster.start_timeout_s bounds a process start, control_timeout_s each step)") from None
     except BaseException:
         ray.kill(controller, no_restart=True)
         raise
@@ -382,11 +382,13 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
 
 
 def start_deadline_s(cfg: ClusterConfig, layers: list[MoELayer] | None) -> float:
-    """How long launch() waits for the controller's start: its bounded steps (the actors' loads run together,
-    then each router in turn, each within control_timeout_s), one step of slack for the controller's own
-    start, and the time to persist in-memory weights at PERSIST_BYTES_PER_S."""
+    """How long launch() waits for the controller's start: its processes coming up (all together, within
+    start_timeout_s), its bounded steps (the actors' loads run together, then each router in turn, each within
+    control_timeout_s), one step of slack for the controller's own start, and the time to persist in-memory
+    weights at PERSIST_BYTES_PER_S."""
     persist_bytes = sum(m.experts.nbytes for m in layers or [])
-    return (cfg.num_routers + 2) * cfg.control_timeout_s + persist_bytes / PERSIST_BYTES_PER_S
+    return (cfg.start_timeout_s + (cfg.num_routers + 2) * cfg.control_timeout_s
+            + persist_bytes / PERSIST_BYTES_PER_S)
 
 
 def connect(address: str | None = None, timeout_s: float = 30.0) -> Cluster:

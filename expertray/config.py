@@ -187,7 +187,8 @@ class ClusterConfig:
     views through Ray objects), or auto (collective when every actor can join the group).
     Micro-batching: a router closes a batch at `max_batch_tokens` or `max_wait_ms` after its first request.
     Deadlines: a request gets its answer or RequestTimeoutError within `request_timeout_s` (default:
-    collective_timeout_s + 5); every controller call to an actor or router is bounded by `control_timeout_s`;
+    collective_timeout_s + 5); a new actor or router process gets `start_timeout_s` to come up (scheduling,
+    imports, a node the autoscaler adds) and then every controller call to it is bounded by `control_timeout_s`;
     an actor or router that does not answer a ping within `ping_timeout_s` is treated as dead (killed and
     replaced). Liveness: every `liveness_interval_s` the controller pings every expert actor; one that does
     not answer within `liveness_timeout_s` is pushed to every router as suspect at once (masked wherever its
@@ -225,6 +226,7 @@ class ClusterConfig:
     collective_timeout_s: float = 30.0
     request_timeout_s: float | None = None
     control_timeout_s: float = 30.0
+    start_timeout_s: float = 120.0
     ping_timeout_s: float = 5.0
     liveness_interval_s: float = 0.25
     liveness_timeout_s: float = 0.5
@@ -274,7 +276,7 @@ class ClusterConfig:
         _require(isinstance(self.request_timeout_s, (int, float)) and not isinstance(self.request_timeout_s, bool)
                  and math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0,
                  "cluster.request_timeout_s", f"must be a finite number > 0, got {self.request_timeout_s!r}")
-        for name in ("control_timeout_s", "ping_timeout_s", "liveness_interval_s", "liveness_timeout_s"):
+        for name in ("control_timeout_s", "start_timeout_s", "ping_timeout_s", "liveness_interval_s", "liveness_timeout_s"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"cluster.{name}", f"must be a finite number > 0, got {value}")
         _require(self.liveness_timeout_s <= self.ping_timeout_s, "cluster.liveness_timeout_s",

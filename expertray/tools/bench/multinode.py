@@ -500,6 +500,7 @@ def scenario_autoscale(tmp: str) -> dict[str, Any]:
                             num_layers=2, num_expert_actors=2, transport="object_store", actor_num_cpus=0.1,
                             actor_resources={"expert_slot": 1}, router_num_cpus=0.25, max_wait_ms=5.0,
                             metrics_port=-1, request_timeout_s=30.0, ping_timeout_s=2.0, control_timeout_s=30.0,
+                            start_timeout_s=30.0,
                             max_expert_actors=8,
                             autoscale_params={"scale_up_tokens_per_s": 1.0, "max_actors": 5, "sustain_checks": 1,
                                               "cooldown_s": 1.0, "hot_ratio": 1e6, "straggler_ratio": 1e6})
@@ -645,6 +646,7 @@ def main() -> None:
                             num_layers=2, num_expert_actors=4, transport="object_store", actor_num_cpus=0.1,
                             actor_resources={"expert_slot": 1}, router_num_cpus=0.25, max_wait_ms=5.0,
                             metrics_port=-1, request_timeout_s=30.0, ping_timeout_s=2.0, control_timeout_s=30.0,
+                            start_timeout_s=30.0,
                             max_expert_actors=8)
         layers = random_model(cfg)
         c = launch(cfg, layers, detached=False)
