@@ -68,6 +68,7 @@ class Controller:
         self.layers: list[MoELayer] | None = None  # random-weight clusters' weight store
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
         self.starting: set[str] = set()  # expert actors created here whose process has not answered yet
+        self.endpoints: dict[str, dict[str, Any]] = {}  # expert actor id -> its channel endpoint (direct clients)
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -179,12 +180,7 @@ class Controller:
 
     def _create_router(self, table: PlacementTable) -> tuple[str, Any]:
         """A new router actor for `table`: its process starts now; it serves once `_open_router` returns."""
-        if self.checkpoint:  # the router reads its gates and shared experts from the checkpoint itself
-            params: list[LayerParams] | dict[str, Any] = self.checkpoint
-        elif self.layers is not None:
-            params = [LayerParams(m.gate_weights, m.shared) for m in self.layers]
-        else:
-            raise ExpertRayError(f"cannot start a router: the weights are unavailable ({self.weights_error})")
+        params = self.layer_params()  # a checkpoint's router reads its gates and shared experts itself
         new_id = router_id(self.next_router)
         self.next_router += 1
         options = pools.child_options(ray_name(new_id), self.cfg.router_num_cpus, self.cfg.router_num_gpus,
@@ -318,6 +314,36 @@ class Controller:
 
     def get_table(self) -> dict[str, Any]:
         return self.table.to_dict()
+
+    async def direct_spec(self) -> dict[str, Any]:
+        """What a client routing for itself (expertray/runtime/direct.py) needs each refresh: the table,
+        every table actor's channel endpoint (an actor that does not answer within ping_timeout_s is left
+        out; the client avoids it) and the liveness loop's suspects (silent actors, not yet healed)."""
+        table = self.table
+
+        async def endpoint(a: str) -> dict[str, Any]:
+            if a not in self.endpoints:
+                handle = self.handles.get(a)
+                if handle is None:
+                    raise ExpertRayError(f"{a} is not running")
+                self.endpoints[a] = await bounded(handle.channel_endpoint.remote(), self.cfg.ping_timeout_s,
+                                                  f"{a}.channel_endpoint")
+            return self.endpoints[a]
+
+        found = await asyncio.gather(*[endpoint(a) for a in table.actors], return_exceptions=True)
+        return {"table": table.to_dict(), "endpoints": {a: e for a, e in zip(table.actors, found)
+                                                        if not isinstance(e, BaseException)},
+                "suspects": sorted(self.watch.liveness.pushed) if self.watch is not None else []}
+
+    def layer_params(self) -> list[LayerParams] | dict[str, Any]:
+        """Every layer's gate and shared expert (random-weight clusters), or the checkpoint's descriptor to
+        read them from: what a client routing for itself holds."""
+        if self.checkpoint:
+            return self.checkpoint
+        if self.layers is None:
+            raise ExpertRayError(f"cannot start a router or direct client: the gate weights are unavailable "
+                                 f"({self.weights_error})")
+        return [LayerParams(m.gate_weights, m.shared) for m in self.layers]
 
     def get_routers(self) -> list[Any]:
         """Handles of the routers in service (replaced ones are swapped in as they start)."""

@@ -10,6 +10,7 @@ from a random-weight cluster's weight store. Slots keep the serving dtype; blobs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ import torch
 from expertray.config import MoELayerConfig
 from expertray.layer.slots import ExpertKey, SlotStore
 from expertray.runtime.weights import read_slots
+from expertray.wire.channel import ChannelServer
 from expertray.wire.collective import Memberships, from_host_array, join, member_exchange, to_host_array
 from expertray.wire.devices import assigned_device, device_identity, synchronize
 
@@ -72,6 +74,7 @@ class ExpertActor:
         self._compute_ms: deque[float] = deque(maxlen=512)
         self._ms_per_krow: deque[float] = deque(maxlen=64)  # cost per 1k rows: load-independent speed
         self._calls = 0
+        self._channel: ChannelServer | None = None
 
     # --- weights -------------------------------------------------------------------------------------
     def load(self, blob: ExpertBlob) -> int:
@@ -143,6 +146,21 @@ class ExpertActor:
             raise ValueError(f"actor {self.actor_id}: counts sum {sum(counts)} != {x.shape[0]} rows received")
         out, ms = self._run(layer, experts, counts, x.to(self.device, self.dtype))
         return to_host_array(out.to(x.dtype))[0], ms
+
+    # --- channel transport ---------------------------------------------------------------------------
+    def channel_endpoint(self) -> dict[str, Any]:
+        """Where this actor's standing channel server listens (started on first call, on this node's address
+        only) and the token a connection must present; rows then come and go with no Ray task
+        (expertray/wire/channel.py). Only Ray callers (routers, clients of the controller) learn the token."""
+        with self._lock:
+            if self._channel is None:
+                self._channel = ChannelServer(self.actor_id, ray.util.get_node_ip_address(), self._serve_channel)
+        return dataclasses.asdict(self._channel.endpoint)
+
+    def _serve_channel(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor
+                       ) -> tuple[torch.Tensor, float]:
+        out, ms = self._run(layer, experts, counts, rows.to(self.device, self.dtype))
+        return out.to("cpu", rows.dtype), ms
 
     # --- collective transport ------------------------------------------------------------------------
     def join_group(self, name: str, backend: str, host: str, port: int, secret: str, rank: int, world_size: int,

@@ -216,6 +216,7 @@ class RayActorPool(_ExpertActorsSide):
 
     def kill(self, actor: str) -> None:
         self.ctl.starting.discard(actor)
+        self.ctl.endpoints.pop(actor, None)
         handle = self.ctl.handles.pop(actor, None)
         if handle is not None:
             ray.kill(handle, no_restart=True)

@@ -36,7 +36,6 @@ from ray.exceptions import RayActorError
 from expertray.actors.transport import open_transport
 from expertray.config import ClusterConfig
 from expertray.errors import InputError, TransportError, UnknownExpertError
-from expertray.layer.experts import SharedExpert
 from expertray.layer.route import BatchResult, LayerParams, run_layer, waits_on
 from expertray.policies.placement import device_loads
 from expertray.policies.replica import REPLICA
@@ -79,8 +78,7 @@ class RouterActor:
         # run there, with the gate and shared experts moved once
         self.device = assigned_device(len(ray.get_gpu_ids()))
         params = router_params(layers, serving_dtype(cfg)) if isinstance(layers, dict) else layers
-        self.layers = [(p if p.shared is None else LayerParams(p.gate, _cast_shared(p.shared, self.dtype)))
-                       .to(self.device) for p in params]
+        self.layers = [p.in_dtype(self.dtype).to(self.device) for p in params]
         self.policy = ROUTING.create(cfg.routing_policy, **cfg.routing_params)
         self.selector = REPLICA.create(cfg.replica_policy)
         self.stats_ = LoadStats(cfg.num_layers, cfg.layer.num_experts, window_batches=cfg.stats_window_batches)
@@ -340,6 +338,20 @@ class RouterActor:
         tm["combine"].append((t[3] - t[2]) * 1e3)
         tm["batch"].append((t[3] - t[0]) * 1e3)
 
+    def record_load(self, counts: list[list[int]]) -> None:
+        """Routed-token counts [L][E] that direct clients (expertray/runtime/direct.py) served without a
+        router: added to this router's load window, which the controller's balancing and autoscaling read."""
+        L, E = self.cfg.num_layers, self.cfg.layer.num_experts
+        if not (isinstance(counts, list) and len(counts) == L and all(
+                isinstance(row, list) and len(row) == E and all(isinstance(c, int) and c >= 0 for c in row)
+                for row in counts)):
+            raise InputError(f"record_load: expected [{L}][{E}] counts >= 0")
+        for layer, row in enumerate(counts):
+            if any(row):
+                tensor = torch.tensor(row, dtype=torch.long)
+                self.stats_.record(layer, tensor)
+                self.expert_tokens[layer] += tensor
+
     # --- observability -------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
         """Counters, per-layer window load and balancedness (per actor, each expert's load split evenly over
@@ -395,9 +407,3 @@ class RouterActor:
     async def reset_stats(self) -> None:
         for v in self.timing_ms.values():
             v.clear()
-
-
-def _cast_shared(shared: SharedExpert, dtype: torch.dtype) -> SharedExpert:
-    """The shared expert in the serving dtype (it runs on the serving-dtype rows at the router)."""
-    return SharedExpert(shared.gate_up.to(dtype), shared.down.to(dtype),
-                        None if shared.gate is None else shared.gate.to(dtype))

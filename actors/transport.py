@@ -36,6 +36,7 @@ from expertray.errors import TransportError
 from expertray.layer.route import PreparedBatch
 from expertray.registry import Registry
 from expertray.seams import Transport, TransportStats
+from expertray.wire.channel import ChannelSet, Endpoint
 from expertray.wire.collective import (
     Group,
     from_host_array,
@@ -236,8 +237,61 @@ class CollectiveTransport(ActorTransport):
         return ObjectStoreTransport(self.handles, self.timeout_s, self.actor_names, self.device, reason=reason)
 
 
+@TRANSPORTS.register("channel")
+class ChannelTransport(ActorTransport):
+    """Standing channels (expertray/wire/channel.py): one TCP connection per expert actor, opened with the
+    transport, each served by a persistent loop in the actor; a batch's buckets go out and come back over
+    them with no Ray task. An actor's death resets its connection (named at once); a hung one is named at
+    the deadline, or sooner when the liveness loop's suspect push drops the batch (`abort`)."""
+
+    name = "channel"
+
+    def __init__(self, handles: list[Any], timeout_s: float, actor_names: list[str] | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__(handles, timeout_s, actor_names, device)
+        self.channels: ChannelSet | None = None
+        self.opened = False
+
+    async def open(self) -> None:
+        try:
+            found = await asyncio.wait_for(asyncio.gather(*[_awaitable(h.channel_endpoint.remote())
+                                                            for h in self.handles]), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise TransportError(f"actors did not report their channel endpoints within {self.timeout_s:g} s"
+                                 ) from None
+        self.channels = ChannelSet.to([Endpoint(**e) for e in found])
+        await asyncio.to_thread(self.channels.connect, self.timeout_s)
+        self.opened = True
+
+    async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
+        if self.channels is None:
+            raise TransportError("channels are not open")
+        rows = batch.rows if batch.rows.device.type == "cpu" else batch.rows.cpu()
+        try:
+            out, ms = await asyncio.to_thread(self.channels.exchange, batch.layer, rows, batch.buckets,
+                                              self.timeout_s)
+        except asyncio.CancelledError:  # the batch was dropped: end the exchange's socket waits now
+            self.channels.abort()
+            raise
+        return out.to(batch.rows.device), TransportStats(_sent_bytes(batch), ms)
+
+    async def close(self) -> None:
+        if self.channels is not None:
+            self.channels.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": "tcp", "reason": "standing channels to every actor"}
+
+    def fallback(self, reason: str) -> Transport | None:
+        """The object store when the channels did not open; none after losing members (each actor has its
+        own channel: the others serve on, the lost one's reconnects once it is healed or replaced)."""
+        if self.opened:
+            return None
+        return ObjectStoreTransport(self.handles, self.timeout_s, self.actor_names, self.device, reason=reason)
+
+
 TRANSPORTS.check(set(TRANSPORT_NAMES) - {"auto"})
-AUTO = "collective"  # what `auto` tries first; its `fallback` serves when it cannot open
+AUTO = "channel"  # what `auto` tries first; its `fallback` serves when it cannot open
 
 
 async def open_transport(mode: str, handles: list[Any], timeout_s: float, actor_names: list[str],

@@ -35,6 +35,10 @@ from expertray.models.pretrained import (
     checkpoint_cluster_config,
     from_pretrained,  # noqa: F401 - expertray.from_pretrained, Ray backend added below
 )
+from expertray.policies.replica import REPLICA
+from expertray.policies.routing import ROUTING
+from expertray.runtime.direct import DirectLayers
+from expertray.runtime.weights import router_params, serving_dtype
 from expertray.state.actor_names import CONTROLLER, NAMESPACE
 from expertray.state.placement_table import PlacementTable
 from expertray.validation import check_hidden, check_layer
@@ -140,6 +144,24 @@ class _LoopThread:
                 self.loop.close()
 
 
+class RayLink:
+    """expertray.runtime.direct.ClusterLink over the controller (and a router, for load reports)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def spec(self) -> dict[str, Any]:
+        return ray.get(self.cluster.controller.direct_spec.remote(), timeout=self.cluster.cfg.control_timeout_s)
+
+    def report_failed(self, actors: list[str]) -> None:
+        self.cluster.controller.heal.remote("direct client")  # fire and forget: the controller pings them
+
+    def report_load(self, counts: list[list[int]]) -> None:
+        routers = self.cluster.routers
+        if routers:
+            routers[0].record_load.remote(counts)  # fire and forget; balancing reads routers' load windows
+
+
 class Cluster:
     """A handle on a running expertray cluster (its Controller and routers)."""
 
@@ -153,6 +175,7 @@ class Cluster:
         self._dead: set[Any] = set()
         self._client_loop: _LoopThread | None = None
         self._client_loop_lock = threading.Lock()
+        self._direct: DirectLayers | None = None
 
     def _router(self) -> Any:
         if not self.routers:
@@ -199,12 +222,29 @@ class Cluster:
         ref.future().add_done_callback(lambda answer: self._drop_if_died(router, answer))
         return ref
 
+    def direct(self) -> DirectLayers:
+        """This process's direct layers (made on first use): it routes its own tokens and speaks to the expert
+        actors over standing channels, with no router hop and no Ray task per call (expertray/runtime/direct.py)."""
+        with self._client_loop_lock:
+            if self._direct is None:
+                found = self._ask(self.controller.layer_params.remote())
+                dtype = serving_dtype(self.cfg)
+                params = router_params(found, dtype) if isinstance(found, dict) else found
+                self._direct = DirectLayers(self.cfg, [p.in_dtype(getattr(torch, dtype)) for p in params],
+                                            RayLink(self), ROUTING.create(self.cfg.routing_policy,
+                                                                          **self.cfg.routing_params),
+                                            REPLICA.create(self.cfg.replica_policy))
+            return self._direct
+
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out.
 
         By `request_timeout_s` it returns the answer or raises: the router's error (e.g. ExpertUnavailableError),
         RequestTimeoutError, or RouterUnavailableError when routers kept dying. A request whose router died is
-        sent again to a live router (the router list is refreshed from the controller)."""
+        sent again to a live router (the router list is refreshed from the controller). With
+        `client_path="direct"` the call routes in this process instead (`direct`)."""
+        if self.cfg.client_path == "direct":
+            return self.direct().forward(layer, hidden)
         x = self.validate(layer, hidden)
         wire, wire_dtype = to_wire(x)
         deadline = time.monotonic() + self.cfg.request_timeout_s
@@ -320,6 +360,9 @@ class Cluster:
             if self._client_loop is not None:
                 self._client_loop.stop()
                 self._client_loop = None
+            if self._direct is not None:
+                self._direct.close()
+                self._direct = None
         try:
             ray.get(self.controller.shutdown.remote(), timeout=self.cfg.control_timeout_s)
         finally:

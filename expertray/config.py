@@ -15,7 +15,7 @@ from expertray.errors import require as _require
 # config is checked without importing torch or Ray; each registry checks it holds exactly these names when its
 # module is imported (Registry.check).
 GATING_FAMILIES = ("mixtral", "qwen_moe", "deepseek_v3", "gpt_oss")
-TRANSPORTS = ("auto", "collective", "object_store")  # auto: collective when the group forms, else its fallback
+TRANSPORTS = ("auto", "channel", "collective", "object_store")  # auto: channel when it opens, else its fallback
 ROUTING_POLICIES = ("capacity", "laser", "topk")
 REPLICA_POLICIES = ("least_loaded", "locality", "round_robin")
 PLACEMENT_POLICIES = ("balanced", "round_robin", "topology_aware")
@@ -24,6 +24,7 @@ OVERFLOW_MODES = ("drop", "reroute", "dropless")
 DROP_PRIORITIES = ("first_come", "score")
 EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 SERVING_DTYPES = ("auto", "bfloat16", "float16", "float32")
+CLIENT_PATHS = ("router", "direct")  # how Cluster.forward reaches the experts
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,9 @@ class ClusterConfig:
     model: a Hugging Face checkpoint directory to serve (empty: random weights of `layer` × `num_layers`).
     dtype: serving dtype of expert weights and compute; auto = the checkpoint's torch_dtype (float32 for
     random weights). Gate math is float32 whatever the dtype.
+    client_path: how `Cluster.forward` reaches the experts: `router` (a Ray call to a router actor, which
+    micro-batches every caller's requests) or `direct` (the caller routes its own tokens and speaks to the
+    expert actors over standing channels: expertray/runtime/direct.py; `from_pretrained` uses it).
     """
 
     layer: MoELayerConfig = field(default_factory=MoELayerConfig)
@@ -243,8 +247,11 @@ class ClusterConfig:
     max_expert_actors: int = 16
     model: str = ""
     dtype: str = "auto"
+    client_path: str = "router"
 
     def __post_init__(self) -> None:
+        _require(self.client_path in CLIENT_PATHS, "cluster.client_path",
+                 f"{self.client_path!r} is not one of {CLIENT_PATHS}")
         _require(self.dtype in SERVING_DTYPES, "cluster.dtype", f"{self.dtype!r} is not one of {SERVING_DTYPES}")
         _require(self.num_layers >= 1, "cluster.num_layers", f"must be >= 1, got {self.num_layers}")
         _require(self.num_expert_actors >= 1, "cluster.num_expert_actors",

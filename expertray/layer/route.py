@@ -63,6 +63,14 @@ class LayerParams:
     gate: GateWeights
     shared: SharedExpert | None
 
+    def in_dtype(self, dtype: torch.dtype) -> LayerParams:
+        """The shared expert in the serving dtype (it runs on the serving-dtype rows); the gate stays float32."""
+        s = self.shared
+        if s is None:
+            return self
+        return LayerParams(self.gate, SharedExpert(s.gate_up.to(dtype), s.down.to(dtype),
+                                                   None if s.gate is None else s.gate.to(dtype)))
+
     def to(self, device: torch.device) -> LayerParams:
         """The same parameters on `device` (once, when a router starts on its GPU): gate math then runs
         where the hidden states are."""

@@ -171,8 +171,11 @@ def _load_dense(model: nn.Module, source: WeightSource, plan: dict[str, TensorIn
 def from_pretrained(path: str, *, backend: str | Backend = "ray", **cluster_options: Any) -> tuple[nn.Module, Any]:
     """(transformers model, cluster) serving checkpoint `path`: the model's MoE blocks are proxies to the
     cluster; attention, norms and embeddings are loaded here in the serving dtype; routed experts never
-    are. `cluster_options`: ClusterConfig fields (dtype, num_expert_actors, ...) and `capacity`.
+    are. `cluster_options`: ClusterConfig fields (dtype, num_expert_actors, ...) and `capacity`; the model's
+    layer calls take `client_path="direct"` unless told otherwise (decode is one call per token per layer:
+    no router hop, no Ray task per call).
     """
+    cluster_options.setdefault("client_path", "direct")
     runner_factory = BACKENDS.get(backend) if isinstance(backend, str) else backend
     if runner_factory is None:
         hint = "; the Ray backend comes with expertray.api (use expertray.from_pretrained)" if backend == "ray" else ""

@@ -19,12 +19,13 @@ _COMMON = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 3, "num_att
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {f.name: f.tiny for f in FAMILIES}  # name -> row's `tiny`
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A random causal LM of `family` (float32) with activations of order 1 and non-zero router biases."""
+def tiny_model(family: str, seed: int = 0, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A random causal LM of `family` (float32) with activations of order 1 and non-zero router biases;
+    `overrides`: config fields over the family's tiny ones (e.g. a wider model for a benchmark)."""
     import transformers as tf
 
     cls_name, kwargs = by_name(family).tiny
-    config = getattr(tf, cls_name)(**{**_COMMON, **kwargs})
+    config = getattr(tf, cls_name)(**{**_COMMON, **kwargs, **(overrides or {})})
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -40,9 +41,10 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 
 def write_tiny_checkpoint(family: str, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0,
-                          max_shard_size: str = "24KB") -> Path:
-    """Save a tiny random `family` model at `path` in `dtype`, sharded by `max_shard_size`."""
+                          max_shard_size: str = "24KB", overrides: dict[str, Any] | None = None) -> Path:
+    """Save a tiny random `family` model (config `overrides` applied) at `path` in `dtype`, sharded by
+    `max_shard_size`."""
     path = Path(path)
-    model = tiny_model(family, seed).to(dtype)
+    model = tiny_model(family, seed, overrides).to(dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path

@@ -10,12 +10,13 @@ from expertray.tools.bench import core, gpu, routing  # noqa: E402
 
 bench_app.command("core")(core.cli)
 try:  # the live-cluster benchmarks need Ray; `bench gpu` runs where Ray is not installed
-    from expertray.tools.bench import elastic, faults, layer, load, recovery, stall  # noqa: E402
+    from expertray.tools.bench import elastic, faults, latency, layer, load, recovery, stall  # noqa: E402
 except ModuleNotFoundError as exc:
     if exc.name is None or exc.name.split(".")[0] != "ray":
         raise
 else:
     bench_app.command("layer")(layer.cli)
+    bench_app.command("latency")(latency.cli)
     bench_app.command("elastic")(elastic.cli)
     bench_app.command("faults")(faults.cli)
     bench_app.command("load")(load.cli)
