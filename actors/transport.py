@@ -308,7 +308,7 @@ async def open_transport(mode: str, handles: list[Any], timeout_s: float, actor_
         if mode != "auto":
             raise
         log.warning("%s transport failed to open (%s); falling back", AUTO, exc, exc_info=True)
-        fallback = transport.fallback(f"{AUTO} group failed to form: {exc}")
+        fallback = transport.fallback(f"{AUTO} transport failed to open: {exc}")
         if fallback is None:
             raise
         return fallback

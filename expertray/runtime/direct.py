@@ -84,7 +84,8 @@ class DirectLayers:
         self.dtype = getattr(torch, serving_dtype(cfg))
         self.policy, self.selector = policy, selector  # the cluster's, made from its config by the caller
         self.stats = LoadStats(cfg.num_layers, cfg.layer.num_experts, window_batches=cfg.stats_window_batches)
-        self.counters = {"calls": 0, "tokens": 0, "retries": 0, "refreshes": 0}
+        # rows / bytes_out: routed rows (and their bytes, in the serving dtype) sent to the actors
+        self.counters = {"calls": 0, "tokens": 0, "rows": 0, "bytes_out": 0, "retries": 0, "refreshes": 0}
         self._channels: dict[tuple[str, str, int], Channel] = {}
         self._retired: list[Channel] = []  # channels of actors no longer in the table, closed between calls
         self._avoid: set[str] = set()
@@ -223,8 +224,11 @@ class DirectLayers:
         self.stats.record(layer, batch.expert_counts, batch.routing.num_dropped)
         with self._counts_lock:
             self._unreported[layer] += batch.expert_counts
-        self.counters["calls"] += 1
-        self.counters["tokens"] += x.shape[0]
+        c = self.counters
+        c["calls"] += 1
+        c["tokens"] += x.shape[0]
+        c["rows"] += batch.rows.shape[0]
+        c["bytes_out"] += batch.rows.numel() * batch.rows.element_size()
         return out
 
     def close(self) -> None:

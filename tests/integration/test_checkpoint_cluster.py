@@ -29,11 +29,13 @@ def _ids() -> torch.Tensor:
 
 
 def _routed_bytes(cluster, row_bytes: int) -> tuple[int, int]:
-    """(bytes the routers sent to actors, routed rows × row_bytes) over the cluster's life so far."""
+    """(bytes sent to actors, routed rows × row_bytes) over the cluster's life so far: by the routers, and by
+    this process's direct layers (from_pretrained's model calls the cluster directly)."""
     status = cluster.status()
     k = cluster.cfg.layer.top_k
-    sent = sum(sum(r["bytes_out"].values()) for r in status["routers"])
-    rows = sum(r["tokens"] * k - r["dropped"] for r in status["routers"])
+    direct = cluster.direct().counters
+    sent = sum(sum(r["bytes_out"].values()) for r in status["routers"]) + direct["bytes_out"]
+    rows = sum(r["tokens"] * k - r["dropped"] for r in status["routers"]) + direct["rows"]
     return sent, rows * row_bytes
 
 

@@ -20,7 +20,7 @@ from expertray.tools.bench.report import emit, median, quantile, time_ms
 
 
 def run(tokens: int = 4096, d_model: int = 1024, d_ff: int = 2816, experts: int = 8, top_k: int = 2,
-        actors: int = 4, transports: tuple[str, ...] = ("collective", "object_store"), repeats: int = 5,
+        actors: int = 4, transports: tuple[str, ...] = ("channel", "collective", "object_store"), repeats: int = 5,
         small_tokens: int = 16, small_repeats: int = 200) -> dict:
     init_ray(num_cpus=max(8, actors * 2))
     layer_cfg = MoELayerConfig(d_model=d_model, d_ff=d_ff, gate=GateConfig("mixtral", experts, top_k))
@@ -64,7 +64,7 @@ def run(tokens: int = 4096, d_model: int = 1024, d_ff: int = 2816, experts: int 
 
 def cli(tokens: int = 4096, d_model: int = 1024, d_ff: int = 2816, experts: int = 8, top_k: int = 2,
         actors: int = 4, repeats: int = 5, small_repeats: int = 200,
-        transport: list[str] = typer.Option(["collective", "object_store"]),
+        transport: list[str] = typer.Option(["channel", "collective", "object_store"]),
         as_json: bool = typer.Option(False, "--json"), out: Path | None = None) -> None:
     """Distributed vs in-process: throughput ratio, small-call latency, and per-call decomposition."""
     r = run(tokens, d_model, d_ff, experts, top_k, actors, tuple(transport), repeats, small_repeats=small_repeats)

@@ -5,6 +5,7 @@ in-process actor handles; the module imports Ray (actors/), hence the `ray` mark
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -127,7 +128,67 @@ def test_an_actor_error_fails_the_batch_at_once_without_waiting_for_a_hung_one()
 def test_auto_falls_back_to_the_object_store_and_says_why() -> None:
     t = asyncio.run(open_transport("auto", [FakeActor(fail_identity=True)], 1.0, ["a0"], torch.device("cpu")))
     assert t.name == "object_store"
-    assert "collective group failed to form" in t.describe()["reason"]
+    assert "channel transport failed to open" in t.describe()["reason"]
+
+
+class ChannelActor:
+    """An ExpertActor stand-in with a real channel server in this process (outputs = 2 × rows)."""
+
+    def __init__(self, name: str, hang: bool = False) -> None:
+        import threading
+
+        from expertray.wire.channel import ChannelServer
+
+        self.release = threading.Event()
+
+        def compute(layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> Any:
+            if hang:
+                self.release.wait(30)
+            return rows * 2, 1.5
+
+        self.server = ChannelServer(name, "127.0.0.1", compute)
+        self.channel_endpoint = _Method(lambda: _resolved(dataclasses.asdict(self.server.endpoint)))
+
+
+def _resolved(value: Any) -> Any:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+def test_the_channel_transport_moves_rows_with_no_call_and_names_a_dead_or_hung_actor() -> None:
+    actors = [ChannelActor("a0"), ChannelActor("a1"), ChannelActor("a2", hang=True)]
+
+    async def scenario() -> None:
+        t = await open_transport("auto", actors, 0.5, ["a0", "a1", "a2"], torch.device("cpu"))
+        assert t.name == "channel" and t.fallback("lost a member") is None  # no fallback once open
+        batch = _batch([3, 0, 0])
+        out, stats = await t.exchange(batch)
+        assert torch.equal(out, batch.rows * 2) and stats.compute_ms == {0: 1.5}
+        out, _ = await t.exchange(_batch([2, 5, 0], dtype=torch.bfloat16))
+        assert out.dtype == torch.bfloat16 and torch.equal(out, _batch([2, 5, 0], dtype=torch.bfloat16).rows * 2)
+        actors[1].server.close()
+        with pytest.raises(TransportError) as dead:
+            await t.exchange(_batch([1, 1, 0]))
+        assert dead.value.actors == ("a1",)
+        with pytest.raises(TransportError) as hung:
+            await t.exchange(_batch([1, 0, 1]))
+        assert hung.value.actors == ("a2",)
+        dropped = asyncio.ensure_future(t.exchange(_batch([0, 0, 2])))  # a batch dropped mid-exchange
+        await asyncio.sleep(0.1)
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        out, _ = await t.exchange(_batch([4, 0, 0]))  # the set serves on
+        assert torch.equal(out, _batch([4, 0, 0]).rows * 2)
+        await t.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for a in actors:
+            a.release.set()
+            a.server.close()
 
 
 def test_a_transport_needs_a_positive_deadline() -> None:
