@@ -30,7 +30,6 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import selectors
 import socket
 import struct
 import threading
@@ -96,18 +95,52 @@ def _recv_exact(sock: socket.socket, view: memoryview, deadline: float | None) -
         view = view[n:]
 
 
-def _recv_header(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
-    raw = bytearray(LENGTH.size)
-    _recv_exact(sock, memoryview(raw), deadline)
-    (length,) = LENGTH.unpack(raw)
-    if length > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {length} bytes exceeds {MAX_HEADER_BYTES}")
-    body = bytearray(length)
-    _recv_exact(sock, memoryview(body), deadline)
-    header = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True)
-    if not isinstance(header, dict):
-        raise ProtocolError(f"header is a {type(header).__name__}, not a map")
-    return header
+class _Reader:
+    """Frames from one socket, reading ahead into a buffer: a small frame (header and payload) costs one recv;
+    a large payload goes straight from the socket into its destination."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = memoryview(bytearray(LENGTH.size + MAX_HEADER_BYTES + (1 << 16)))
+        self.start = self.end = 0
+
+    def _fill(self, need: int, deadline: float | None) -> None:
+        """At least `need` (≤ the buffer) bytes buffered from `start`."""
+        if self.end - self.start >= need:
+            return
+        if self.start + need > len(self.buf):  # move what is buffered to the front
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start:self.end]
+            self.start, self.end = 0, n
+        while self.end - self.start < need:
+            if deadline is not None:
+                self.sock.settimeout(max(1e-4, deadline - time.monotonic()))
+            n = self.sock.recv_into(self.buf[self.end:])
+            if n == 0:
+                raise ConnectionResetError("connection closed by peer")
+            self.end += n
+
+    def header(self, deadline: float | None) -> dict[str, Any]:
+        self._fill(LENGTH.size, deadline)
+        (length,) = LENGTH.unpack(self.buf[self.start:self.start + LENGTH.size])
+        if length > MAX_HEADER_BYTES:
+            raise ProtocolError(f"header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+        self._fill(LENGTH.size + length, deadline)
+        body = bytes(self.buf[self.start + LENGTH.size:self.start + LENGTH.size + length])
+        self.start += LENGTH.size + length
+        header = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        if not isinstance(header, dict):
+            raise ProtocolError(f"header is a {type(header).__name__}, not a map")
+        return header
+
+    def into(self, view: memoryview, deadline: float | None) -> None:
+        """Fill `view` with the next len(view) bytes: what is buffered, then straight from the socket."""
+        n = min(len(view), self.end - self.start)
+        view[:n] = self.buf[self.start:self.start + n]
+        self.start += n
+        if self.start == self.end:
+            self.start = self.end = 0
+        _recv_exact(self.sock, view[n:], deadline)
 
 
 def _send(sock: socket.socket, header: dict[str, Any], payload: memoryview | None = None) -> None:
@@ -179,25 +212,26 @@ class ChannelServer:
         with conn:
             try:
                 conn.settimeout(10.0)  # the hello comes at once or never
-                hello = _recv_header(conn, None)
+                reader = _Reader(conn)
+                hello = reader.header(None)
                 if not hmac.compare_digest(str(hello.get("token", "")), self.token):
                     log.warning("%s: channel connection with a wrong token closed", self.actor)
                     return
                 conn.settimeout(None)  # then it stands: requests come when the caller has rows
                 _send(conn, {"ok": True, "actor": self.actor})
                 while True:
-                    self._one(conn)
+                    self._one(conn, reader)
             except (ConnectionError, ProtocolError, OSError, msgpack.UnpackException, ValueError) as exc:
                 if not isinstance(exc, ConnectionResetError) and not self._closed:
                     log.info("%s: channel closed: %s", self.actor, exc)
             finally:
                 self._open.discard(conn)
 
-    def _one(self, conn: socket.socket) -> None:
-        header = _recv_header(conn, None)
+    def _one(self, conn: socket.socket, reader: _Reader) -> None:
+        header = reader.header(None)
         layer, experts, counts, d, dtype, rows = check_request(header)
         buf = torch.empty(rows * d * dtype.itemsize, dtype=torch.uint8)
-        _recv_exact(conn, tensor_bytes(buf), None)
+        reader.into(tensor_bytes(buf), None)
         x = buf.view(dtype).view(rows, d)
         try:
             out, ms = self.handler(layer, experts, counts, x)
@@ -235,6 +269,7 @@ class Channel:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
+        self.reader: _Reader | None = None
 
     def connected(self, deadline: float) -> socket.socket:
         if self.sock is None:
@@ -243,12 +278,13 @@ class Channel:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _send(sock, {"token": e.token})
-                if not _recv_header(sock, deadline).get("ok"):
+                reader = _Reader(sock)
+                if not reader.header(deadline).get("ok"):
                     raise ConnectionError(f"{e.actor} refused the channel")
             except BaseException:
                 sock.close()
                 raise
-            self.sock = sock
+            self.sock, self.reader = sock, reader
         return self.sock
 
     def close(self) -> None:
@@ -256,7 +292,7 @@ class Channel:
             try:
                 self.sock.close()
             finally:
-                self.sock = None
+                self.sock = self.reader = None
 
     def abort(self) -> None:
         """Wake a thread blocked on this channel (shutdown both ways); it then fails and closes it."""
@@ -337,10 +373,10 @@ class ChannelSet:
                 ms: dict[int, float] = {}
                 errors: list[str] = []
                 unknown_slot = False
-                for b in self._ready_order(sent, deadline):
+                for b in sent:  # every answer is needed: reading in send order waits as long as any order
                     channel = self.channels[b.actor]
                     try:
-                        header = _recv_header(channel.sock, deadline)  # type: ignore[arg-type]
+                        header = channel.reader.header(deadline)  # type: ignore[union-attr]
                         if not header.get("ok"):
                             errors.append(f"{channel.endpoint.actor}: {header.get('error')}")
                             unknown_slot = unknown_slot or bool(header.get("unknown_slot"))
@@ -348,7 +384,7 @@ class ChannelSet:
                         lo, hi = b.row_start * row_bytes, (b.row_start + b.num_rows) * row_bytes
                         if header.get("nbytes") != hi - lo:
                             raise ProtocolError(f"answer of {header.get('nbytes')} bytes for {hi - lo}")
-                        _recv_exact(channel.sock, dst[lo:hi], deadline)  # type: ignore[arg-type]
+                        channel.reader.into(dst[lo:hi], deadline)  # type: ignore[union-attr]
                         ms[b.actor] = float(header.get("ms", 0.0))
                     except (OSError, ProtocolError, msgpack.UnpackException, ValueError) as exc:
                         failed[b.actor] = _why(exc)
@@ -364,24 +400,6 @@ class ChannelSet:
             if errors:
                 raise ChannelError(f"layer {layer}: " + "; ".join(errors), (), unknown_slot=unknown_slot)
             return out, ms
-
-    def _ready_order(self, sent: list[Bucket], deadline: float) -> list[Bucket]:
-        """The sent buckets, those whose answer arrives first first (so a slow actor does not hold up reading
-        the others; every answer is read before the exchange returns either way)."""
-        if len(sent) <= 1:
-            return sent
-        order: list[Bucket] = []
-        with selectors.DefaultSelector() as sel:
-            for b in sent:
-                sel.register(self.channels[b.actor].sock, selectors.EVENT_READ, b)  # type: ignore[arg-type]
-            while len(order) < len(sent):
-                ready = sel.select(max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    break
-                for key, _ in ready:
-                    order.append(key.data)
-                    sel.unregister(key.fileobj)
-        return order + [b for b in sent if b not in order]  # late ones: their reads time out and are named
 
     def abort(self, actors: Collection[str] | None = None) -> None:
         """End the exchange in progress (from another thread): its channels to `actors` (None: all) fail now,

@@ -10,7 +10,8 @@ Paths, each at 1, 16 and 256 tokens, for tiny experts (d 256, d_ff 256, 16 exper
   standing channels (no router hop, no Ray task);
 - compiled_graph: the floor Ray itself offers for a standing pipeline, driver → router → 2 experts → router →
   driver as a Ray compiled graph (`experimental_compile`, shared-memory channels), 1 token of width d.
-Then `generate`: greedy decode of a tiny Qwen3-MoE checkpoint (4 MoE layers, 16 experts top-4, d 256) through
+Then `generate`: greedy decode of a tiny Qwen3-MoE checkpoint (4 MoE layers, 16 experts top-4, d 256; vocabulary
+`--gen-vocab`, default 32,000) through
 the cluster (direct, and the router path) against transformers in this process, tokens/s, single stream.
 Every distributed answer is checked against the in-process layer (max |diff|) and generation's tokens
 against transformers' own.
@@ -32,9 +33,11 @@ from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.tools.bench.report import emit, median, quantile, time_ms
 
 SIZES = {"tiny": (256, 256, 16, 4), "medium": (1024, 2816, 8, 2)}  # d_model, d_ff, experts, top_k
+# the tiny decoder of `generate`: 4 MoE layers, d 256, 16 experts top-4; the vocabulary is a parameter (a
+# Llama-2 / Mixtral-sized 32,000 by default: the LM head is part of every decode step's cost)
 QWEN3_TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_experts": 16, "num_experts_per_tok": 4,
               "moe_intermediate_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512}
+              "num_key_value_heads": 2, "head_dim": 64}
 
 
 def _stats(ms: list[float], inproc: list[float] | None) -> dict[str, float]:
@@ -102,14 +105,14 @@ def layer_paths(size: str, token_counts: tuple[int, ...], transports: tuple[str,
     return out
 
 
-def generation(max_new_tokens: int, repeats: int, actors: int) -> dict[str, Any]:
+def generation(max_new_tokens: int, repeats: int, actors: int, vocab: int = 32000) -> dict[str, Any]:
     """Single-stream greedy decode tokens/s: transformers in this process vs the cluster (direct, router)."""
     import expertray
     from expertray.models.synthetic import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="expertray-bench-") as tmp:
-        path = write_tiny_checkpoint("qwen3_moe", Path(tmp) / "qwen3", overrides=QWEN3_TINY,
-                                     max_shard_size="64MB")
+        shape = {**QWEN3_TINY, "vocab_size": vocab}
+        path = write_tiny_checkpoint("qwen3_moe", Path(tmp) / "qwen3", overrides=shape, max_shard_size="256MB")
         from transformers import AutoModelForCausalLM
 
         prompt = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])
@@ -124,7 +127,7 @@ def generation(max_new_tokens: int, repeats: int, actors: int) -> dict[str, Any]
 
         reference = AutoModelForCausalLM.from_pretrained(path).eval()
         t_ref, ids_ref = decode(reference)
-        result: dict[str, Any] = {"checkpoint": {"family": "qwen3_moe", **QWEN3_TINY},
+        result: dict[str, Any] = {"checkpoint": {"family": "qwen3_moe", **shape},
                                   "max_new_tokens": max_new_tokens, "repeats": repeats,
                                   "transformers": {"tokens_per_s": max_new_tokens / median(t_ref) * 1e3}}
         for client_path in ("direct", "router"):
@@ -142,7 +145,7 @@ def generation(max_new_tokens: int, repeats: int, actors: int) -> dict[str, Any]
 
 def run(token_counts: tuple[int, ...] = (1, 16, 256), sizes: tuple[str, ...] = ("tiny", "medium"),
         transports: tuple[str, ...] = ("object_store", "collective", "channel"), repeats: int = 200,
-        actors: int = 2, gen_tokens: int = 32, gen_repeats: int = 3) -> dict[str, Any]:
+        actors: int = 2, gen_tokens: int = 32, gen_repeats: int = 3, gen_vocab: int = 32000) -> dict[str, Any]:
     init_ray(num_cpus=8)
     results: dict[str, Any] = {"config": {"token_counts": list(token_counts), "repeats": repeats,
                                           "driver_threads": torch.get_num_threads()}, "sizes": {}}
@@ -150,7 +153,7 @@ def run(token_counts: tuple[int, ...] = (1, 16, 256), sizes: tuple[str, ...] = (
     for size in sizes:
         results["sizes"][size] = layer_paths(size, token_counts, transports, repeats, actors)
     if gen_tokens > 0:
-        results["generate"] = generation(gen_tokens, gen_repeats, actors)
+        results["generate"] = generation(gen_tokens, gen_repeats, actors, gen_vocab)
     return results
 
 
@@ -159,13 +162,14 @@ def cli(tokens: list[int] = typer.Option([1, 16, 256], "--tokens"),
         transport: list[str] = typer.Option(["object_store", "collective", "channel"], "--transport"),
         repeats: int = typer.Option(200, min=5), actors: int = typer.Option(2, min=1),
         gen_tokens: int = typer.Option(32, "--gen-tokens", min=0, help="0: skip the generate comparison."),
+        gen_vocab: int = typer.Option(32000, "--gen-vocab", min=16, help="Vocabulary of the generate model."),
         as_json: bool = typer.Option(False, "--json"), out: Path | None = None) -> None:
     """Per-layer round trip p50/p99 per path and token count, against in-process and a compiled graph; and
     generate tokens/s against transformers."""
     bad = [s for s in size if s not in SIZES]
     if bad:
         raise typer.BadParameter(f"unknown size {bad[0]!r} (known: {', '.join(SIZES)})")
-    r = run(tuple(tokens), tuple(size), tuple(transport), repeats, actors, gen_tokens)
+    r = run(tuple(tokens), tuple(size), tuple(transport), repeats, actors, gen_tokens, gen_vocab=gen_vocab)
     rows = [["compiled_graph (1 tok, floor)", "-", r["compiled_graph"]["p50_ms"], r["compiled_graph"]["p99_ms"], "-"]]
     for s, block in r["sizes"].items():
         for name, per in block["paths"].items():
