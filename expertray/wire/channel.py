@@ -270,8 +270,12 @@ class Channel:
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.reader: _Reader | None = None
+        self.aborted = False  # shut down by `abort`: reconnect before the next use
 
     def connected(self, deadline: float) -> socket.socket:
+        if self.aborted:  # an exchange that was ended may have finished anyway: its socket is shut down
+            self.close()
+            self.aborted = False
         if self.sock is None:
             e = self.endpoint
             sock = socket.create_connection((e.host, e.port), timeout=max(1e-3, deadline - time.monotonic()))
@@ -298,6 +302,7 @@ class Channel:
         """Wake a thread blocked on this channel (shutdown both ways); it then fails and closes it."""
         sock = self.sock
         if sock is not None:
+            self.aborted = True
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -162,3 +162,15 @@ def test_a_missing_slot_says_the_table_is_stale() -> None:
         assert server.connections == 1
     finally:
         server.close()
+
+
+def test_an_abort_that_lands_after_its_exchange_ended_blames_no_one(servers: list[ChannelServer]) -> None:
+    """A dropped batch's abort can race with the exchange finishing: the shut-down sockets are reopened before
+    the next exchange instead of failing it (and naming live actors as dead)."""
+    channels = ChannelSet.to([s.endpoint for s in servers])
+    rows = torch.randn(7, 16)
+    channels.exchange(0, rows, BUCKETS, 5)
+    for channel in channels.channels:
+        channel.abort()  # what ChannelSet.abort does to the channels of an exchange in flight
+    out, _ = channels.exchange(0, rows, BUCKETS, 5)
+    assert torch.equal(out, expected(rows, BUCKETS, 0))
