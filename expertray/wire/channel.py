@@ -19,6 +19,12 @@ Copies a row makes from the caller's plan to the expert and back: the send reads
 from the output tensor (one kernel copy) and received straight into its rows of the caller's output tensor
 (one kernel copy). No pickling, no object store, no intermediate concatenation.
 
+Why channels and not Ray compiled graphs (measured, docs/BENCHMARKS.md "One layer's round trip per path"): a
+compiled graph driver → router → 2 experts → router → driver costs 0.7–0.9 ms here with no compute at all, about
+what a whole direct layer call costs with gate and experts; and a compiled graph is bound to its actors (rebuilt
+on every placement change and after any actor death) and holds their execution loop, where a channel set follows
+the table one connection at a time and a dead actor resets only its own channel.
+
 Deadlines: `exchange` answers within its `timeout_s` or raises ChannelError naming the actors that did not
 answer (dead: connection refused or reset; hung: no answer in time). A channel whose exchange failed is closed
 and reconnects on next use; `abort` (from another thread) shuts the sockets in use so a cancelled exchange
