@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -77,13 +79,19 @@ class FakeCluster:
             x.server.close()
 
 
-def _setup(table: PlacementTable, heal: bool = True, cfg: ClusterConfig = CFG
-           ) -> tuple[list[MoELayer], FakeCluster, DirectLayers]:
+@contextmanager
+def _running(table: PlacementTable, heal: bool = True, cfg: ClusterConfig = CFG
+             ) -> Iterator[tuple[list[MoELayer], FakeCluster, DirectLayers]]:
+    """Reference layers, a FakeCluster serving them on `table`, and direct layers over it (closed after)."""
     layers = [MoELayer.random(cfg.layer, seed=7 + layer) for layer in range(cfg.num_layers)]
     cluster = FakeCluster(table, layers, heal)
     direct = DirectLayers(cfg, [LayerParams(m.gate_weights, m.shared) for m in layers], cluster,
                           ROUTING.create(cfg.routing_policy), REPLICA.create(cfg.replica_policy))
-    return layers, cluster, direct
+    try:
+        yield layers, cluster, direct
+    finally:
+        direct.close()
+        cluster.close()
 
 
 def _check(direct: DirectLayers, layers: list[MoELayer], seed: int = 0, tokens: int = 17) -> None:
@@ -93,15 +101,11 @@ def _check(direct: DirectLayers, layers: list[MoELayer], seed: int = 0, tokens: 
 
 
 def test_equals_the_reference_layer_and_reports_its_load() -> None:
-    layers, cluster, direct = _setup(PlacementTable.balanced(2, 8, ["a", "b", "c"]))
-    try:
+    with _running(PlacementTable.balanced(2, 8, ["a", "b", "c"])) as (layers, cluster, direct):
         _check(direct, layers)
         one = direct.forward(0, torch.randn(1, 32))  # a decode step: one token
         assert one.shape == (1, 32)
         assert direct.counters["calls"] == 3 and direct.counters["retries"] == 0
-    finally:
-        direct.close()
-        cluster.close()
     assert sum(sum(map(sum, c)) for c in cluster.loads) == (17 * 2 + 1) * 2  # every routed row, top-2
 
 
@@ -111,32 +115,23 @@ def test_a_dead_actor_with_replicas_is_routed_around_at_once() -> None:
         for s in table.slots_of("b"):
             if s.layer == layer:
                 table = table.replicate(layer, s.expert, "c" if s.expert % 2 else "a")
-    layers, cluster, direct = _setup(table, heal=False)
-    try:
+    with _running(table, heal=False) as (layers, cluster, direct):
         _check(direct, layers)
         cluster.actors["b"].server.close()  # b's process died
         _check(direct, layers, seed=1)
         assert cluster.failed_reports == [["b"]] and direct.counters["retries"] >= 1
-    finally:
-        direct.close()
-        cluster.close()
 
 
 def test_a_lost_sole_copy_is_served_from_the_healed_table() -> None:
-    layers, cluster, direct = _setup(PlacementTable.balanced(2, 8, ["a", "b", "c"]))
-    try:
+    with _running(PlacementTable.balanced(2, 8, ["a", "b", "c"])) as (layers, cluster, direct):
         _check(direct, layers)
         cluster.actors["a"].server.close()
         _check(direct, layers, seed=2)
         assert ["a"] in cluster.failed_reports and "a-healed" in direct._state.table.actors
-    finally:
-        direct.close()
-        cluster.close()
 
 
 def test_a_migrated_slot_is_found_through_a_table_refresh() -> None:
-    layers, cluster, direct = _setup(PlacementTable.balanced(2, 8, ["a", "b", "c"]))
-    try:
+    with _running(PlacementTable.balanced(2, 8, ["a", "b", "c"])) as (layers, cluster, direct):
         _check(direct, layers)
         with cluster.lock:  # the controller migrates every slot of b to c and unloads them from b
             moved = [(s.layer, s.expert) for s in cluster.table.slots_of("b")]
@@ -147,37 +142,27 @@ def test_a_migrated_slot_is_found_through_a_table_refresh() -> None:
             cluster.actors["b"].store.remove(moved)
         _check(direct, layers, seed=3)  # b answers "no slot": the table is refreshed, nothing is lost
         assert cluster.failed_reports == []
-    finally:
-        direct.close()
-        cluster.close()
 
 
 def test_a_sole_copy_never_healed_ends_in_a_timeout_not_a_hang() -> None:
     cfg = dataclasses.replace(CFG, request_timeout_s=1.0)
-    layers, cluster, direct = _setup(PlacementTable.balanced(2, 8, ["a", "b", "c"]), heal=False, cfg=cfg)
-    try:
+    table = PlacementTable.balanced(2, 8, ["a", "b", "c"])
+    with _running(table, heal=False, cfg=cfg) as (layers, cluster, direct):
         cluster.actors["a"].server.close()
         hidden = torch.randn(64, 32)  # 64 tokens x top-2 of 8 experts: a's experts are among them
         with pytest.raises(RequestTimeoutError, match="request_timeout_s=1"):
             direct.forward(0, hidden)
-    finally:
-        direct.close()
-        cluster.close()
 
 
 def test_bad_input_is_refused_before_anything_moves() -> None:
     from expertray.errors import InputError, UnknownExpertError
 
-    layers, cluster, direct = _setup(PlacementTable.balanced(2, 8, ["a", "b", "c"]))
-    try:
+    with _running(PlacementTable.balanced(2, 8, ["a", "b", "c"])) as (layers, cluster, direct):
         with pytest.raises(InputError):
             direct.forward(0, torch.randn(3, 31))
         with pytest.raises(UnknownExpertError, match="unknown layer 5"):
             direct.forward(5, torch.randn(3, 32))
         assert sum(x.server.requests for x in cluster.actors.values()) == 0
-    finally:
-        direct.close()
-        cluster.close()
 
 
 def test_a_call_waiting_on_a_suspect_is_served_again_around_it() -> None:
@@ -187,21 +172,19 @@ def test_a_call_waiting_on_a_suspect_is_served_again_around_it() -> None:
     for s in table.slots_of("b"):
         table = table.replicate(s.layer, s.expert, "c" if s.expert % 2 else "a")
     cfg = dataclasses.replace(CFG, collective_timeout_s=60.0, request_timeout_s=60.0)
-    layers, cluster, direct = _setup(table, heal=False, cfg=cfg)
     release = threading.Event()
-    hung = cluster.actors["b"]
-    hung.server.handler = lambda *args: (release.wait(60), (_ for _ in ()).throw(RuntimeError("late")))
-    timer = threading.Timer(0.5, lambda: cluster.suspects.append("b"))
-    try:
-        timer.start()
-        hidden = torch.randn(48, 32, generator=torch.Generator().manual_seed(5))
-        t0 = time.monotonic()
-        for layer, m in enumerate(layers):
-            torch.testing.assert_close(direct.forward(layer, hidden), m.forward(hidden), rtol=1e-5, atol=1e-5)
-        assert time.monotonic() - t0 < 30  # ended by the suspect push, not by the 60 s deadline
-        assert direct.counters["retries"] >= 1
-    finally:
-        release.set()
-        timer.cancel()
-        direct.close()
-        cluster.close()
+    with _running(table, heal=False, cfg=cfg) as (layers, cluster, direct):
+        cluster.actors["b"].server.handler = lambda *args: (release.wait(60), (_ for _ in ()).throw(
+            RuntimeError("late")))
+        timer = threading.Timer(0.5, lambda: cluster.suspects.append("b"))
+        try:
+            timer.start()
+            hidden = torch.randn(48, 32, generator=torch.Generator().manual_seed(5))
+            t0 = time.monotonic()
+            for layer, m in enumerate(layers):
+                torch.testing.assert_close(direct.forward(layer, hidden), m.forward(hidden), rtol=1e-5, atol=1e-5)
+            assert time.monotonic() - t0 < 30  # ended by the suspect push, not by the 60 s deadline
+            assert direct.counters["retries"] >= 1
+        finally:
+            release.set()
+            timer.cancel()
