@@ -221,7 +221,8 @@ class Controller:
         if self.layers is not None:
             await asyncio.to_thread(save_weights, self.weights_path, self.layers)
         ids = [self._new_actor() for _ in range(self.cfg.num_expert_actors)]
-        table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids)
+        table = PlacementTable.balanced(self.cfg.num_layers, self.cfg.layer.num_experts, ids).with_min_replicas(
+            self.cfg.min_replicas_per_expert, self.nodes.of).bump(0)  # shadows on other actors (nodes) first
         # the routers' processes start beside the expert actors' (each process start is mostly imports); a
         # router opens its transport only once every actor holds its slots
         routers = [self._create_router(table) for _ in range(self.cfg.num_routers)]
@@ -239,7 +240,8 @@ class Controller:
 
     def _serve(self, table: PlacementTable, history: list[dict[str, Any]]) -> None:
         """The placement state machine over `table` and the liveness loop that watches it."""
-        self.control = PlacementControl(table, self.actor_pool, self.router_pool, self._changed)
+        self.control = PlacementControl(table, self.actor_pool, self.router_pool, self._changed,
+                                        self.cfg.min_replicas_per_expert, lambda: self.nodes.of)
         self.control.history = history
         self.watch = LivenessLoop(self.control, pools.RayProbe(self), self.nodes, self.cfg.ping_timeout_s,
                                   self.cfg.liveness_interval_s)
@@ -287,7 +289,8 @@ class Controller:
         routers, _ = await self.router_pool.call_all("stats")
         actors = {a: s for a, s in (await self.actor_pool.stats()).items() if s["alive"]}
         return signals_from([r for _, r in routers], actors, self.table, await self._free_capacity(),
-                            self.cfg.actor_memory_budget_bytes, self._expert_bytes())
+                            self.cfg.actor_memory_budget_bytes, self._expert_bytes(),
+                            self.cfg.min_replicas_per_expert)
 
     async def _free_capacity(self) -> int:
         """How many more expert actors may start now: the room under `max_expert_actors`, or 0 when no live

@@ -204,6 +204,10 @@ class ClusterConfig:
     model: a Hugging Face checkpoint directory to serve (empty: random weights of `layer` × `num_layers`).
     dtype: serving dtype of expert weights and compute; auto = the checkpoint's torch_dtype (float32 for
     random weights). Gate math is float32 whatever the dtype.
+    min_replicas_per_expert: copies of every expert kept on distinct actors (another node first): 2 or more keep
+    a *shadow* of each expert, so losing one actor (or node) is served from the shadows at once while the heal
+    runs; every placement change keeps the minimum (capped at the number of actors), at that many times the
+    expert memory.
     client_path: how `Cluster.forward` reaches the experts: `router` (a Ray call to a router actor, which
     micro-batches every caller's requests) or `direct` (the caller routes its own tokens and speaks to the
     expert actors over standing channels: expertray/runtime/direct.py; `from_pretrained` uses it).
@@ -245,6 +249,7 @@ class ClusterConfig:
     autoscale_interval_s: float = 1.0
     actor_memory_budget_bytes: int = 0
     max_expert_actors: int = 16
+    min_replicas_per_expert: int = 1
     model: str = ""
     dtype: str = "auto"
     client_path: str = "router"
@@ -296,6 +301,10 @@ class ClusterConfig:
         _require(self.max_expert_actors >= self.num_expert_actors, "cluster.max_expert_actors",
                  f"must be >= num_expert_actors={self.num_expert_actors}, got {self.max_expert_actors}")
         _require(isinstance(self.autoscale_params, dict), "cluster.autoscale_params", "must be a mapping")
+        _require(isinstance(self.min_replicas_per_expert, int) and not isinstance(self.min_replicas_per_expert, bool)
+                 and 1 <= self.min_replicas_per_expert <= self.max_expert_actors, "cluster.min_replicas_per_expert",
+                 f"must be an integer in [1, max_expert_actors={self.max_expert_actors}], "
+                 f"got {self.min_replicas_per_expert!r}")
         _require(-1 <= self.metrics_port <= 65535, "cluster.metrics_port",
                  f"must be a TCP port, 0 (any free port) or -1 (off), got {self.metrics_port}")
 

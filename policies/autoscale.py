@@ -41,7 +41,8 @@ class HysteresisParams:
     """Parameters of the `hysteresis` policy.
 
     hot_ratio: replicate an expert whose demand per replica exceeds this × its layer's mean per slot.
-    cold_ratio: remove a replica (never the last) of an expert below this × the mean; must be below
+    cold_ratio: remove a replica (never the last, nor a shadow: `Signals.min_replicas`) of an expert below this
+        × the mean; must be below
         hot_ratio / 2, so that neither change can flip the expert straight back.
     sustain_checks: consecutive decisions a condition must hold before it acts.
     straggler_ratio: an actor whose p50 latency is at least this × the median of the actors' straggles.
@@ -212,7 +213,7 @@ class Hysteresis(AutoscalePolicy):
                 why = (f"expert {layer}:{e} hot: {demand[layer, e]:.0f} tokens over {replicas[e]:.0f} replica(s) = "
                        f"{ratio[e]:.2f} x the layer mean per slot ({mean:.1f}) > hot_ratio {p.hot_ratio}")
                 holding[("hot", layer, int(e))] = (ratio[e], why)
-            for e in np.flatnonzero((ratio < p.cold_ratio) & (replicas > 1)):
+            for e in np.flatnonzero((ratio < p.cold_ratio) & (replicas > max(1, signals.min_replicas))):
                 why = (f"expert {layer}:{e} cold: {demand[layer, e]:.0f} tokens over {replicas[e]:.0f} replicas = "
                        f"{ratio[e]:.2f} x the layer mean per slot ({mean:.1f}) < cold_ratio {p.cold_ratio}")
                 holding[("cold", layer, int(e))] = (-ratio[e], why)

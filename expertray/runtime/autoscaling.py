@@ -131,7 +131,7 @@ class Autoscaler:
 
 
 def signals_from(routers: list[Mapping[str, Any]], actors: Mapping[str, Mapping[str, Any]], table: PlacementTable,
-                 free_capacity: int, memory_budget_bytes: int, expert_bytes: int) -> Signals:
+                 free_capacity: int, memory_budget_bytes: int, expert_bytes: int, min_replicas: int = 1) -> Signals:
     """The policy's Signals from router stats (per layer `expert_load` [E], `tokens_per_s`) and the stats of
     the actors that answered: load [L, E] summed over routers, tokens/s summed, per-actor speed (ms per 1k
     rows, not per call: an actor holding hot experts is busy, not slow; actors without samples left out),
@@ -145,4 +145,4 @@ def signals_from(routers: list[Mapping[str, Any]], actors: Mapping[str, Mapping[
                    latency_p50_ms=speed, latency_p99_ms={a: s["compute_ms_p99"] for a, s in actors.items()},
                    memory_used_bytes={a: s["memory_bytes"] for a, s in actors.items()},
                    memory_budget_bytes={a: memory_budget_bytes for a in table.actors} if memory_budget_bytes else {},
-                   expert_bytes=expert_bytes)
+                   expert_bytes=expert_bytes, min_replicas=min_replicas)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from expertray.errors import ConfigError, ExpertRayError, NoChangeError
@@ -73,11 +73,14 @@ class PlacementControl:
     """The versioned table and the logic that changes it; `lock` serialises changes (callers hold it)."""
 
     def __init__(self, table: PlacementTable, actors: ActorPool, routers: RouterPool,
-                 on_change: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+                 on_change: Callable[[dict[str, Any]], None] = lambda event: None, min_replicas: int = 1,
+                 node_of: Callable[[], Mapping[str, str | None]] = dict) -> None:
         self.table = table
         self.actors = actors
         self.routers = routers
         self.on_change = on_change
+        self.min_replicas = min_replicas  # every table applied holds each expert this often (shadows added)
+        self.node_of = node_of  # actor -> node now, so shadows go to another node where one exists
         self.lock = asyncio.Lock()
         self.history: list[dict[str, Any]] = []
 
@@ -87,9 +90,11 @@ class PlacementControl:
         """Apply `new` (its version becomes the current one + 1); the caller holds `lock`.
 
         dead: actors being replaced (not used as weight sources, not asked to unload, routers re-form their
-        transports). created: actors started for this change, killed if it fails."""
+        transports). created: actors started for this change, killed if it fails. A table that leaves an
+        expert with fewer than `min_replicas` copies (a drain, a rebalance, a replaced node) gets its shadows
+        back first (PlacementTable.with_min_replicas)."""
         old = self.table
-        new = new.bump(old.version + 1)
+        new = new.with_min_replicas(self.min_replicas, self.node_of()).bump(old.version + 1)
         try:
             for a in new.actors:
                 if not self.actors.has(a):

@@ -65,6 +65,7 @@ class Signals:
     latency_p50_ms / latency_p99_ms: per actor; an actor without samples is absent.
     memory_used_bytes / memory_budget_bytes: per actor; an actor without a budget has no memory limit.
     expert_bytes: weight bytes of one slot (one replica of one logical expert).
+    min_replicas: copies every expert must keep (`min_replicas_per_expert`): a policy never removes one below.
     """
 
     load: np.ndarray
@@ -76,6 +77,7 @@ class Signals:
     memory_used_bytes: Mapping[str, int] = field(default_factory=dict)
     memory_budget_bytes: Mapping[str, int] = field(default_factory=dict)
     expert_bytes: int = 0
+    min_replicas: int = 1
 
     def __post_init__(self) -> None:
         load = np.asarray(self.load, dtype=np.float64)
@@ -94,6 +96,8 @@ class Signals:
             raise ConfigError(f"signals.free_capacity: must be >= 0, got {self.free_capacity}")
         if self.expert_bytes < 0:
             raise ConfigError(f"signals.expert_bytes: must be >= 0, got {self.expert_bytes}")
+        if self.min_replicas < 1:
+            raise ConfigError(f"signals.min_replicas: must be >= 1, got {self.min_replicas}")
         for name in ("latency_p50_ms", "latency_p99_ms", "memory_used_bytes", "memory_budget_bytes"):
             for actor, value in getattr(self, name).items():
                 if not (math.isfinite(value) and value >= 0):

@@ -8,7 +8,7 @@ segment per actor in a dispatch plan). Tables are immutable; every change yields
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -256,6 +256,37 @@ class PlacementTable:
             count[target] += 1
             moved.append(Slot(target, s.layer, s.expert))
         return self.with_slots(kept + moved, others)
+
+    def with_min_replicas(self, n: int, node_of: Mapping[str, str | None] | None = None) -> PlacementTable:
+        """This table with every logical expert held by at least min(n, actors) actors: each missing copy (a
+        *shadow*) goes to an actor not holding the expert, preferring a node that holds no copy yet (so a lost
+        node leaves one), then the actor with the fewest slots of that layer, then of all layers, then the
+        next actor after its first holder (a rotation, so a balanced table stays balanced). Version + 1 when anything was
+        added; the same table otherwise."""
+        if n < 1:
+            raise ConfigError(f"min_replicas must be >= 1, got {n}")
+        want = min(n, len(self.actors))
+        node_of = node_of or {}
+        count = {a: 0 for a in self.actors}
+        in_layer = {(a, layer): 0 for a in self.actors for layer in range(self.num_layers)}
+        for slot in self.slots:
+            count[slot.actor] += 1
+            in_layer[(slot.actor, slot.layer)] += 1
+        added: list[Slot] = []
+        n_actors = len(self.actors)
+        for (layer, expert), idx in sorted(self._replica_map.items()):
+            holders = {self.slots[i].actor for i in idx}
+            first = self.actors.index(self.slots[idx[0]].actor)
+            while len(holders) < want:
+                nodes = {node_of.get(a) for a in holders}
+                target = min((a for a in self.actors if a not in holders),
+                             key=lambda a: (node_of.get(a) in nodes, in_layer[(a, layer)], count[a],
+                                            (self.actors.index(a) - first) % n_actors))
+                holders.add(target)
+                count[target] += 1
+                in_layer[(target, layer)] += 1
+                added.append(Slot(target, layer, expert))
+        return self.with_slots(self.slots + tuple(added)) if added else self
 
     def with_actor(self, actor: str) -> PlacementTable:
         """Version + 1 with a new, empty actor appended (its index is the old number of actors)."""

@@ -110,3 +110,27 @@ def test_direct_calls_survive_a_hung_actor_and_a_migration(ray_session, until) -
         except ProcessLookupError:
             pass
         cluster.shutdown()
+
+
+def test_shadow_replicas_serve_a_killed_actor_at_once_and_are_restored(ray_session, until) -> None:
+    """min_replicas_per_expert=2: every expert starts on two actors; a killed actor's experts are answered
+    from their shadows before any heal lands (the table version has not moved), then the heal restores two
+    copies of each."""
+    cfg = _cfg(num_routers=1, min_replicas_per_expert=2)
+    layers = random_model(cfg)
+    cluster = launch(cfg, layers, detached=False)
+    direct = cluster.direct()
+    try:
+        before = cluster.table()
+        assert all(c == 2 for layer in range(cfg.num_layers) for c in before.replica_counts(layer))
+        ray.kill(ray.get_actor("expertray-expert-1", namespace="expertray"), no_restart=True)
+        x = torch.randn(32, D, generator=torch.Generator().manual_seed(0))  # asks every actor (top-2 of 8)
+        torch.testing.assert_close(direct.forward(0, x), layers[0](x), atol=1e-5, rtol=0)
+        assert direct._state.table.version == before.version, "answered from a healed table, not the shadows"
+        for i in range(4):
+            xi = torch.randn(32, D, generator=torch.Generator().manual_seed(1 + i))
+            torch.testing.assert_close(cluster.forward(i % 2, xi), layers[i % 2](xi), atol=1e-5, rtol=0)
+        healed = until(lambda: (t := cluster.table()) and "expert-1" not in t.actors and t, 60, "expert-1 healed")
+        assert all(c == 2 for layer in range(cfg.num_layers) for c in healed.replica_counts(layer))
+    finally:
+        cluster.shutdown()

@@ -92,6 +92,14 @@ def test_cold_expert_loses_a_replica_but_never_its_last() -> None:
     assert policy.decide(sig, table, 100.0) == [] and policy.decide(sig, table, 101.0) == []
 
 
+def test_a_cold_expert_keeps_its_shadows() -> None:
+    """min_replicas 2: the same cold e0 on a and b is at its minimum and keeps both copies."""
+    table = PlacementTable.balanced(1, 4, ["a", "b"]).replicate(0, 0, "b")
+    policy = _policy(sustain_checks=1, hot_ratio=4.0)
+    assert policy.decide(_signals([10, 0, 100, 200], min_replicas=2), table, 0.0) == []
+    assert [a.kind for a in policy.decide(_signals([10, 0, 100, 200]), table, 1.0)] == ["dereplicate"]
+
+
 def test_overflow_counts_as_demand() -> None:
     table, policy = _table(), _policy(sustain_checks=1)
     assert policy.decide(_signals([300, 100, 100, 100]), table, 0.0) == []  # 1.5 x

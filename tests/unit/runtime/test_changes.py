@@ -230,3 +230,34 @@ def test_a_router_whose_switch_lands_after_the_deadline_is_switched_back_too() -
     assert control.table.version == 0
     assert {r: t.version for r, t in routers.tables.items()} == {"router-0": 0, "router-1": 0}
     _holdings_match(control, actors)
+
+
+def test_every_applied_table_keeps_the_shadows() -> None:
+    """min_replicas=2: a drain (which drops a copy that has another replica) and a heal both end with every
+    expert on two actors, the missing copies loaded from the surviving ones."""
+    table = PlacementTable.balanced(2, 4, ["expert-0", "expert-1", "expert-2"]).with_min_replicas(2)
+    actors = FakeActors(list(table.actors))
+    for s in table.slots:
+        actors.held[s.actor].add((s.layer, s.expert))
+    routers = FakeRouters(2, table)
+    control = PlacementControl(table, actors, routers, min_replicas=2)
+
+    def two_each() -> None:
+        assert all(c == 2 for layer in range(2) for c in control.table.replica_counts(layer))
+        _holdings_match(control, actors)
+
+    async def go() -> None:
+        async with control.lock:
+            await control.apply(control.table.drain("expert-2"), "drain expert-2")
+        assert control.table.actors == ("expert-0", "expert-1")
+        two_each()
+        assert all(src in ("expert-0", "expert-1") for _, _, src in actors.loads)  # copied, not re-read
+        fresh = actors.create()
+        async with control.lock:
+            await control.apply(control.table.with_actor(fresh), "add", created=(fresh,))
+        actors.dead.add("expert-0")
+        async with control.lock:
+            await control.heal("router-0")
+        two_each()
+
+    asyncio.run(go())

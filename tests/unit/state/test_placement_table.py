@@ -49,3 +49,27 @@ def test_dict_round_trip() -> None:
     with pytest.raises(ConfigError, match="malformed"):
         PlacementTable.from_dict({"version": 1})
     assert isinstance(t.route(0).dest_actor, torch.Tensor) and Slot("a", 0, 0) in t.slots
+
+
+def test_min_replicas_adds_shadows_on_other_actors_and_nodes_first() -> None:
+    table = PlacementTable.balanced(2, 4, ["a", "b", "c", "d"])
+    assert table.with_min_replicas(1) is table
+    node_of = {"a": "n1", "b": "n1", "c": "n2", "d": "n2"}
+    shadowed = table.with_min_replicas(2, node_of)
+    assert shadowed.version == table.version + 1
+    for layer in range(2):
+        assert shadowed.replica_counts(layer) == [2, 2, 2, 2]
+        for e in range(4):
+            holders = [s.actor for s in shadowed.replicas(layer, e)]
+            assert len({node_of[a] for a in holders}) == 2, (layer, e, holders)  # a lost node leaves a copy
+    for layer in range(2):  # spread evenly within each layer (each layer's compute is one step of a token)
+        per_actor = [sum(s.layer == layer for s in shadowed.slots_of(a)) for a in shadowed.actors]
+        assert max(per_actor) - min(per_actor) <= 1, per_actor
+    five = PlacementTable.balanced(2, 8, ["a", "b", "c", "d", "e"]).with_min_replicas(2)
+    for layer in range(2):
+        per_actor = [sum(s.layer == layer for s in five.slots_of(a)) for a in five.actors]
+        assert max(per_actor) - min(per_actor) <= 1, per_actor
+    assert shadowed.with_min_replicas(2, node_of) is shadowed
+    assert table.with_min_replicas(9).replica_counts(0) == [4, 4, 4, 4]  # capped at the number of actors
+    with pytest.raises(ConfigError, match="min_replicas must be >= 1"):
+        table.with_min_replicas(0)
