@@ -175,6 +175,8 @@ class RouterActor:
             return old
 
         await self.switch.run(form, swap, before_lane)
+        if self.batcher.healing and not self.table.stranded(self.failover.suspects):
+            self.batcher.resume()  # the new table serves every expert around the masked actors (a stand-in)
         return new.version
 
     # --- requests ------------------------------------------------------------------------------------

@@ -307,6 +307,12 @@ class Batcher:
             self._healthy.set()
             self._arrival.set()
 
+    def resume(self) -> None:
+        """Dispatch again now, while the heal goes on: the caller installed a table that serves every expert
+        around the failed actors (e.g. the controller's stand-in for a silent sole copy)."""
+        self._healthy.set()
+        self._arrival.set()
+
     @property
     def healing(self) -> bool:
         return not self._healthy.is_set()

@@ -86,11 +86,12 @@ class PlacementControl:
 
     # --- the three-step change ---------------------------------------------------------------------------
     async def apply(self, new: PlacementTable, reason: str, dead: frozenset[str] = frozenset(),
-                    created: tuple[str, ...] = ()) -> dict[str, Any]:
+                    created: tuple[str, ...] = (), silent: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Apply `new` (its version becomes the current one + 1); the caller holds `lock`.
 
         dead: actors being replaced (not used as weight sources, not asked to unload, routers re-form their
-        transports). created: actors started for this change, killed if it fails. A table that leaves an
+        transports). created: actors started for this change, killed if it fails. silent: actors that stopped
+        answering but are not declared dead yet (not used as weight sources). A table that leaves an
         expert with fewer than `min_replicas` copies (a drain, a rebalance, a replaced node) gets its shadows
         back first (PlacementTable.with_min_replicas)."""
         old = self.table
@@ -104,7 +105,7 @@ class PlacementControl:
                                     f"(v{old.version}); nothing applied")
             added = sorted(set(new.slots) - set(old.slots))
             removed = sorted(set(old.slots) - set(new.slots))
-            await self._load(added, old, dead)
+            await self._load(added, old, dead | silent)
             try:
                 await self._switch(new, old, reopen=bool(dead))
             except BaseException:
@@ -203,6 +204,28 @@ class PlacementControl:
         event = await self.apply(new, f"heal: replaced {replaced} (reported by {reporter})", frozenset(dead),
                                  tuple(replaced.values()))
         return {"replaced": replaced, "routers_replaced": routers, "version": event["version"]}
+
+    async def stand_in(self, silent: frozenset[str]) -> dict[str, Any] | None:
+        """A copy of every expert whose every copy is on `silent` actors (suspects the liveness loop has not
+        declared dead yet) on the live actor with the fewest slots of its layer, loaded from the weight store
+        or the checkpoint. Routers already avoid the silent actors, so those experts are served again as soon
+        as it lands (a load, no process start), long before the silent actors could be declared dead and
+        healed; if they recover, the extra copies stay as replicas. The caller holds `lock`. None when no
+        expert is stranded or no live actor can take one."""
+        live = [a for a in self.table.actors if a not in silent]
+        stranded = self.table.stranded(silent)
+        if not stranded or not live:
+            return None
+        new = self.table
+        for layer, expert in stranded:
+            per_layer = {a: 0 for a in live}
+            for slot in new.slots:
+                if slot.layer == layer and slot.actor in per_layer:
+                    per_layer[slot.actor] += 1
+            target = min(live, key=lambda a: (per_layer[a], live.index(a)))
+            new = new.replicate(layer, expert, target)
+        return await self.apply(new, f"stand-in for silent {', '.join(sorted(silent))}: {len(stranded)} "
+                                     f"expert(s) held only there copied to live actors", silent=silent)
 
     async def heal_routers(self) -> dict[str, str]:
         """Replace every router that does not answer a ping; returns {old id: new id}."""

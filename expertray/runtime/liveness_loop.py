@@ -6,7 +6,9 @@ liveness timeout); `Liveness` (expertray/runtime/liveness.py) decides. Suspects 
 so they mask those actors and retry the batch waiting on them on the survivors. A repair (heal dead actors,
 else replace routers that do not answer, checked every ROUTER_CHECK_S) runs as a task of its own, so pings
 and pushes go on while it loads weights; a failed repair doubles the wait before the next one, up to
-BACKOFF_MAX_S. Replaces dead or hung actors and routers even when no request notices.
+BACKOFF_MAX_S. Replaces dead or hung actors and routers even when no request notices. Suspects that hold the
+only copies of some experts get a stand-in at once (a copy of those experts on live actors), so a hung sole
+copy is served again after a weight load, not after `dead_after_s` of silence plus a heal.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class LivenessLoop:
         self.repair_task: asyncio.Task | None = None
         self.repair_wait_s = ROUTER_CHECK_S  # doubles while repairs fail (up to BACKOFF_MAX_S)
         self.repair_after = 0.0  # clock time before which no repair starts (backing off)
+        self.stood_in: frozenset[str] = frozenset()  # suspects whose stranded experts a stand-in now holds
 
     async def run(self) -> None:
         """Rounds forever; a repair when an actor is dead, and every ROUTER_CHECK_S for the routers."""
@@ -65,6 +68,8 @@ class LivenessLoop:
                 verdict = await self.round()
                 if (verdict.dead or started >= next_router_check) and self.start_repair(verdict.dead):
                     next_router_check = started + ROUTER_CHECK_S
+                elif not verdict.dead:
+                    self.start_stand_in(frozenset(verdict.suspects))
             except Exception:  # noqa: BLE001 - one bad round must not end liveness checking
                 log.warning("liveness round failed", exc_info=True)
             await asyncio.sleep(max(0.0, self.interval_s - (self.clock() - started)))
@@ -99,6 +104,32 @@ class LivenessLoop:
             return False
         self.repair_task = asyncio.get_running_loop().create_task(self.repair(dead))
         return True
+
+    def start_stand_in(self, suspects: frozenset[str]) -> bool:
+        """When suspects (silent, not yet dead) hold the only copies of some experts, start a background
+        stand-in (PlacementControl.stand_in) unless a repair runs or the lock is held; once per suspect set."""
+        self.stood_in &= suspects  # forget those that recovered or were healed
+        new = suspects - self.stood_in
+        if not new or not self.control.table.stranded(suspects):
+            return False
+        if ((self.repair_task is not None and not self.repair_task.done()) or self.control.lock.locked()
+                or self.clock() < self.repair_after):
+            return False
+        self.stood_in = suspects
+        self.repair_task = asyncio.get_running_loop().create_task(self.stand_in(suspects))
+        return True
+
+    async def stand_in(self, suspects: frozenset[str]) -> None:
+        try:
+            async with self.control.lock:
+                event = await self.control.stand_in(suspects)
+            if event is not None:
+                log.warning("liveness: %s", event["reason"])
+        except Exception:  # noqa: BLE001 - the heal at ping_timeout_s still comes; back off like a repair
+            self.stood_in = frozenset()
+            self.repair_wait_s = min(2 * self.repair_wait_s, BACKOFF_MAX_S)
+            self.repair_after = self.clock() + self.repair_wait_s
+            log.warning("liveness stand-in failed; next try in %.0f s", self.repair_wait_s, exc_info=True)
 
     async def repair(self, dead: frozenset[str]) -> None:
         """Heal `dead` actors (not pinged again), else replace routers that do not answer; back off on failure."""

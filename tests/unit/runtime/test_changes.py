@@ -261,3 +261,23 @@ def test_every_applied_table_keeps_the_shadows() -> None:
         two_each()
 
     asyncio.run(go())
+
+
+def test_a_stand_in_copies_a_silent_actors_sole_experts_to_live_actors_from_the_store() -> None:
+    control, actors, routers, events = _setup()
+    silent = frozenset({"expert-0"})  # holds 0:0, 0:1, 1:0, 1:1, each its only copy
+
+    async def go() -> dict | None:
+        async with control.lock:
+            return await control.stand_in(silent)
+
+    event = asyncio.run(go())
+    assert event is not None and "stand-in" in event["reason"]
+    assert control.table.actors == ("expert-0", "expert-1", "expert-2")  # no actor started, none removed
+    assert control.table.stranded(silent) == []  # every expert now has a copy off the silent actor
+    assert actors.loads and all(src is None for _, _, src in actors.loads)  # the store, never the silent actor
+    counts = {a: len(control.table.slots_of(a)) for a in ("expert-1", "expert-2")}
+    assert counts == {"expert-1": 4, "expert-2": 4}  # spread over the live actors
+    assert "expert-0" not in actors.killed and all(t.version == 1 for t in routers.tables.values())
+    _holdings_match(control, actors)
+    assert asyncio.run(go()) is None  # nothing stranded any more

@@ -29,6 +29,7 @@ class FakeControl:
         self.table = PlacementTable.balanced(1, 4, actors)
         self.lock = asyncio.Lock()
         self.heals: list[frozenset[str]] = []
+        self.stand_ins: list[frozenset[str]] = []
         self.router_checks = 0
         self.fail = False
         self.gate: asyncio.Event | None = None
@@ -40,6 +41,13 @@ class FakeControl:
             raise RuntimeError("no weights")
         self.heals.append(known_dead)
         return {}
+
+    async def stand_in(self, silent: frozenset[str]) -> dict | None:
+        self.stand_ins.append(silent)
+        for layer, expert in self.table.stranded(silent):  # a copy on a live actor, as the real one does
+            live = next(a for a in self.table.actors if a not in silent)
+            self.table = self.table.replicate(layer, expert, live)
+        return {"reason": f"stand-in for {sorted(silent)}"}
 
     async def heal_routers(self) -> dict[str, str]:
         self.router_checks += 1
@@ -180,3 +188,18 @@ def test_a_bad_deadline_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="dead_after_s"):
         _loop({"expert-0": Reply.ANSWERED}, dead_after_s=0.0)
+
+
+def test_a_silent_sole_copy_gets_one_stand_in_and_a_silent_replica_none() -> None:
+    async def scenario() -> None:
+        loop, control, _, _ = _loop({"expert-0": Reply.SILENT, "expert-1": Reply.ANSWERED})
+        verdict = await loop.round()
+        assert loop.start_stand_in(frozenset(verdict.suspects))  # expert-0 holds experts 0, 1 alone
+        await loop.repair_task
+        assert control.stand_ins == [frozenset({"expert-0"})] and not control.table.stranded(frozenset({"expert-0"}))
+        assert not loop.start_stand_in(frozenset({"expert-0"}))  # done: nothing stranded, not repeated
+        async with control.lock:  # a change in progress: no stand-in now
+            control.table = PlacementTable.balanced(1, 4, ["expert-0", "expert-1"])
+            assert not loop.start_stand_in(frozenset({"expert-1"}))
+
+    asyncio.run(scenario())
