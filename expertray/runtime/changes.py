@@ -207,12 +207,15 @@ class PlacementControl:
 
     async def stand_in(self, silent: frozenset[str]) -> dict[str, Any] | None:
         """A copy of every expert whose every copy is on `silent` actors (suspects the liveness loop has not
-        declared dead yet) on the live actor with the fewest slots of its layer, loaded from the weight store
-        or the checkpoint. Routers already avoid the silent actors, so those experts are served again as soon
+        declared dead yet) on the live actor with the fewest slots of its layer (on another node than the silent
+        ones when there is one), loaded from the weight store or the checkpoint. Routers already avoid the silent actors, so those experts are served again as soon
         as it lands (a load, no process start), long before the silent actors could be declared dead and
         healed; if they recover, the extra copies stay as replicas. The caller holds `lock`. None when no
         expert is stranded or no live actor can take one."""
         live = [a for a in self.table.actors if a not in silent]
+        node_of = self.node_of()
+        at_risk = {node_of.get(a) for a in silent} - {None}  # a silent node's other actors may be next
+        live = [a for a in live if node_of.get(a) not in at_risk] or live
         stranded = self.table.stranded(silent)
         if not stranded or not live:
             return None

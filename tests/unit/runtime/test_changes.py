@@ -281,3 +281,17 @@ def test_a_stand_in_copies_a_silent_actors_sole_experts_to_live_actors_from_the_
     assert "expert-0" not in actors.killed and all(t.version == 1 for t in routers.tables.values())
     _holdings_match(control, actors)
     assert asyncio.run(go()) is None  # nothing stranded any more
+
+
+def test_a_stand_in_avoids_the_silent_actors_node() -> None:
+    """A silent actor may be the first sign of a lost node: its node-mates get no copy when another node can."""
+    control, actors, _, _ = _setup()
+    control.node_of = lambda: {"expert-0": "n1", "expert-1": "n1", "expert-2": "n2"}
+
+    async def go() -> None:
+        async with control.lock:
+            await control.stand_in(frozenset({"expert-0"}))
+
+    asyncio.run(go())
+    assert control.table.stranded(frozenset({"expert-0"})) == []
+    assert len(control.table.slots_of("expert-1")) == 2 and len(control.table.slots_of("expert-2")) == 6
