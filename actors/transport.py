@@ -205,7 +205,9 @@ class CollectiveTransport(ActorTransport):
                 call.cancel()
                 _cancel(ref)
             # One silent member stalls every member in the collective: a ping tells the hung from the waiting.
-            hung = died + await self._unresponsive(late)
+            # A member whose call failed explains the failure by itself: the others are waiting on it, and
+            # pinging them on a loaded host could blame a live one (masking experts that have no other copy).
+            hung = died or await self._unresponsive(late)
             raise TransportError(f"all-to-all in group {self.group_name} failed or passed its "
                                  f"{self.timeout_s:g} s deadline (unresponsive: {self._names(hung) or 'none'}; "
                                  f"still in the collective: {self._names([a for a in late if a not in hung]) or 'none'}"
