@@ -383,9 +383,10 @@ class Controller:
     async def heal(self, reporter: str = "") -> dict[str, Any]:
         """Replace dead or hung expert actors and dead routers, and make routers re-form their transports;
         called by a router whose batch failed in transport (actors the liveness loop found dead are not
-        pinged again)."""
+        pinged again; its silent suspects are not pinged either: a stand-in serves their sole copies)."""
         async with self.control.lock:
-            return await self.control.heal(reporter, known_dead=self.watch.known_dead)
+            return await self.control.heal(reporter, known_dead=self.watch.known_dead,
+                                           silent=self.watch.liveness.pushed)
 
     async def replicate(self, layer: int, expert: int, actor: str | None = None) -> dict[str, Any]:
         async with self.control.lock:

@@ -51,6 +51,7 @@ from expertray.wire.devices import BackendChoice, choose_backend, device_identit
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 2.0  # after a failed exchange: how long a live actor may take to answer a ping
+ENDPOINTS: dict[str, Endpoint] = {}  # actor id -> its channel endpoint, in this (router) process
 
 
 class ActorTransport(Transport):
@@ -255,14 +256,25 @@ class ChannelTransport(ActorTransport):
         self.opened = False
 
     async def open(self) -> None:
-        try:
-            found = await asyncio.wait_for(asyncio.gather(*[_awaitable(h.channel_endpoint.remote())
-                                                            for h in self.handles]), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise TransportError(f"actors did not report their channel endpoints within {self.timeout_s:g} s"
-                                 ) from None
-        self.channels = ChannelSet.to([Endpoint(**e) for e in found])
-        await asyncio.to_thread(self.channels.connect, self.timeout_s)
+        """Channels to every actor: endpoints learned once per actor (ids are never reused), connections made
+        now within PING_TIMEOUT_S. An actor that does not answer (hung, on a lost node) gets a channel that
+        fails when used, naming it, so one silent actor does not stop a table switch; the transport fails to
+        open (and `auto` falls back) only when no actor answers."""
+        missing = [(name, h) for name, h in zip(self.actor_names, self.handles) if name not in ENDPOINTS]
+        wait_s = min(PING_TIMEOUT_S, self.timeout_s)
+        found = await asyncio.gather(*[asyncio.wait_for(_awaitable(h.channel_endpoint.remote()), wait_s)
+                                       for _, h in missing], return_exceptions=True)
+        for (name, _), e in zip(missing, found):
+            if not isinstance(e, BaseException):
+                ENDPOINTS[name] = Endpoint(**e)
+        self.channels = ChannelSet.to([ENDPOINTS.get(name, Endpoint(name, "127.0.0.1", 0, ""))
+                                       for name in self.actor_names])
+        failed = await asyncio.to_thread(self.channels.connect, wait_s)
+        if len(failed) == len(self.actor_names):
+            raise TransportError("no actor's channel opened: " + ", ".join(f"{a} ({why})" for a, why in failed.items()),
+                                 list(failed))
+        if failed:
+            log.warning("channels not opened (used, they fail and are named): %s", failed)
         self.opened = True
 
     async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:

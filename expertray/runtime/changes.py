@@ -181,16 +181,25 @@ class PlacementControl:
         ids = [a for a in self.table.actors if a not in skip]
         return {a for a, ok in zip(ids, await asyncio.gather(*[self.actors.ping(a) for a in ids])) if not ok}
 
-    async def heal(self, reporter: str = "", known_dead: frozenset[str] = frozenset()) -> dict[str, Any]:
+    async def heal(self, reporter: str = "", known_dead: frozenset[str] = frozenset(),
+                   silent: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Replace dead or hung expert actors and dead routers; the caller holds `lock`.
 
         known_dead: actors the caller already found dead (the liveness loop): not pinged again, so a heal is
         never held up by pings to a lost node. With every actor alive (a broken collective), the reporting
         router (every router when the reporter is not a router) re-forms its transport on the same table;
-        the version does not change."""
+        the version does not change. silent: suspects not yet dead (the liveness loop's): not pinged here (the
+        loop declares them dead in its time); when they hold the only copies of some experts, those get a
+        stand-in now, so the reporter is served without waiting for the silent actors' deadline."""
         routers = await self.heal_routers()
         known = frozenset(a for a in known_dead if a in self.table.actors)
-        dead = set(known) | await self.dead_actors(skip=known)
+        silent = frozenset(a for a in silent if a in self.table.actors) - known
+        dead = set(known) | await self.dead_actors(skip=known | silent)
+        if not dead and silent and self.table.stranded(silent):
+            event = await self.stand_in(silent)
+            if event is not None:
+                return {"replaced": {}, "stand_in": event["reason"], "routers_replaced": routers,
+                        "version": event["version"]}
         if not dead:
             targets = [reporter] if reporter in self.routers.ids() else self.routers.ids()
             await asyncio.gather(*[self.routers.set_table(r, self.table, True) for r in targets])

@@ -26,6 +26,7 @@ from expertray.runtime.node_choice import ActorNodes
 log = logging.getLogger(__name__)
 
 ROUTER_CHECK_S = 2.0  # routers are pinged (and dead ones replaced) this often
+STAND_IN_AFTER_S = 1.0  # a suspect silent this long gets a stand-in (a loaded host delays pings by less, mostly)
 BACKOFF_MAX_S = 30.0
 
 
@@ -58,6 +59,7 @@ class LivenessLoop:
         self.repair_wait_s = ROUTER_CHECK_S  # doubles while repairs fail (up to BACKOFF_MAX_S)
         self.repair_after = 0.0  # clock time before which no repair starts (backing off)
         self.stood_in: frozenset[str] = frozenset()  # suspects whose stranded experts a stand-in now holds
+        self.silent_since: dict[str, float] = {}  # suspect -> clock time of its first silent round
 
     async def run(self) -> None:
         """Rounds forever; a repair when an actor is dead, and every ROUTER_CHECK_S for the routers."""
@@ -81,6 +83,7 @@ class LivenessLoop:
         replies = dict(zip(ids, await asyncio.gather(*[self.probe.ping(a) for a in ids])))
         verdict = self.liveness.observe(replies, sent, self.clock())
         self.known_dead = verdict.dead
+        self.silent_since = {a: self.silent_since.get(a, sent) for a in verdict.suspects}
         self.nodes.liveness_replies(replies, sent, {a for a in ids if self.probe.has(a)})
         if verdict.push:
             await self._push(verdict)
@@ -106,11 +109,15 @@ class LivenessLoop:
         return True
 
     def start_stand_in(self, suspects: frozenset[str]) -> bool:
-        """When suspects (silent, not yet dead) hold the only copies of some experts, start a background
-        stand-in (PlacementControl.stand_in) unless a repair runs or the lock is held; once per suspect set."""
+        """When suspects (silent, one of them for STAND_IN_AFTER_S, not yet dead) hold the only copies of some
+        experts, start a background stand-in (PlacementControl.stand_in) unless a repair runs or the lock is
+        held; once per suspect set."""
         self.stood_in &= suspects  # forget those that recovered or were healed
         new = suspects - self.stood_in
-        if not new or not self.control.table.stranded(suspects):
+        now = self.clock()
+        if not any(now - self.silent_since.get(a, now) >= STAND_IN_AFTER_S for a in new):
+            return False  # silent too briefly: a busy host, not yet a hung actor
+        if not self.control.table.stranded(suspects):
             return False
         if ((self.repair_task is not None and not self.repair_task.done()) or self.control.lock.locked()
                 or self.clock() < self.repair_after):

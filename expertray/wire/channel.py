@@ -340,8 +340,9 @@ class ChannelSet:
         self._lock = threading.Lock()
         self._in_use: list[Channel] = []
 
-    def connect(self, timeout_s: float) -> None:
-        """Connect every channel now (a transport opens so): ChannelError names the actors that refuse."""
+    def connect(self, timeout_s: float) -> dict[str, str]:
+        """Connect every channel now, all within `timeout_s` (a transport opens so); returns {actor: why} for
+        those that did not connect (they try again when used)."""
         deadline = time.monotonic() + timeout_s
         failed = {}
         with self._lock:
@@ -349,10 +350,9 @@ class ChannelSet:
                 try:
                     channel.connected(deadline)
                 except (OSError, ProtocolError, msgpack.UnpackException, ValueError) as exc:
+                    channel.close()
                     failed[channel.endpoint.actor] = _why(exc)
-        if failed:
-            raise ChannelError("channels not opened: " + ", ".join(f"{a} ({why})" for a, why in failed.items()),
-                               list(failed))
+        return failed
 
     def exchange(self, layer: int, rows: torch.Tensor, buckets: Sequence[Bucket], timeout_s: float
                  ) -> tuple[torch.Tensor, dict[int, float]]:

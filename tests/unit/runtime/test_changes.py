@@ -295,3 +295,17 @@ def test_a_stand_in_avoids_the_silent_actors_node() -> None:
     asyncio.run(go())
     assert control.table.stranded(frozenset({"expert-0"})) == []
     assert len(control.table.slots_of("expert-1")) == 2 and len(control.table.slots_of("expert-2")) == 6
+
+
+def test_a_routers_heal_request_gives_silent_sole_copies_a_stand_in_without_pinging_them() -> None:
+    control, actors, _, _ = _setup()
+    actors.dead.add("expert-0")  # would fail a ping (hung); the liveness loop has it as a suspect
+
+    async def go() -> dict:
+        async with control.lock:
+            return await control.heal("router-0", silent=frozenset({"expert-0"}))
+
+    result = asyncio.run(go())
+    assert "stand-in" in result["stand_in"] and result["replaced"] == {} and result["version"] == 1
+    assert "expert-0" in control.table.actors and "expert-0" not in actors.killed  # declared dead later, not here
+    assert control.table.stranded(frozenset({"expert-0"})) == []

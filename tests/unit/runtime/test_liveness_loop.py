@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from expertray.runtime.liveness import Reply
-from expertray.runtime.liveness_loop import BACKOFF_MAX_S, ROUTER_CHECK_S, LivenessLoop
+from expertray.runtime.liveness_loop import BACKOFF_MAX_S, ROUTER_CHECK_S, STAND_IN_AFTER_S, LivenessLoop
 from expertray.runtime.node_choice import ActorNodes
 from expertray.state.placement_table import PlacementTable
 
@@ -192,7 +192,10 @@ def test_a_bad_deadline_is_refused() -> None:
 
 def test_a_silent_sole_copy_gets_one_stand_in_and_a_silent_replica_none() -> None:
     async def scenario() -> None:
-        loop, control, _, _ = _loop({"expert-0": Reply.SILENT, "expert-1": Reply.ANSWERED})
+        loop, control, _, clock = _loop({"expert-0": Reply.SILENT, "expert-1": Reply.ANSWERED})
+        verdict = await loop.round()
+        assert not loop.start_stand_in(frozenset(verdict.suspects))  # silent for one round only: a busy host?
+        clock.now += STAND_IN_AFTER_S
         verdict = await loop.round()
         assert loop.start_stand_in(frozenset(verdict.suspects))  # expert-0 holds experts 0, 1 alone
         await loop.repair_task

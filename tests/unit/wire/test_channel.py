@@ -59,8 +59,9 @@ def test_answers_land_in_their_rows_exactly(servers: list[ChannelServer], dtype:
 def test_a_wrong_token_is_refused(servers: list[ChannelServer]) -> None:
     e = servers[0].endpoint
     bad = ChannelSet.to([Endpoint(e.actor, e.host, e.port, "0" * 32)])
+    assert list(bad.connect(timeout_s=5)) == ["expert-0"]
     with pytest.raises(ChannelError, match="expert-0") as info:
-        bad.connect(timeout_s=5)
+        bad.exchange(0, torch.ones(1, 4), [ActorBucket(0, 0, 1, [0], [1])], 5)
     assert info.value.actors == ("expert-0",)
 
 
