@@ -195,11 +195,12 @@ class PlacementControl:
         known = frozenset(a for a in known_dead if a in self.table.actors)
         silent = frozenset(a for a in silent if a in self.table.actors) - known
         dead = set(known) | await self.dead_actors(skip=known | silent)
-        if not dead and silent and self.table.stranded(silent):
-            event = await self.stand_in(silent)
-            if event is not None:
-                return {"replaced": {}, "stand_in": event["reason"], "routers_replaced": routers,
-                        "version": event["version"]}
+        if not dead and silent:
+            # the liveness loop heals the silent actors at their deadline; re-forming the reporter's transport now
+            # would clear its mask of them. Their sole copies, if any, get a stand-in.
+            event = await self.stand_in(silent) if self.table.stranded(silent) else None
+            return {"replaced": {}, "stand_in": event["reason"] if event else None, "routers_replaced": routers,
+                    "version": self.table.version}
         if not dead:
             targets = [reporter] if reporter in self.routers.ids() else self.routers.ids()
             await asyncio.gather(*[self.routers.set_table(r, self.table, True) for r in targets])

@@ -309,3 +309,20 @@ def test_a_routers_heal_request_gives_silent_sole_copies_a_stand_in_without_ping
     assert "stand-in" in result["stand_in"] and result["replaced"] == {} and result["version"] == 1
     assert "expert-0" in control.table.actors and "expert-0" not in actors.killed  # declared dead later, not here
     assert control.table.stranded(frozenset({"expert-0"})) == []
+
+
+def test_a_heal_request_while_only_silent_actors_hold_replicated_experts_changes_nothing() -> None:
+    """Re-forming the reporter's transport would clear its mask of the silent actor and send it rows again."""
+    control, actors, routers, _ = _setup()
+    table = control.table.replicate(0, 0, "expert-1").replicate(0, 1, "expert-2").replicate(1, 0, "expert-1") \
+        .replicate(1, 1, "expert-2")
+
+    async def go() -> dict:
+        async with control.lock:
+            await control.apply(table, "replicate expert-0's experts")
+            routers.reopened.clear()
+            actors.dead.add("expert-0")  # hung now
+            return await control.heal("router-0", silent=frozenset({"expert-0"}))
+
+    result = asyncio.run(go())
+    assert result["stand_in"] is None and result["version"] == 1 and routers.reopened == []
