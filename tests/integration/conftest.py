@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +21,36 @@ MULTINODE_BUDGET_S = 300  # the driver's own budget; it then shuts its cluster d
 # Work that runs beside the tests rather than before the test that checks it: each needs nothing of the session's
 # Ray and mostly waits, so it starts when collection ends (if a collected test uses its fixture) and the test
 # waits for its result.
-BACKGROUND: dict[str, Callable[[], Any]] = {"multinode_driver": lambda: Driver([], MULTINODE_BUDGET_S),
-                                            "cli_lifecycle": CliLifecycle}
+# In this order: each starts a Ray cluster of its own, so a job starts once the one before it has finished (three
+# clusters starting at once beside the session's on 2 cores made `ray start` itself fail in CI).
+BACKGROUND: dict[str, Callable[[], Any]] = {"cli_lifecycle": CliLifecycle,
+                                            "multinode_driver": lambda: Driver([], MULTINODE_BUDGET_S)}
 _STARTED = pytest.StashKey[dict[str, Any]]()
+
+
+class _After:
+    """A background job made once `before` (a job with `result()`) has ended, on a thread of its own."""
+
+    def __init__(self, make: Callable[[], Any], before: Any) -> None:
+        self.job: Any = None
+        self.thread = threading.Thread(target=self._run, args=(make, before), daemon=True)
+        self.thread.start()
+
+    def _run(self, make: Callable[[], Any], before: Any) -> None:
+        try:
+            before.result()
+        except BaseException:  # noqa: BLE001 - its own test reports it; this job starts anyway
+            pass
+        self.job = make()
+
+    def get(self) -> Any:
+        self.thread.join()
+        return self.job
+
+    def stop(self) -> None:
+        job = self.get()
+        if job is not None:
+            job.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -36,15 +64,31 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     used = {name for item in session.items for name in getattr(item, "fixturenames", ()) if name in BACKGROUND}
-    for name in sorted(used):
-        _background(session.config, name)
+    started = session.config.stash.setdefault(_STARTED, {})
+    previous: _Result | None = None
+    for name in BACKGROUND:
+        if name in used:
+            started[name] = BACKGROUND[name]() if previous is None else _After(BACKGROUND[name], previous)
+            previous = _Result(started[name])
+
+
+class _Result:
+    """`result()` of a job, or of a job made later (`_After`)."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    def result(self) -> Any:
+        job = self.job.get() if isinstance(self.job, _After) else self.job
+        return job.result()
 
 
 def _background(config: pytest.Config, name: str) -> Any:
     started = config.stash.setdefault(_STARTED, {})
     if name not in started:
         started[name] = BACKGROUND[name]()
-    return started[name]
+    job = started[name]
+    return job.get() if isinstance(job, _After) else job
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
