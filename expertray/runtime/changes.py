@@ -218,10 +218,10 @@ class PlacementControl:
     async def stand_in(self, silent: frozenset[str]) -> dict[str, Any] | None:
         """A copy of every expert whose every copy is on `silent` actors (suspects the liveness loop has not
         declared dead yet) on the live actor with the fewest slots of its layer (on another node than the silent
-        ones when there is one), loaded from the weight store or the checkpoint. Routers already avoid the silent actors, so those experts are served again as soon
-        as it lands (a load, no process start), long before the silent actors could be declared dead and
-        healed; if they recover, the extra copies stay as replicas. The caller holds `lock`. None when no
-        expert is stranded or no live actor can take one."""
+        ones when there is one), loaded from the weight store or the checkpoint. Routers already avoid the
+        silent actors, so those experts are served again as soon as it lands (a load, no process start), long
+        before the silent actors could be declared dead and healed; if they recover, the extra copies stay as
+        replicas. The caller holds `lock`. None when no expert is stranded or no live actor can take one."""
         live = [a for a in self.table.actors if a not in silent]
         node_of = self.node_of()
         at_risk = {node_of.get(a) for a in silent} - {None}  # a silent node's other actors may be next
@@ -229,13 +229,14 @@ class PlacementControl:
         stranded = self.table.stranded(silent)
         if not stranded or not live:
             return None
+        in_layer = {(a, layer): 0 for a in live for layer in range(self.table.num_layers)}
+        for slot in self.table.slots:
+            if slot.actor in live:
+                in_layer[(slot.actor, slot.layer)] += 1
         new = self.table
         for layer, expert in stranded:
-            per_layer = {a: 0 for a in live}
-            for slot in new.slots:
-                if slot.layer == layer and slot.actor in per_layer:
-                    per_layer[slot.actor] += 1
-            target = min(live, key=lambda a: (per_layer[a], live.index(a)))
+            target = min(live, key=lambda a: (in_layer[(a, layer)], live.index(a)))
+            in_layer[(target, layer)] += 1
             new = new.replicate(layer, expert, target)
         return await self.apply(new, f"stand-in for silent {', '.join(sorted(silent))}: {len(stranded)} "
                                      f"expert(s) held only there copied to live actors", silent=silent)

@@ -59,7 +59,6 @@ class LivenessLoop:
         self.repair_wait_s = ROUTER_CHECK_S  # doubles while repairs fail (up to BACKOFF_MAX_S)
         self.repair_after = 0.0  # clock time before which no repair starts (backing off)
         self.stood_in: frozenset[str] = frozenset()  # suspects whose stranded experts a stand-in now holds
-        self.silent_since: dict[str, float] = {}  # suspect -> clock time of its first silent round
 
     async def run(self) -> None:
         """Rounds forever; a repair when an actor is dead, and every ROUTER_CHECK_S for the routers."""
@@ -83,7 +82,6 @@ class LivenessLoop:
         replies = dict(zip(ids, await asyncio.gather(*[self.probe.ping(a) for a in ids])))
         verdict = self.liveness.observe(replies, sent, self.clock())
         self.known_dead = verdict.dead
-        self.silent_since = {a: self.silent_since.get(a, sent) for a in verdict.suspects}
         self.nodes.liveness_replies(replies, sent, {a for a in ids if self.probe.has(a)})
         if verdict.push:
             await self._push(verdict)
@@ -99,11 +97,21 @@ class LivenessLoop:
                     "pushed to %d router(s)%s", suspects, recovered, sorted(verdict.dead),
                     told - len(failed), f", not to {failed}" if failed else "")
 
+    def _may_start(self) -> bool:
+        """No repair or stand-in runs, no placement change (or router's heal) holds the lock, and repairs are
+        not backing off."""
+        return ((self.repair_task is None or self.repair_task.done()) and not self.control.lock.locked()
+                and self.clock() >= self.repair_after)
+
+    def _back_off(self, what: str) -> None:
+        """After a failed repair or stand-in: double the wait before the next one (up to BACKOFF_MAX_S)."""
+        self.repair_wait_s = min(2 * self.repair_wait_s, BACKOFF_MAX_S)
+        self.repair_after = self.clock() + self.repair_wait_s
+        log.warning("liveness %s failed; next try in %.0f s", what, self.repair_wait_s, exc_info=True)
+
     def start_repair(self, dead: frozenset[str]) -> bool:
-        """Start a background repair unless one runs, a placement change (or a router's heal) holds the lock,
-        or repairs are backing off; True when one started."""
-        if ((self.repair_task is not None and not self.repair_task.done()) or self.control.lock.locked()
-                or self.clock() < self.repair_after):
+        """Start a background repair unless `_may_start` says no; True when one started."""
+        if not self._may_start():
             return False
         self.repair_task = asyncio.get_running_loop().create_task(self.repair(dead))
         return True
@@ -114,13 +122,10 @@ class LivenessLoop:
         held; once per suspect set."""
         self.stood_in &= suspects  # forget those that recovered or were healed
         new = suspects - self.stood_in
-        now = self.clock()
-        if not any(now - self.silent_since.get(a, now) >= STAND_IN_AFTER_S for a in new):
+        now, since = self.clock(), self.liveness.silent_since  # first unanswered ping of each silence
+        if not any(now - since.get(a, now) >= STAND_IN_AFTER_S for a in new):
             return False  # silent too briefly: a busy host, not yet a hung actor
-        if not self.control.table.stranded(suspects):
-            return False
-        if ((self.repair_task is not None and not self.repair_task.done()) or self.control.lock.locked()
-                or self.clock() < self.repair_after):
+        if not self.control.table.stranded(suspects) or not self._may_start():
             return False
         self.stood_in = suspects
         self.repair_task = asyncio.get_running_loop().create_task(self.stand_in(suspects))
@@ -134,9 +139,7 @@ class LivenessLoop:
                 log.warning("liveness: %s", event["reason"])
         except Exception:  # noqa: BLE001 - the heal at ping_timeout_s still comes; back off like a repair
             self.stood_in = frozenset()
-            self.repair_wait_s = min(2 * self.repair_wait_s, BACKOFF_MAX_S)
-            self.repair_after = self.clock() + self.repair_wait_s
-            log.warning("liveness stand-in failed; next try in %.0f s", self.repair_wait_s, exc_info=True)
+            self._back_off("stand-in")
 
     async def repair(self, dead: frozenset[str]) -> None:
         """Heal `dead` actors (not pinged again), else replace routers that do not answer; back off on failure."""
@@ -148,9 +151,7 @@ class LivenessLoop:
                     log.info("liveness: replaced routers %s", routers)
             self.repair_wait_s = ROUTER_CHECK_S
         except Exception:  # noqa: BLE001 - retried later; nothing created for the failed repair is left
-            self.repair_wait_s = min(2 * self.repair_wait_s, BACKOFF_MAX_S)
-            self.repair_after = self.clock() + self.repair_wait_s
-            log.warning("liveness repair failed; next try in %.0f s", self.repair_wait_s, exc_info=True)
+            self._back_off("repair")
 
     def stop(self) -> None:
         if self.repair_task is not None:
