@@ -227,14 +227,18 @@ class Cluster:
         actors over standing channels, with no router hop and no Ray task per call (expertray/runtime/direct.py)."""
         with self._client_loop_lock:
             if self._direct is None:
-                found = self._ask(self.controller.layer_params.remote())
-                dtype = serving_dtype(self.cfg)
-                params = router_params(found, dtype) if isinstance(found, dict) else found
-                self._direct = DirectLayers(self.cfg, [p.in_dtype(getattr(torch, dtype)) for p in params],
-                                            RayLink(self), ROUTING.create(self.cfg.routing_policy,
-                                                                          **self.cfg.routing_params),
-                                            REPLICA.create(self.cfg.replica_policy))
+                self._direct = self.new_direct()
             return self._direct
+
+    def new_direct(self) -> DirectLayers:
+        """Direct layers of their own (own channels, own refresh thread): one per thread that calls layers
+        concurrently, e.g. an engine's ping-pong lanes. The caller closes it."""
+        found = self._ask(self.controller.layer_params.remote())
+        dtype = serving_dtype(self.cfg)
+        params = router_params(found, dtype) if isinstance(found, dict) else found
+        return DirectLayers(self.cfg, [p.in_dtype(getattr(torch, dtype)) for p in params], RayLink(self),
+                            ROUTING.create(self.cfg.routing_policy, **self.cfg.routing_params),
+                            REPLICA.create(self.cfg.replica_policy))
 
     def forward(self, layer: int, hidden: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Run one MoE layer on the cluster: [..., D] in, same shape and dtype out.

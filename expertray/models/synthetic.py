@@ -48,3 +48,22 @@ def write_tiny_checkpoint(family: str, path: str | Path, dtype: torch.dtype = to
     model = tiny_model(family, seed, overrides).to(dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
+
+
+def write_tiny_tokenizer(path: str | Path, vocab_size: int = 96) -> Path:
+    """A word-level tokenizer for a tiny checkpoint at `path`: the words w0..w{vocab_size-1} are ids
+    0..vocab_size-1 (unknown words → w0), split on whitespace, with a chat template that writes each message as
+    "<role word> <content>" and ends with the assistant's role word. For the OpenAI routes' tests and examples."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    tokenizer.chat_template = ("{% for m in messages %}{{ {'system': 'w2', 'user': 'w3', 'assistant': 'w4'}"
+                               ".get(m['role'], 'w2') }} {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}w4{% endif %}")
+    tokenizer.save_pretrained(path)
+    return Path(path)

@@ -5,7 +5,9 @@ POST /v1/layers/{layer}/forward  — JSON {"hidden": [...]} for small inputs, or
                                    shape [..., d_model] and the output has the same shape; the reply uses the
                                    request's format. Other content types → 415 (see expertray.wire.http_codec).
 GET  /v1/experts, /v1/placement, /healthz.
-Every error reply, FastAPI's own 404/405/422 included, is {"error": "<message>"}.
+Every error reply of these, FastAPI's own 404/405/422 included, is {"error": "<message>"}.
+With model=PATH the same ingress serves the model over OpenAI's API (expertray.serve.openai_routes:
+/v1/models, /v1/completions, /v1/chat/completions) from engine replicas (expertray.serve.engines).
 
 The ingress connects to the running cluster's controller, or launches one from $EXPERTRAY_CONFIG / the default
 config when none runs — with random weights (said in the log and in /healthz "weights") and its CPU asks
@@ -19,7 +21,6 @@ Requests a router refuses are counted by the router (`expertray status`, `expert
 """
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import os
@@ -30,11 +31,9 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertray.api import to_wire
 from expertray.config import ClusterConfig, load_config
@@ -48,6 +47,10 @@ from expertray.errors import (
     RouterUnavailableError,
     UnknownExpertError,
 )
+from expertray.serve.engines import ENGINE_MAX_REPLICAS, ENGINE_NUM_CPUS, ENGINE_TARGET_ONGOING, EngineReplica
+from expertray.serve.http import api, error_reply, read_body, rejected_counts, root_cause
+from expertray.serve.openai_routes import OpenAIRoutes
+from expertray.serving.engine import EngineConfig
 from expertray.wire.collective import from_host_array
 from expertray.wire.http_codec import (
     MAX_JSON_BYTES,
@@ -62,59 +65,11 @@ from expertray.wire.http_codec import (
     unpack,
 )
 
-__all__ = ["ExpertRayIngress", "app", "fit_to_cpus", "run_app"]
+__all__ = ["ExpertRayIngress", "app", "build", "fit_to_cpus", "run_app"]
 
 log = logging.getLogger(__name__)
 INGRESS_NUM_CPUS = 0.25
 INGRESS_MAX_REPLICAS = 4
-
-api = FastAPI(title="expertray", version="0.1.0",
-              description="Expert-parallel MoE layers served by an expertray cluster on Ray.")
-# Non-2xx replies this process (one ingress replica) answered, by status code.
-REJECTED: collections.Counter[int] = collections.Counter()
-_rejected_metric: Any = None
-
-
-def _count_rejection(status: int) -> None:
-    global _rejected_metric
-    REJECTED[status] += 1
-    if _rejected_metric is None:
-        from ray.util.metrics import Counter
-
-        _rejected_metric = Counter("expertray_ingress_rejected", "Requests the Serve ingress answered with an "
-                                   "error status itself, by HTTP status code.", tag_keys=("code",))
-    _rejected_metric.inc(tags={"code": str(status)})
-
-
-def rejected_counts() -> dict[str, int]:
-    """This process's error replies by status code. (A module function, not a read of REJECTED in the ingress
-    class: Serve ships the class by value, with copies of the globals it names.)"""
-    return {str(code): n for code, n in sorted(REJECTED.items())}
-
-
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    """The one error shape of the API: {"error": message}; every error reply is counted."""
-    _count_rejection(status)
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's own 404 (no such route) and 405 (wrong method) in the app's error shape."""
-    return _error(exc.status_code, str(exc.detail), **(exc.headers or {}))
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """A malformed path or query parameter (e.g. /v1/layers/abc/forward): 422 naming the parameter."""
-    problems = ["{}: {} (got {!r})".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg", "invalid"),
-                                           e.get("input")) for e in exc.errors()]
-    return _error(422, "; ".join(problems) or "invalid request")
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    return getattr(exc, "cause", None) or exc
-
 
 def fit_to_cpus(cfg: ClusterConfig, free_cpus: float, reserve_cpus: float = 0.0) -> ClusterConfig:
     """`cfg` with its routers' and expert actors' CPU asks shrunk so that all of them fit in
@@ -127,20 +82,6 @@ def fit_to_cpus(cfg: ClusterConfig, free_cpus: float, reserve_cpus: float = 0.0)
     share = max(0.01, round(budget / pieces, 2) if budget > 0 else 0.0)
     return dataclasses.replace(cfg, actor_num_cpus=min(cfg.actor_num_cpus, share),
                                router_num_cpus=min(cfg.router_num_cpus, share))
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with OversizeError as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise OversizeError(f"request body of {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise OversizeError(f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _decode(body: bytes, kind: str) -> np.ndarray | torch.Tensor:
@@ -156,11 +97,14 @@ def _decode(body: bytes, kind: str) -> np.ndarray | torch.Tensor:
                   autoscaling_config={"min_replicas": 1, "max_replicas": INGRESS_MAX_REPLICAS,
                                       "target_ongoing_requests": 8})
 @serve.ingress(api)
-class ExpertRayIngress:
-    def __init__(self, max_inflight_tokens: int = 65536, model: str = "", dtype: str = "", config: str = "") -> None:
+class ExpertRayIngress(OpenAIRoutes):
+    def __init__(self, max_inflight_tokens: int = 65536, model: str = "", dtype: str = "", config: str = "",
+                 engine: Any = None, served_model_name: str = "", api_key: str = "") -> None:
         """Attach to the running expertray cluster; with none running, launch one from `config` (path; else
         $EXPERTRAY_CONFIG, else the default) serving checkpoint `model` (a Hugging Face directory) in `dtype`,
-        or random weights when no model is given (said in a log line and in /healthz)."""
+        or random weights when no model is given (said in a log line and in /healthz). With `engine` (the
+        engine deployment's handle) the OpenAI routes serve `model` as `served_model_name` (default: the
+        directory's name), behind `api_key` when one is given."""
         import ray
 
         from expertray.api import connect, launch
@@ -174,7 +118,8 @@ class ExpertRayIngress:
             cfg = load_config(Path(path) if path else None)
             if model or dtype:
                 cfg = dataclasses.replace(cfg, model=model or cfg.model, dtype=dtype or cfg.dtype)
-            cfg = fit_to_cpus(cfg, free, reserve_cpus=(INGRESS_MAX_REPLICAS - 1) * INGRESS_NUM_CPUS)
+            reserve = (INGRESS_MAX_REPLICAS - 1) * INGRESS_NUM_CPUS + (2 * ENGINE_NUM_CPUS if engine is not None else 0.0)
+            cfg = fit_to_cpus(cfg, free, reserve_cpus=reserve)
             if cfg.model:
                 self.weights = f"checkpoint {cfg.model} ({cfg.dtype}), launched by this ingress"
                 log.warning("no expertray cluster running: launching one serving %s", cfg.model)
@@ -189,42 +134,43 @@ class ExpertRayIngress:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.max_inflight_tokens = max_inflight_tokens
         self.inflight_tokens = 0
+        self.setup_openai(model, engine, served_model_name, api_key)
 
     @api.post("/v1/layers/{layer}/forward", summary="Run one MoE layer on hidden states [..., d_model]")
     async def forward(self, layer: int, request: Request) -> Response:
         try:
             kind = media_type(request.headers.get("content-type"))
-            body = await _read_body(request, MAX_WIRE_BYTES if kind == MSGPACK else MAX_JSON_BYTES)
+            body = await read_body(request, MAX_WIRE_BYTES if kind == MSGPACK else MAX_JSON_BYTES)
             hidden = _decode(body, kind)
             x = self.cluster.validate(layer, hidden)
         except UnknownExpertError as exc:
-            return _error(404, str(exc))
+            return error_reply(404, str(exc))
         except MediaTypeError as exc:
-            return _error(415, str(exc))
+            return error_reply(415, str(exc))
         except OversizeError as exc:
-            return _error(413, str(exc))
+            return error_reply(413, str(exc))
         except InputError as exc:
-            return _error(400, str(exc))
+            return error_reply(400, str(exc))
         tokens = int(np.prod(hidden.shape[:-1]))
         if self.inflight_tokens + tokens > self.max_inflight_tokens:
-            return _error(503, f"overloaded: {self.inflight_tokens} tokens in flight", **{"Retry-After": "1"})
+            return error_reply(503, f"overloaded: {self.inflight_tokens} tokens in flight", **{"Retry-After": "1"})
         self.inflight_tokens += tokens
         try:
             wire, wire_dtype = to_wire(x)
             answer = await self.cluster.forward_wire(layer, wire, wire_dtype)
             out = from_host_array(np.asarray(answer), wire_dtype).reshape(tuple(hidden.shape))
         except Exception as exc:  # noqa: BLE001 - mapped to a status below; nothing is swallowed
-            cause = _root_cause(exc)
+            cause = root_cause(exc)
             if isinstance(cause, BackpressureError):
-                return _error(503, str(cause), **{"Retry-After": "1"})
+                return error_reply(503, str(cause), **{"Retry-After": "1"})
             if isinstance(cause, InputError | UnknownExpertError):
-                return _error(400, str(cause))
+                return error_reply(400, str(cause))
             if isinstance(cause, ExpertUnavailableError | RouterUnavailableError):
-                return _error(503, str(cause), **{"Retry-After": "1"})
+                return error_reply(503, str(cause), **{"Retry-After": "1"})
             if isinstance(cause, RequestTimeoutError):
-                return _error(504, str(cause))
+                return error_reply(504, str(cause))
             log.exception("forward failed")
-            return _error(500, f"internal error: {type(cause).__name__}: {cause}")
+            return error_reply(500, f"internal error: {type(cause).__name__}: {cause}")
         finally:
             self.inflight_tokens -= tokens
         if kind == MSGPACK:
@@ -250,7 +196,7 @@ class ExpertRayIngress:
         try:
             status = await asyncio.wait_for(self.cluster.controller.status.remote(), timeout=10)
         except Exception as exc:  # noqa: BLE001 - reported as unhealthy
-            return _error(503, f"cluster unreachable: {_root_cause(exc)}")
+            return error_reply(503, f"cluster unreachable: {root_cause(exc)}")
         return JSONResponse({"status": "ok", "table_version": status["table"]["version"],
                              "actors": len(status["actors"]), "routers": len(status["routers"]),
                              "transport": status["transport"], "weights": self.weights,
@@ -258,38 +204,64 @@ class ExpertRayIngress:
                                          "rejected": rejected_counts()}})
 
 
-APP_ARGS = ("model", "dtype", "config", "max_inflight_tokens")
+APP_ARGS = ("model", "dtype", "config", "max_inflight_tokens", "served_model_name", "api_key", "engine_replicas")
+ENGINE_ARGS = tuple(f.name for f in dataclasses.fields(EngineConfig))
 
 
 def app(args: dict[str, str] | None = None) -> serve.Application:
     """The Serve application builder: `serve run expertray.serve:app [model=PATH] [dtype=bfloat16]
-    [config=cluster.yaml] [max_inflight_tokens=N]`, or `args:` under the application in a Serve config file.
-    Unknown keys are refused by name."""
+    [config=cluster.yaml] [max_inflight_tokens=N] [served_model_name=NAME] [api_key=KEY] [micro_batches=M]
+    [max_running=N] ...` (EngineConfig fields), or `args:` under the application in a Serve config file. With
+    `model` the OpenAI routes serve it through engine replicas. Unknown keys are refused by name."""
     args = dict(args or {})
-    unknown = sorted(set(args) - set(APP_ARGS))
+    unknown = sorted(set(args) - set(APP_ARGS) - set(ENGINE_ARGS))
     if unknown:
         raise ConfigError(f"expertray.serve:app: unknown argument(s) {', '.join(unknown)} "
-                          f"(accepted: {', '.join(APP_ARGS)})")
-    kwargs: dict[str, Any] = {k: str(v) for k, v in args.items() if k != "max_inflight_tokens"}
-    if "max_inflight_tokens" in args:
-        try:
-            kwargs["max_inflight_tokens"] = int(args["max_inflight_tokens"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"expertray.serve:app: max_inflight_tokens must be an integer, got "
-                              f"{args['max_inflight_tokens']!r}") from None
-    return ExpertRayIngress.bind(**kwargs)
+                          f"(accepted: {', '.join(APP_ARGS + ENGINE_ARGS)})")
+    numbers = ("max_inflight_tokens", "engine_replicas")
+    kwargs: dict[str, Any] = {k: str(v) for k, v in args.items() if k in APP_ARGS and k not in numbers}
+    kwargs.update({k: _number(args, k, int) for k in numbers if k in args})
+    types = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    engine = {k: _number(args, k, float if types[k] in (float, "float") else int) for k in ENGINE_ARGS if k in args}
+    return build(engine=engine, **kwargs)
+
+
+def _number(args: dict[str, Any], key: str, kind: type) -> int | float:
+    try:
+        return kind(args[key])
+    except (TypeError, ValueError):
+        raise ConfigError(f"expertray.serve:app: {key} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {args[key]!r}") from None
+
+
+def build(model: str = "", engine: dict[str, Any] | None = None, engine_replicas: int = 1,
+          **ingress_kwargs: Any) -> serve.Application:
+    """The application: the ingress, and with `model` the engine deployment it streams from (`engine`:
+    EngineConfig fields, checked here; `engine_replicas`: the fewest engine replicas Serve's autoscaling keeps)."""
+    if not model:
+        if engine:
+            raise ConfigError("expertray.serve:app: engine arguments need model=PATH")
+        return ExpertRayIngress.bind(**ingress_kwargs)
+    EngineConfig(**(engine or {}))  # refuse bad values before anything deploys
+    if not isinstance(engine_replicas, int) or engine_replicas < 1:
+        raise ConfigError(f"expertray.serve:app: engine_replicas must be an integer >= 1, got {engine_replicas!r}")
+    engines = EngineReplica.options(autoscaling_config={
+        "min_replicas": engine_replicas, "max_replicas": max(engine_replicas, ENGINE_MAX_REPLICAS),
+        "target_ongoing_requests": ENGINE_TARGET_ONGOING})
+    return ExpertRayIngress.bind(model=model, engine=engines.bind(model=model, engine=engine or {}), **ingress_kwargs)
 
 
 def run_app(port: int = 8000, host: str = "127.0.0.1", name: str = "expertray", quiet: bool = False,
-            **ingress_kwargs: Any) -> str:
-    """Start Serve's HTTP proxy on host:port (loopback by default), deploy the ingress, return its base URL."""
+            **app_kwargs: Any) -> str:
+    """Start Serve's HTTP proxy on host:port (loopback by default), deploy the app (`build`'s arguments),
+    return its base URL."""
     logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
     running = _serve_running()
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     if running and not _listening(host, port):  # serve.start leaves a running Serve's proxy where it is
         raise ConfigError(f"Serve is already running with its HTTP proxy elsewhere, not on {host}:{port}: deploy "
                           "on its port, or stop it first (serve.shutdown())")
-    serve.run(ExpertRayIngress.bind(**ingress_kwargs), name=name, route_prefix="/", logging_config=logging_config)
+    serve.run(build(**app_kwargs), name=name, route_prefix="/", logging_config=logging_config)
     return f"http://{host}:{port}"
 
 
