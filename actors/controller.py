@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from expertray.state.placement_table import PlacementTable
 log = logging.getLogger(__name__)
 
 METRICS_INTERVAL_S = 1.0
+ENGINE_STALE_S = 10.0  # an engine replica not heard from for this long is left out of status
 
 
 @ray.remote
@@ -69,6 +71,7 @@ class Controller:
         self.handles: dict[str, Any] = {}  # expert actor id -> handle
         self.starting: set[str] = set()  # expert actors created here whose process has not answered yet
         self.endpoints: dict[str, dict[str, Any]] = {}  # expert actor id -> its channel endpoint (direct clients)
+        self.engines: dict[str, tuple[float, dict[str, Any]]] = {}  # engine replica -> (reported at, its stats)
         self.routers: dict[str, Any] = {}  # router id -> handle, in order
         self.next_actor = 0
         self.next_router = 0
@@ -355,6 +358,16 @@ class Controller:
     def get_config(self) -> ClusterConfig:
         return self.cfg
 
+    def report_engine(self, replica: str, stats: dict[str, Any]) -> None:
+        """An engine replica's periodic stats (Serve's engines, expertray.serve.engines), shown by `status`."""
+        self.engines[replica] = (time.monotonic(), stats)
+
+    def _engines(self) -> list[dict[str, Any]]:
+        """Engine replicas heard from within ENGINE_STALE_S (older reports are dropped)."""
+        now = time.monotonic()
+        self.engines = {r: (t, s) for r, (t, s) in self.engines.items() if now - t <= ENGINE_STALE_S}
+        return [{**s, "replica": r, "reported_s_ago": round(now - t, 1)} for r, (t, s) in sorted(self.engines.items())]
+
     async def status(self) -> dict[str, Any]:
         """Table, per-actor and per-router stats; never raises because a piece is dead or hung: a dead or
         hung actor shows as {"alive": False} (being healed), a router that does not answer is listed in
@@ -373,7 +386,7 @@ class Controller:
         return {"table": self.table.to_dict(), "transport": self.transport, "actors": actor_stats,
                 "routers": routers, "routers_down": down, "requests": totals, "controller": self._health(),
                 "liveness": {"suspects": sorted(self.watch.liveness.pushed), "dead": sorted(self.watch.known_dead)},
-                "nodes": nodes, "history": self.control.history[-50:]}
+                "nodes": nodes, "history": self.control.history[-50:], "engines": self._engines()}
 
     # --- placement changes ---------------------------------------------------------------------------
     async def apply_table(self, new: PlacementTable, reason: str = "") -> dict[str, Any]:
@@ -464,7 +477,8 @@ class Controller:
         if self.watch is not None:
             self.watch.stop()
         self.metrics.stop()
-        for h in list(self.routers.values()) + list(self.handles.values()):
+        strays = pools.strays(set(self.routers) | set(self.handles))
+        for h in list(self.routers.values()) + list(self.handles.values()) + strays:
             if h is not None:
                 ray.kill(h, no_restart=True)
         self.routers, self.handles = {}, {}

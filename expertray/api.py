@@ -17,6 +17,7 @@ import threading
 # multi-node cluster passes the driver's real address explicitly (init_ray), so it does not depend on this.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import math  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -72,6 +73,14 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     if node_ip is not None:
         opts["_node_ip_address"] = node_ip
     ray.init(address=address, **opts)
+
+
+def local_num_cpus(cfg: ClusterConfig) -> float:
+    """Logical CPUs for a local Ray that serves `cfg`: the machine's, or enough for every actor and router plus
+    one for Serve and the driver when the config asks for more (logical CPUs may oversubscribe cores; without
+    them the actors would wait for resources forever)."""
+    needed = cfg.num_expert_actors * cfg.actor_num_cpus + cfg.num_routers * cfg.router_num_cpus + 1
+    return max(float(os.cpu_count() or 1), float(math.ceil(needed)))
 
 
 def _driver_ip(address: str) -> str | None:
@@ -399,7 +408,7 @@ def launch(cfg: ClusterConfig, layers: list[MoELayer] | None = None, *, address:
         if checkpoint is not None:
             raise ConfigError("launch: a checkpoint descriptor was given but cluster.model is empty")
         start_args = (layers if layers is not None else random_model(cfg),)
-    init_ray(address, num_cpus)
+    init_ray(address, num_cpus if num_cpus is not None or address is not None else local_num_cpus(cfg))
     try:
         ray.get_actor(CONTROLLER, namespace=NAMESPACE)
         raise ConfigError("an expertray controller is already running in this Ray cluster; connect() to it "

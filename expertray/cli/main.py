@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -76,13 +75,6 @@ def _with_overrides(cfg: Any, **fields: Any) -> Any:
 
 
 # --- cluster lifecycle ----------------------------------------------------------------------------------
-def _head_cpus(cfg: Any) -> float:
-    """Logical CPUs for the local head: the machine's, or enough for every actor and router plus one for
-    Serve and the driver when the config asks for more (logical CPUs may oversubscribe cores)."""
-    needed = cfg.num_expert_actors * cfg.actor_num_cpus + cfg.num_routers * cfg.router_num_cpus + 1
-    return max(float(os.cpu_count() or 1), float(math.ceil(needed)))
-
-
 @app.command()
 @friendly
 def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON); default: embedded."),
@@ -97,8 +89,12 @@ def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON)
        dtype: str | None = typer.Option(None, "--dtype", help="Serving dtype: bfloat16 | float16 | float32 | "
                                                                 "auto (the checkpoint's)."),
        actors: int | None = typer.Option(None, "--actors", min=1, help="Number of expert actors."),
+       serve_app: bool = typer.Option(False, "--serve", help="Also deploy the Serve app: the layer API, and with "
+                                                             "--model the OpenAI API from engine replicas."),
+       port: int = typer.Option(8000, "--port", min=1, max=65535, help="HTTP port of --serve (on 127.0.0.1)."),
        as_json: bool = JSON) -> None:
     """Start a local Ray head (127.0.0.1) and an expertray cluster on it, or launch one on --address."""
+    from expertray.api import local_num_cpus
     from expertray.cli import localhead
 
     cfg = _with_overrides(load_config(config), model=model, dtype=dtype, num_expert_actors=actors)
@@ -110,7 +106,7 @@ def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON)
         say(f"forgetting the head recorded at {state.address}: it is no longer running")
         localhead.clear_state()
     if address is None:
-        cpus = num_cpus if num_cpus is not None else _head_cpus(cfg)
+        cpus = num_cpus if num_cpus is not None else local_num_cpus(cfg)
         with progress(f"starting a Ray head on 127.0.0.1 ({cpus:g} logical CPUs)"):
             state = localhead.start_head(cpus, dashboard, progress=say)
     elif num_cpus is not None or dashboard:
@@ -131,6 +127,13 @@ def up(config: Path | None = typer.Option(None, help="Cluster config (YAML/JSON)
     localhead.write_state(state)
     doc = {"status": "up", "address": state.address, "actors": list(cluster.table().actors),
            "routers": len(cluster.routers), "ray_head_started": state.pid is not None}
+    if serve_app:
+        from expertray.serve.layers import run_app
+
+        with progress(f"deploying the Serve app on 127.0.0.1:{port}" + (" with engine replicas" if model else "")):
+            doc["serve"] = run_app(port, model=cluster.cfg.model, quiet=True)
+        if model:
+            doc["openai_base_url"] = f"{doc['serve']}/v1"
     if state.dashboard:
         doc["dashboard"] = state.dashboard
     _print(doc, True)
@@ -242,6 +245,10 @@ def status(address: str | None = ADDRESS, as_json: bool = JSON) -> None:
                 backend = f" over {detail['backend']}" if detail.get("backend") else ""
                 reason = f" ({detail['reason']})" if detail.get("reason") else ""
                 console.print(f"  transport {detail.get('name')}{backend} on {r.get('device', 'cpu')}{reason}")
+        for e in st.get("engines", []):  # Serve's engine replicas (attention, KV caches, scheduling)
+            console.print(f"engine {e['replica']}: {e['running']} running, {e['waiting']} waiting, KV "
+                          f"{e['kv_used']}/{e['kv_budget']}, {e['finished']} finished, {e['failed']} failed, "
+                          f"{e['output_tokens']} tokens out, m={e['micro_batches']} (reported {e['reported_s_ago']} s ago)")
         for n in st.get("nodes", []):  # actors by Ray node
             routers = [r["router"] for r in st["routers"] if (r.get("node") or {}).get("node_id") == n.get("node_id")]
             console.print(f"node {n.get('ip', '?')} ({n.get('node_id', '')[:12]}{', head' if n.get('head') else ''})"

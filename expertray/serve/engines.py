@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +32,13 @@ ENGINE_MAX_ONGOING = 64
 ENGINE_TARGET_ONGOING = 16  # Serve adds a replica when the replicas average more requests than this
 CONNECT_TIMEOUT_S = 600.0  # the ingress launches the expert cluster; engines wait this long for it
 IDLE_TIMEOUT_S = 300.0  # the most a request waits for its next event from the engine
+REPORT_S = 2.0  # stats to the controller this often
+# What an engine replica exports (name → kind), as Ray metrics: Prometheus sees them prefixed "ray_".
+ENGINE_METRICS = {"expertray_engine_ttft_seconds": "histogram", "expertray_engine_tpot_seconds": "histogram",
+                  "expertray_engine_e2e_seconds": "histogram", "expertray_engine_prompt_tokens": "counter",
+                  "expertray_engine_output_tokens": "counter", "expertray_engine_running": "gauge",
+                  "expertray_engine_waiting": "gauge", "expertray_engine_kv_used_tokens": "gauge",
+                  "expertray_engine_kv_budget_tokens": "gauge"}
 _LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
 
@@ -115,7 +123,18 @@ class EngineReplica:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.engine = load_engine(model, lambda d, c: [cluster.new_direct() for _ in range(cfg.micro_batches)],
                                   cfg, PrometheusObserver(self.replica), dtype=cluster.cfg.dtype)
+        self._cluster = cluster
+        self._reporting = threading.Event()
+        threading.Thread(target=self._report, name="engine-report", daemon=True).start()
         log.info("engine %s serving %s with %d micro-batch lane(s)", self.replica, model, cfg.micro_batches)
+
+    def _report(self) -> None:
+        """Hand this replica's stats to the expertray controller every REPORT_S (`expertray status` shows them)."""
+        while not self._reporting.wait(REPORT_S):
+            try:
+                self._cluster.controller.report_engine.remote(self.replica, self.engine.stats())
+            except Exception as exc:  # noqa: BLE001 - a missed report only ages this replica's line in status
+                log.debug("engine report failed: %s", exc)
 
     async def generate(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's tokens. Raises InputError (never servable), BackpressureError (queue full) or
@@ -151,6 +170,8 @@ class EngineReplica:
             raise RuntimeError(f"engine {self.replica}: its step thread is not running")
 
     def __del__(self) -> None:
+        if hasattr(self, "_reporting"):
+            self._reporting.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop(timeout_s=2.0)

@@ -72,8 +72,8 @@ def _ask(client, name: str, prompt: list[int], n: int, stream: bool, delay_s: fl
     return text, finish
 
 
-def test_concurrent_greedy_completions_equal_transformers(app) -> None:
-    client, _, _, name = app
+def test_concurrent_greedy_completions_equal_transformers(app, until) -> None:
+    client, _, cluster, name = app
     g = torch.Generator().manual_seed(3)
     jobs = [(torch.randint(5, 96, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist(),
              int(torch.randint(4, 24, (1,), generator=g))) for _ in range(10)]
@@ -82,6 +82,10 @@ def test_concurrent_greedy_completions_equal_transformers(app) -> None:
                                 enumerate(jobs)))
     for (prompt, n), (text, finish) in zip(jobs, answers):
         assert text == _greedy(prompt, n) and finish == "length"
+    # both engine replicas report to the controller: `expertray status` shows them beside the experts
+    engines = until(lambda: [e for e in cluster.status()["engines"] if e["finished"]] and cluster.status()["engines"],
+                    30, "engine replicas in status")
+    assert len(engines) == 2 and sum(e["finished"] for e in engines) >= len(jobs)
 
 
 def test_chat_streams_role_then_content_and_usage(app) -> None:

@@ -108,6 +108,17 @@ def test_serve_config_validates_and_listens_on_loopback() -> None:
     assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
 
 
+def test_model_serve_config_validates_and_builds_its_app() -> None:
+    """cluster/serve-model.yaml: a valid Serve config whose args the app builder accepts (engine fields too)."""
+    from expertray.serve.layers import APP_ARGS, ENGINE_ARGS
+
+    doc = load_yaml("serve-model.yaml")
+    schema = serve_schema(doc)
+    assert set(schema.applications[0].args) <= set(APP_ARGS) | set(ENGINE_ARGS)
+    assert {d["name"] for d in doc["applications"][0]["deployments"]} == {"ExpertRayIngress", "ExpertRayEngine"}
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
+
+
 def test_rayservice_manifest_structure() -> None:
     manifest = load_yaml("kuberay-rayservice.yaml")
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
@@ -164,9 +175,28 @@ def test_promtool_accepts_the_prometheus_config() -> None:
                    check=True, capture_output=True, timeout=30)
 
 
-def dashboard_exprs() -> list[str]:
+def dashboard_exprs(engine: bool = False) -> list[str]:
+    """The dashboard's queries: of the cluster's own metrics, or (engine) of the engine replicas' Ray metrics."""
     dashboard = json.loads((CLUSTER / "grafana-dashboard.json").read_text())
-    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return [e for e in exprs if ("ray_expertray_engine_" in e) == engine]
+
+
+def test_engine_panels_name_the_engine_replicas_metrics_and_show_them_all() -> None:
+    """Engine replicas export through Ray's metrics (prefix ray_; counters _total, histograms _bucket)."""
+    from expertray.serve.engines import ENGINE_METRICS
+
+    used: set[str] = set()
+    for expr in dashboard_exprs(engine=True):
+        for name in re.findall(r"\bray_(expertray_engine_\w+)", expr):
+            base = re.sub(r"_(total|bucket)$", "", name)
+            kind = ENGINE_METRICS.get(base)
+            assert kind is not None, f"{expr} names {name}, which no engine replica exports"
+            assert name == base + {"counter": "_total", "histogram": "_bucket", "gauge": ""}[kind], expr
+            if kind != "gauge":
+                assert re.search(r"\b(rate|increase)\(", expr), expr
+            used.add(base)
+    assert used == set(ENGINE_METRICS), f"engine metrics without a panel: {set(ENGINE_METRICS) - used}"
 
 
 def test_dashboard_structure_and_datasource_variable() -> None:
