@@ -26,7 +26,11 @@ def load_engine(path: str, runners: RunnerFactory, cfg: EngineConfig | None = No
         return Lanes(made)
 
     model, lanes = from_pretrained(path, backend=backend, **cluster_options)
-    return Engine(model, lanes, cfg, observer).start()
+    try:
+        return Engine(model, lanes, cfg, observer).start()
+    except BaseException:
+        lanes.shutdown()
+        raise
 
 
 def in_process_runners(micro_batches: int) -> RunnerFactory:

@@ -168,3 +168,20 @@ def test_a_killed_expert_actor_or_engine_replica_loses_no_request(app, victim) -
         answers = [f.result(timeout=240) for f in futures]
     for (prompt, n), (text, finish) in zip(jobs, answers):
         assert finish == "length" and text == _greedy(prompt, n), prompt
+
+
+def test_a_client_that_goes_away_frees_its_sequence(app, until) -> None:
+    client, _, cluster, name = app
+    stream = client.completions.create(model=name, prompt="w5 w6", max_tokens=170, temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the HTTP connection goes; the engine must drop the sequence, not decode 170 tokens
+
+    def idle() -> list | None:
+        engines = cluster.status()["engines"]
+        fresh = [e for e in engines if e["reported_s_ago"] < 2.5]
+        return fresh if len(fresh) == 2 and all(e["running"] == 0 for e in fresh) else None
+
+    engines = until(idle, 20, "engines idle after the client left")
+    assert sum(e["cancelled"] for e in engines) >= 1

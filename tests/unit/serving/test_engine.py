@@ -192,3 +192,9 @@ def test_a_failing_cluster_call_fails_its_requests_with_the_cause_and_the_engine
         assert engine.stats()["failed"] == 1
     finally:
         engine.stop()
+
+
+def test_a_model_whose_cache_is_not_key_value_attention_is_refused_by_name(tmp_path) -> None:
+    path = write_tiny_checkpoint("qwen3_next", tmp_path / "next", torch.float32)
+    with pytest.raises(ConfigError, match="linear_attention keep a cache the batched engine cannot hold"):
+        load_engine(str(path), in_process_runners(1), EngineConfig(micro_batches=1))
