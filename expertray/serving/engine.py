@@ -54,7 +54,7 @@ class EngineConfig:
     max_waiting: int = 64
     prefill_chunk_tokens: int = 128
     kv_budget_tokens: int = 65536
-    micro_batches: int = 2
+    micro_batches: int = 1  # ping-pong lanes; 1 here by measurement (bench serve: 2 lanes lose on 2 shared cores)
     step_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
