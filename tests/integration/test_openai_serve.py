@@ -83,9 +83,11 @@ def test_concurrent_greedy_completions_equal_transformers(app, until) -> None:
     for (prompt, n), (text, finish) in zip(jobs, answers):
         assert text == _greedy(prompt, n) and finish == "length"
     # both engine replicas report to the controller: `expertray status` shows them beside the experts
-    engines = until(lambda: [e for e in cluster.status()["engines"] if e["finished"]] and cluster.status()["engines"],
-                    30, "engine replicas in status")
-    assert len(engines) == 2 and sum(e["finished"] for e in engines) >= len(jobs)
+    def reported() -> list | None:
+        engines = cluster.status()["engines"]
+        return engines if sum(e["finished"] for e in engines) >= len(jobs) else None
+
+    assert len(until(reported, 30, "engine replicas in status with every request finished")) == 2
 
 
 def test_chat_streams_role_then_content_and_usage(app) -> None:
@@ -185,3 +187,35 @@ def test_a_client_that_goes_away_frees_its_sequence(app, until) -> None:
 
     engines = until(idle, 20, "engines idle after the client left")
     assert sum(e["cancelled"] for e in engines) >= 1
+
+
+def test_random_request_bodies_never_5xx_and_errors_keep_openai_shape(app) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, base, _, name = app
+    scalars = st.none() | st.booleans() | st.integers(-3, 2**40) | st.floats(allow_nan=True) | st.text(max_size=6)
+    near_valid = st.fixed_dictionaries(
+        {"model": st.sampled_from([name, "", "x"]) | scalars},
+        optional={"prompt": st.text(max_size=12) | st.lists(st.integers(-2, 200), max_size=5) | scalars,
+                  "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "bot"]) | scalars,
+                                                              "content": st.text(max_size=8) | scalars}), max_size=2)
+                  | scalars,
+                  "max_tokens": st.integers(-2, 3) | scalars, "temperature": st.floats(-1, 3) | scalars,
+                  "top_p": st.floats(-1, 2) | scalars, "stop": st.lists(st.text(max_size=3), max_size=6) | scalars,
+                  "n": st.integers(0, 3), "stream": st.booleans(), "seed": st.integers(-5, 2**70) | scalars})
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["completions", "chat/completions"]), doc=near_valid | scalars)
+    def check(route: str, doc) -> None:
+        req = urllib.request.Request(f"{base}/v1/{route}", data=json.dumps(doc).encode(), method="POST",
+                                     headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as reply:
+                assert reply.status == 200
+                reply.read()
+        except urllib.error.HTTPError as err:
+            assert err.code < 500, (err.code, doc)
+            assert json.loads(err.read())["error"]["message"], doc
+
+    check()
