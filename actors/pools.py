@@ -23,7 +23,7 @@ from expertray.policies.autoscale import Signals
 from expertray.runtime.changes import ExpertKey, PlacementControl
 from expertray.runtime.liveness import Reply
 from expertray.runtime.weights import expert_blob
-from expertray.state.actor_names import NAMESPACE
+from expertray.state.actor_names import NAMESPACE, ray_name
 from expertray.state.placement_table import PlacementTable
 from expertray.state.ray_nodes import NodeInfo, nodes_from_ray
 
@@ -107,6 +107,16 @@ def lookup(name: str) -> Any:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def strays(known: set[str]) -> list[Any]:
+    """Handles of expertray's named expert actors and routers whose ids are not in `known`: started by an
+    earlier incarnation of a restarted controller that died before recording them (a heal or an add in
+    flight), so neither the snapshot nor the routers' tables name them."""
+    prefix = ray_name("")
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)]
+    return [h for n in names if n[len(prefix):] not in known and (h := lookup(n)) is not None]
 
 
 def request_resources(bundles: list[dict[str, float]]) -> None:
