@@ -30,6 +30,7 @@ import typer
 from expertray.api import Cluster, init_ray, launch, random_model
 from expertray.config import ClusterConfig, GateConfig, MoELayerConfig
 from expertray.errors import ConfigError
+from expertray.state.actor_names import NAMESPACE, ray_name
 from expertray.state.placement_table import PlacementTable
 from expertray.tools.bench.report import emit, quantile
 
@@ -102,41 +103,77 @@ def _prepare(name: str, cluster: Cluster) -> dict[str, Any]:
     return {"replicas_added": len(event["added"])}
 
 
+def kill_expert_actor(actor: str) -> None:
+    """Kill expert actor `actor` (e.g. "expert-1") for good: Ray does not restart it, the controller heals."""
+    ray.kill(ray.get_actor(ray_name(actor), namespace=NAMESPACE), no_restart=True)
+
+
+def resume_process(pid: int) -> bool:
+    """SIGCONT a process this bench stopped; False when it is gone (killed meanwhile by the heal)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def corrupt_snapshot(cluster: Cluster) -> str:
+    """Overwrite the controller's snapshot file with garbage; returns its path."""
+    info = ray.get(cluster.controller.info.remote(), timeout=30)
+    path = Path(info["state_dir"], "snapshot.msgpack")
+    path.write_bytes(b"\x00 corrupted")
+    return str(path)
+
+
+def restart_controller(cluster: Cluster, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Kill the detached controller (Ray restarts it) and wait until the restarted one (Ray's restart count
+    went up) answers with its state restored; returns its info ({} if it did not within `timeout_s`)."""
+    restarts = _restarts(cluster.controller)
+    ray.kill(cluster.controller, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the old controller may answer briefly: wait for the new one
+        try:
+            if _restarts(cluster.controller) > restarts:
+                info = ray.get(cluster.controller.info.remote(), timeout=5)
+                if info["restored"]:
+                    return info
+        except Exception:  # noqa: BLE001 - restarting
+            pass
+        time.sleep(0.25)
+    return {}
+
+
+def _restarts(actor: Any) -> int:
+    """How many times Ray has restarted `actor` (from the GCS: no call to the actor)."""
+    info = ray._private.state.actors(actor_id=actor._actor_id.hex())
+    return int(info.get("NumRestarts", 0))
+
+
 def _inject(name: str, cluster: Cluster, cfg: ClusterConfig) -> dict[str, Any]:
     """Apply the scenario's fault; returns what was done (and anything to undo)."""
     if name == "kill_replicated_expert":
-        ray.kill(ray.get_actor(f"expertray-{VICTIM}", namespace="expertray"), no_restart=True)
+        kill_expert_actor(VICTIM)
         return {"fault": f"ray.kill({VICTIM}), every expert of it replicated elsewhere"}
     if name == "kill_expert":
-        ray.kill(ray.get_actor("expertray-expert-1", namespace="expertray"), no_restart=True)
-        return {"fault": "ray.kill(expert-1)"}
+        kill_expert_actor(VICTIM)
+        return {"fault": f"ray.kill({VICTIM})"}
     if name in ("hang_expert", "hang_replicated_expert"):
-        pid = cluster.status()["actors"]["expert-1"]["pid"]
+        pid = cluster.status()["actors"][VICTIM]["pid"]
         os.kill(pid, signal.SIGSTOP)
-        return {"fault": f"SIGSTOP expert-1 (pid {pid})", "pid": pid}
+        return {"fault": f"SIGSTOP {VICTIM} (pid {pid})", "pid": pid}
     if name == "straggler":
-        ray.get(cluster.controller.set_actor_slowdown.remote("expert-1", 3.0))
-        return {"fault": "expert-1 3x slower"}
+        ray.get(cluster.controller.set_actor_slowdown.remote(VICTIM, 3.0))
+        return {"fault": f"{VICTIM} 3x slower"}
     if name == "kill_router":
         ray.kill(cluster.routers[0], no_restart=True)
         return {"fault": "ray.kill(router-0) of 2"}
     if name == "kill_controller":
         ray.kill(cluster.controller, no_restart=False)
         return {"fault": "ray.kill(controller), Ray restarts it"}
-    info = ray.get(cluster.controller.info.remote(), timeout=30)
-    Path(info["state_dir"], "snapshot.msgpack").write_bytes(b"\x00 corrupted")
-    ray.kill(cluster.controller, no_restart=False)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # until the restarted controller answers (the old one may, briefly)
-        try:
-            info = ray.get(cluster.controller.info.remote(), timeout=5)
-            if info["restored"]:
-                break
-        except Exception:  # noqa: BLE001 - restarting
-            pass
-        time.sleep(0.25)
-    ray.kill(ray.get_actor("expertray-expert-1", namespace="expertray"), no_restart=True)
-    return {"fault": "corrupted snapshot + controller restart, then ray.kill(expert-1)",
+    corrupt_snapshot(cluster)
+    info = restart_controller(cluster)
+    kill_expert_actor(VICTIM)
+    return {"fault": f"corrupted snapshot + controller restart, then ray.kill({VICTIM})",
             "controller_degraded": bool(info.get("degraded")), "snapshot_error": info.get("snapshot_error")}
 
 
@@ -158,10 +195,7 @@ def _scenario(name: str, cfg: ClusterConfig, before_s: float, after_s: float, to
         routers = _router_counters(cluster)
     finally:
         if "pid" in fault:
-            try:
-                os.kill(fault["pid"], signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+            resume_process(fault["pid"])
         cluster.shutdown()
     recs = stream.records
     hung += sum(1 for s, d, _ in recs if d - s > cfg.request_timeout_s + HUNG_GRACE_S)
