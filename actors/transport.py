@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from typing import Any
 
@@ -281,17 +282,19 @@ class ChannelTransport(ActorTransport):
         if self.channels is None:
             raise TransportError("channels are not open")
         rows = batch.rows if batch.rows.device.type == "cpu" else batch.rows.cpu()
+        cancelled = threading.Event()
         try:
             out, ms = await asyncio.to_thread(self.channels.exchange, batch.layer, rows, batch.buckets,
-                                              self.timeout_s)
-        except asyncio.CancelledError:  # the batch was dropped: end the exchange's socket waits now
+                                              self.timeout_s, cancelled)
+        except asyncio.CancelledError:  # the batch was dropped: end the exchange's socket waits now, and keep
+            cancelled.set()  # it from starting at all if it still waits for the channels (no zombie exchanges)
             self.channels.abort()
             raise
         return out.to(batch.rows.device), TransportStats(_sent_bytes(batch), ms)
 
     async def close(self) -> None:
-        if self.channels is not None:
-            self.channels.close()
+        if self.channels is not None:  # off the event loop: it may wait for an exchange thread to let go
+            await asyncio.to_thread(self.channels.close)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": "tcp", "reason": "standing channels to every actor"}

@@ -47,6 +47,7 @@ from expertray.wire.collective import from_host_array, to_host_array
 
 DEADLINE_GRACE_S = 2.0  # past a request's deadline, so the router's own RequestTimeoutError arrives first
 CONTROL_CALL_S = 10.0  # a bound on small controller queries made by the client
+ROUTER_WAIT_S = 0.25  # between looks at the router list while every router is being replaced
 # A placement change is three controller steps (load the new slots, switch the routers, unload the old),
 # each bounded by control_timeout_s there; the client waits for all of them and a margin.
 CHANGE_STEPS = 4
@@ -262,7 +263,13 @@ class Cluster:
         wire, wire_dtype = to_wire(x)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while True:
-            router = self._router()
+            try:
+                router = self._router()
+            except RouterUnavailableError:  # every router died: the controller is starting replacements
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(ROUTER_WAIT_S)
+                continue
             left = deadline - time.monotonic()
             try:
                 out = ray.get(router.forward.remote(layer, wire, wire_dtype),
@@ -281,7 +288,13 @@ class Cluster:
         "bfloat16": `wire` (and the answer) are bf16 as int16 bits (exchange.to_host_array)."""
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while True:
-            router = self._router()
+            try:
+                router = self._router()
+            except RouterUnavailableError:  # every router died: the controller is starting replacements
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(ROUTER_WAIT_S)
+                continue
             try:
                 return await asyncio.wait_for(router.forward.remote(layer, wire, wire_dtype),
                                               max(deadline - time.monotonic(), 0.0) + DEADLINE_GRACE_S)

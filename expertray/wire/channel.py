@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 LENGTH = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 16
 MAX_PAYLOAD_BYTES = 1 << 34  # 16 GiB: a bound on what one request may ask the server to allocate
+CLOSE_WAIT_S = 2.0  # the most `ChannelSet.close` waits for an exchange in progress to let go
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (layer, experts, counts, rows on the host) -> (outputs [same shape], compute ms)
 Handler = Callable[[int, list[int], list[int], torch.Tensor], tuple[torch.Tensor, float]]
@@ -277,6 +278,9 @@ class Channel:
         self.sock: socket.socket | None = None
         self.reader: _Reader | None = None
         self.aborted = False  # shut down by `abort`: reconnect before the next use
+        # the socket of a handshake in progress: a hung actor (SIGSTOP) still accepts connections in the kernel
+        # and never answers the token, so `abort` must reach this socket too
+        self.pending: socket.socket | None = None
 
     def connected(self, deadline: float) -> socket.socket:
         if self.aborted:  # an exchange that was ended may have finished anyway: its socket is shut down
@@ -285,6 +289,7 @@ class Channel:
         if self.sock is None:
             e = self.endpoint
             sock = socket.create_connection((e.host, e.port), timeout=max(1e-3, deadline - time.monotonic()))
+            self.pending = sock
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _send(sock, {"token": e.token})
@@ -294,6 +299,8 @@ class Channel:
             except BaseException:
                 sock.close()
                 raise
+            finally:
+                self.pending = None
             self.sock, self.reader = sock, reader
         return self.sock
 
@@ -306,9 +313,10 @@ class Channel:
 
     def abort(self) -> None:
         """Wake a thread blocked on this channel (shutdown both ways); it then fails and closes it."""
-        sock = self.sock
-        if sock is not None:
-            self.aborted = True
+        for sock in (self.sock, self.pending):
+            if sock is None:
+                continue
+            self.aborted = self.aborted or sock is self.sock
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -354,11 +362,13 @@ class ChannelSet:
                     failed[channel.endpoint.actor] = _why(exc)
         return failed
 
-    def exchange(self, layer: int, rows: torch.Tensor, buckets: Sequence[Bucket], timeout_s: float
-                 ) -> tuple[torch.Tensor, dict[int, float]]:
+    def exchange(self, layer: int, rows: torch.Tensor, buckets: Sequence[Bucket], timeout_s: float,
+                 cancelled: threading.Event | None = None) -> tuple[torch.Tensor, dict[int, float]]:
         """Send each busy bucket's rows [n, D] (host, contiguous) to its actor, receive the outputs in place
         into a tensor like `rows`; returns it and each busy actor's compute ms. ChannelError past
-        `timeout_s` or when an actor is dead, names those that did not answer."""
+        `timeout_s` or when an actor is dead, names those that did not answer. `cancelled`: set by a caller
+        that gave up on this exchange (it may still wait for the previous one's lock): it then never starts.
+        The deadline covers the wait for that lock too."""
         deadline = time.monotonic() + timeout_s
         rows = rows.contiguous()
         out = torch.empty_like(rows)
@@ -366,7 +376,11 @@ class ChannelSet:
         d, dtype = rows.shape[1], str(rows.dtype).removeprefix("torch.")
         row_bytes = d * rows.element_size()
         src, dst = tensor_bytes(rows), tensor_bytes(out)
-        with self._lock:
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ChannelError(f"layer {layer}: the previous exchange still held the channels after {timeout_s:g} s")
+        try:
+            if cancelled is not None and cancelled.is_set():
+                raise ChannelError(f"layer {layer}: exchange cancelled before it started")
             self._in_use = [self.channels[b.actor] for b in busy]
             failed: dict[int, str] = {}
             sent: list[Bucket] = []
@@ -411,6 +425,8 @@ class ChannelSet:
             if errors:
                 raise ChannelError(f"layer {layer}: " + "; ".join(errors), (), unknown_slot=unknown_slot)
             return out, ms
+        finally:
+            self._lock.release()
 
     def abort(self, actors: Collection[str] | None = None) -> None:
         """End the exchange in progress (from another thread): its channels to `actors` (None: all) fail now,
@@ -420,10 +436,16 @@ class ChannelSet:
                 channel.abort()
 
     def close(self) -> None:
+        """Abort the exchange in progress, then close every channel (waiting CLOSE_WAIT_S at most for that
+        exchange to let go: a caller closing a transport must not hang on an exchange stuck in a kernel call)."""
         self.abort()
-        with self._lock:
+        held = self._lock.acquire(timeout=CLOSE_WAIT_S)
+        try:
             for channel in self.channels:
                 channel.close()
+        finally:
+            if held:
+                self._lock.release()
 
 
 def _why(exc: BaseException) -> str:

@@ -175,3 +175,65 @@ def test_an_abort_that_lands_after_its_exchange_ended_blames_no_one(servers: lis
         channel.abort()  # what ChannelSet.abort does to the channels of an exchange in flight
     out, _ = channels.exchange(0, rows, BUCKETS, 5)
     assert torch.equal(out, expected(rows, BUCKETS, 0))
+
+
+def test_abort_ends_a_handshake_with_a_stopped_actor() -> None:
+    """A SIGSTOPped actor's kernel still accepts connections but never answers the token: a channel opened to it
+    then (e.g. by a router started during the stop) must be abortable, not stuck until its deadline."""
+    stopped = socket.socket()
+    stopped.bind(("127.0.0.1", 0))
+    stopped.listen(8)  # never accepted: the handshake's answer never comes
+    fast = ChannelServer("fast", "127.0.0.1", scale_by_expert)
+    try:
+        channels = ChannelSet.to([fast.endpoint, Endpoint("stopped", "127.0.0.1", stopped.getsockname()[1], "x")])
+        buckets = [ActorBucket(0, 0, 1, [0], [1]), ActorBucket(1, 1, 1, [0], [1])]
+        caught: list[BaseException] = []
+        waiter = threading.Thread(target=lambda: _catch(caught, channels.exchange, 0, torch.ones(2, 4), buckets, 60))
+        started = time.monotonic()
+        waiter.start()
+        time.sleep(0.3)
+        channels.abort()
+        waiter.join(10)
+        assert not waiter.is_alive() and time.monotonic() - started < 5
+        assert isinstance(caught[0], ChannelError) and caught[0].actors == ("stopped",)
+    finally:
+        stopped.close()
+        fast.close()
+
+
+def test_a_cancelled_exchange_waiting_for_the_channels_never_starts() -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow(layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        calls.append(layer)
+        release.wait(30)
+        return rows, 0.0
+
+    server = ChannelServer("slow", "127.0.0.1", slow)
+    try:
+        channels = ChannelSet.to([server.endpoint])
+        buckets = [ActorBucket(0, 0, 1, [0], [1])]
+        first = threading.Thread(target=lambda: _catch([], channels.exchange, 1, torch.ones(1, 4), buckets, 30))
+        first.start()
+        time.sleep(0.2)  # the first exchange holds the channels, its actor busy
+        cancelled = threading.Event()
+        caught: list[BaseException] = []
+        second = threading.Thread(target=lambda: _catch(caught, channels.exchange, 2, torch.ones(1, 4), buckets, 30,
+                                                        cancelled))
+        second.start()
+        cancelled.set()  # its caller gave up (the batch was dropped) while it waited
+        time.sleep(0.1)
+        release.set()
+        first.join(10)
+        second.join(10)
+        assert "cancelled before it started" in str(caught[0]) and calls == [1]
+        with pytest.raises(ChannelError, match="previous exchange still held the channels"):
+            release.clear()
+            blocker = threading.Thread(target=lambda: _catch([], channels.exchange, 3, torch.ones(1, 4), buckets, 30))
+            blocker.start()
+            time.sleep(0.2)
+            channels.exchange(4, torch.ones(1, 4), buckets, timeout_s=0.3)
+    finally:
+        release.set()
+        server.close()
