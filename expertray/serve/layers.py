@@ -70,6 +70,9 @@ __all__ = ["ExpertRayIngress", "app", "build", "fit_to_cpus", "run_app"]
 log = logging.getLogger(__name__)
 INGRESS_NUM_CPUS = 0.25
 INGRESS_MAX_REPLICAS = 4
+# The ingress awaits (a router, an engine's token stream): a streaming completion holds its slot for its whole
+# length, so Serve's default of 5 in flight would cap the engines' batches at 5 per ingress replica.
+INGRESS_MAX_ONGOING = 256
 
 def fit_to_cpus(cfg: ClusterConfig, free_cpus: float, reserve_cpus: float = 0.0) -> ClusterConfig:
     """`cfg` with its routers' and expert actors' CPU asks shrunk so that all of them fit in
@@ -94,8 +97,9 @@ def _decode(body: bytes, kind: str) -> np.ndarray | torch.Tensor:
 
 
 @serve.deployment(name="ExpertRayIngress", ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
+                  max_ongoing_requests=INGRESS_MAX_ONGOING,
                   autoscaling_config={"min_replicas": 1, "max_replicas": INGRESS_MAX_REPLICAS,
-                                      "target_ongoing_requests": 8})
+                                      "target_ongoing_requests": 32})
 @serve.ingress(api)
 class ExpertRayIngress(OpenAIRoutes):
     def __init__(self, max_inflight_tokens: int = 65536, model: str = "", dtype: str = "", config: str = "",

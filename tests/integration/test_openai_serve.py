@@ -34,7 +34,7 @@ def app(ray_session, serve_port, tmp_path_factory):
     write_tiny_tokenizer(path)
     cluster = launch(ClusterConfig(model=str(path), num_expert_actors=2, actor_num_cpus=0.25), detached=False)
     base = run_app(serve_port, model=str(path), api_key=KEY, quiet=True, engine_replicas=2,
-                   engine={"micro_batches": 2, "prefill_chunk_tokens": 16})
+                   engine={"micro_batches": 2, "prefill_chunk_tokens": 16, "max_running": 8, "max_waiting": 4})
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
     yield client, base, cluster, path.name
     serve.delete("expertray")
@@ -219,3 +219,27 @@ def test_random_request_bodies_never_5xx_and_errors_keep_openai_shape(app) -> No
             assert json.loads(err.read())["error"]["message"], doc
 
     check()
+
+
+def test_overload_is_shed_with_429_and_retry_after_and_the_rest_is_served(app) -> None:
+    """More requests than the engines run and queue (2 replicas x (8 running + 4 waiting)): the excess gets 429
+    with Retry-After at once, before any memory is taken; every admitted request finishes."""
+    _, base, _, name = app
+    body = json.dumps({"model": name, "prompt": "w5 w6 w7", "max_tokens": 40, "temperature": 0}).encode()
+
+    def one(_: int) -> tuple[int, str | None]:
+        req = urllib.request.Request(f"{base}/v1/completions", data=body, method="POST",
+                                     headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as reply:
+                return reply.status, json.loads(reply.read())["choices"][0]["finish_reason"]
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("retry-after")
+
+    with cf.ThreadPoolExecutor(48) as pool:
+        outcomes = list(pool.map(one, range(48)))
+    codes = [c for c, _ in outcomes]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) >= 1 and codes.count(200) >= 16, codes
+    assert all(extra == "1" for c, extra in outcomes if c == 429)
+    assert all(extra == "length" for c, extra in outcomes if c == 200)

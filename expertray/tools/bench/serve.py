@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 import typer
 
 from expertray.serving.engine import EngineConfig, Event
 from expertray.serving.loader import in_process_runners, load_engine
 from expertray.serving.sampling import SamplingParams
+from expertray.state.actor_names import NAMESPACE, ray_name
 from expertray.tools.bench.latency import QWEN3_TINY
 from expertray.tools.bench.report import emit, median, quantile
 
@@ -128,7 +130,8 @@ def transformers_static(model: Any, jobs: list[tuple[list[int], int]], batch: in
 def run(concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int = 2, min_requests: int = 8,
         prompt: tuple[int, int] = (16, 256), out: tuple[int, int] = (32, 128), micro_batches: int = 2,
         actors: int = 2, static_batch: int = 8, seed: int = 0, vocab: int = 32000, timeout_s: float = 600.0,
-        engine_threads: int = 1, cluster_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        engine_threads: int = 1, expert_slowdown: float = 1.0,
+        cluster_options: dict[str, Any] | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import expertray
@@ -175,7 +178,7 @@ def run(concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int =
             got["stages"]["overlap"] = round(max(busy - got["stages"]["wall_s"], 0.0) / busy, 4) if busy else 0.0
             return got
 
-        engine = load_engine(path, in_process_runners(micro_batches), EngineConfig(micro_batches=micro_batches))
+        engine = load_engine(path, in_process_runners(EngineConfig().micro_batches), EngineConfig())
         try:
             results["engine_in_process"] = measure(engine, 8 if 8 in sets else max(concurrency))
         finally:
@@ -186,16 +189,25 @@ def run(concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int =
         init_ray(num_cpus=8)
         cluster = expertray.launch(cluster_config(path, **options), detached=False)
         default_m = EngineConfig().micro_batches
-        try:
+
+        def engines(prefix: str, levels: list[int]) -> None:
             for m in sorted({default_m, micro_batches}):
                 engine = load_engine(path, lambda d, c, m=m: [cluster.new_direct() for _ in range(m)],
                                      EngineConfig(micro_batches=m), dtype=cluster.cfg.dtype)
                 try:
-                    results[f"engine_m{m}"] = {str(c): measure(engine, c) for c in concurrency
-                                               if m == default_m or c >= 8}
+                    results[f"{prefix}m{m}"] = {str(c): measure(engine, c) for c in levels
+                                                if m == default_m or c >= 8}
                 finally:
                     engine.stop()
                     engine.lanes.shutdown()
+
+        try:
+            engines("engine_", list(concurrency))
+            if expert_slowdown > 1.0:  # experts whose answers take longer than their CPU time (remote, busy)
+                for actor in cluster.table().actors:
+                    ray.get(ray.get_actor(ray_name(actor), namespace=NAMESPACE).set_slowdown.remote(expert_slowdown),
+                            timeout=30)
+                engines(f"slow{expert_slowdown:g}_engine_", [c for c in concurrency if c >= 8])
         finally:
             cluster.shutdown()
     default = results[f"engine_m{EngineConfig().micro_batches}"]
@@ -205,10 +217,12 @@ def run(concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int =
     if "1" in default:
         ratios["engine_c1_over_sequential"] = (default["1"]["tokens_per_s"]
                                                / results["transformers_sequential"]["tokens_per_s"])
-    for c in ("8", "16"):
-        if micro_batches != 1 and c in results.get(f"engine_m{micro_batches}", {}) and c in results.get("engine_m1", {}):
-            ratios[f"pingpong_m{micro_batches}_c{c}_over_m1"] = (results[f"engine_m{micro_batches}"][c]["tokens_per_s"]
-                                                                 / results["engine_m1"][c]["tokens_per_s"])
+    for prefix in ("engine_", f"slow{expert_slowdown:g}_engine_"):
+        for c in ("8", "16"):
+            pong, ping = results.get(f"{prefix}m{micro_batches}", {}), results.get(f"{prefix}m1", {})
+            if micro_batches != 1 and c in pong and c in ping:
+                ratios[f"{prefix}pingpong_m{micro_batches}_c{c}_over_m1"] = (pong[c]["tokens_per_s"]
+                                                                           / ping[c]["tokens_per_s"])
     results["ratios"] = ratios
     return results
 
@@ -241,6 +255,10 @@ def cli(concurrency: list[int] = typer.Option([1, 4, 8, 16], "--concurrency"),
         seed: int = typer.Option(0), vocab: int = typer.Option(32000, min=16),
         engine_threads: int = typer.Option(1, min=1, help="torch threads of the engine (an engine replica at a "
                                                           "fractional CPU gets 1 from Ray)."),
+        expert_slowdown: float = typer.Option(1.0, min=1.0, help="Also measure m=1 and m=--micro-batches at 8+ "
+                                              "clients with every expert actor's answers taking this many times "
+                                              "its compute (it sleeps the rest: experts on remote or busy "
+                                              "devices, where ping-pong has idle time to fill)."),
         plot_path: Path | None = typer.Option(None, "--plot", help="Write a throughput-vs-concurrency PNG here."),
         as_json: bool = typer.Option(False, "--json"), out: Path | None = None) -> None:
     """Aggregate output tokens/s, TTFT and TPOT of the engine at each concurrency, against transformers."""
@@ -249,16 +267,18 @@ def cli(concurrency: list[int] = typer.Option([1, 4, 8, 16], "--concurrency"),
     if any(c < 1 for c in concurrency):
         raise typer.BadParameter("--concurrency values must be >= 1")
     r = run(tuple(sorted(set(concurrency))), requests_per_client, 8, (prompt_min, prompt_max), (out_min, out_max),
-            micro_batches, actors, static_batch, seed, vocab, engine_threads=engine_threads)
+            micro_batches, actors, static_batch, seed, vocab, engine_threads=engine_threads,
+            expert_slowdown=expert_slowdown)
     rows = [["transformers sequential (a)", 1, r["transformers_sequential"]["tokens_per_s"], "-", "-", "-"],
             [f"transformers static batch {static_batch} (b)", static_batch,
              r["transformers_static"]["tokens_per_s"], "-", "-", "-"]]
     ip = r["engine_in_process"]
     rows.append(["engine, MoE in process", ip["clients"], ip["tokens_per_s"], ip["ttft_ms_p50"], ip["tpot_ms_p50"],
                  ip["wrong"]])
-    for key in sorted(k for k in r if k.startswith("engine_m")):
+    for key in sorted(k for k in r if "engine_m" in k):
         for c, got in r[key].items():
-            rows.append([f"engine {key[7:]} on the cluster", c, got["tokens_per_s"],
+            rows.append([f"{key.replace('_engine_', ' engine ').replace('engine_', 'engine ')} on the cluster", c,
+                         got["tokens_per_s"],
                          f"{got['ttft_ms_p50']:.0f} / {got['ttft_ms_p99']:.0f}",
                          f"{got['tpot_ms_p50']:.1f} / {got['tpot_ms_p99']:.1f}", got["wrong"] + got["errors"]])
     rows += [[f"ratio {k}", "-", v, "-", "-", "-"] for k, v in r["ratios"].items()]

@@ -198,3 +198,35 @@ def test_a_model_whose_cache_is_not_key_value_attention_is_refused_by_name(tmp_p
     path = write_tiny_checkpoint("qwen3_next", tmp_path / "next", torch.float32)
     with pytest.raises(ConfigError, match="linear_attention keep a cache the batched engine cannot hold"):
         load_engine(str(path), in_process_runners(1), EngineConfig(micro_batches=1))
+
+
+def test_bfloat16_tokens_part_from_the_reference_only_at_its_own_near_ties(tmp_path) -> None:
+    """bf16 serving under continuous batching: greedy tokens equal transformers' bf16 `generate`, or part from
+    it first at a step where the reference's own top-2 logit margin is within its bf16 error (a tie either
+    choice may take)."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "bf16", torch.bfloat16, seed=5, overrides=CONTEXT)
+    ref_bf16 = AutoModelForCausalLM.from_pretrained(path).eval()
+    ref_fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    requests = _requests(seed=21, n=6)
+    engine = load_engine(str(path), in_process_runners(1), EngineConfig(prefill_chunk_tokens=9))
+    got = Collector()
+    try:
+        for i, (prompt, new) in enumerate(requests):
+            engine.submit(prompt, SamplingParams(max_tokens=new, temperature=0.0), got.callback(i))
+        got.wait(len(requests))
+    finally:
+        engine.stop()
+    for i, (prompt, new) in enumerate(requests):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = ref_bf16.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                                    min_new_tokens=new, output_scores=True, return_dict_in_generate=True)
+            ref_err = float((ref_bf16(ids).logits.float() - ref_fp32(ids).logits).abs().max())
+        want = out.sequences[0, len(prompt):].tolist()
+        differ = [s for s, (a, b) in enumerate(zip(got.tokens[i], want)) if a != b]
+        if differ:
+            top2 = out.scores[differ[0]][0].float().topk(2).values
+            assert float(top2[0] - top2[1]) <= 2 * ref_err, f"request {i} parts at step {differ[0]}"
+        assert len(got.tokens[i]) == new
