@@ -35,7 +35,7 @@ from expertray.actors.expert import ExpertActor
 from expertray.actors.pools import RayActorPool, RayRouterPool, bounded, default_state_dir
 from expertray.actors.router import LayerParams, RouterActor
 from expertray.config import ClusterConfig
-from expertray.errors import ConfigError, ExpertRayError
+from expertray.errors import ConfigError, ExpertRayError, ExpertUnavailableError
 from expertray.layer.reference import MoELayer
 from expertray.metrics import Metrics, MetricsConfig
 from expertray.policies.autoscale import AUTOSCALE, Signals
@@ -183,6 +183,10 @@ class Controller:
 
     def _create_router(self, table: PlacementTable) -> tuple[str, Any]:
         """A new router actor for `table`: its process starts now; it serves once `_open_router` returns."""
+        missing = [a for a in table.actors if a not in self.handles]
+        if missing:  # died while this controller was down: the heal replaces them first, then the router
+            raise ExpertUnavailableError(f"cannot start a router: no live handle for {', '.join(missing)} (not found "
+                                         "after the controller restarted; replaced by the heal)")
         params = self.layer_params()  # a checkpoint's router reads its gates and shared experts itself
         new_id = router_id(self.next_router)
         self.next_router += 1
@@ -352,8 +356,9 @@ class Controller:
         return [LayerParams(m.gate_weights, m.shared) for m in self.layers]
 
     def get_routers(self) -> list[Any]:
-        """Handles of the routers in service (replaced ones are swapped in as they start)."""
-        return list(self.routers.values())
+        """Handles of the routers in service (replaced ones are swapped in as they start; a router a restarted
+        controller could not find is left out until it is replaced)."""
+        return [h for h in self.routers.values() if h is not None]
 
     def get_config(self) -> ClusterConfig:
         return self.cfg

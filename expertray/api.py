@@ -208,6 +208,7 @@ class Cluster:
             if failed is not None and len(self.routers) > 1:
                 self.routers = [r for r in self.routers if r != failed]
             return
+        listed = [r for r in listed if r is not None]
         self._dead &= set(listed)  # ids are never reused: one the controller no longer lists is gone for good
         self.routers = [r for r in listed if r not in self._dead]
 

@@ -242,13 +242,20 @@ class PlacementControl:
                                      f"expert(s) held only there copied to live actors", silent=silent)
 
     async def heal_routers(self) -> dict[str, str]:
-        """Replace every router that does not answer a ping; returns {old id: new id}."""
+        """Replace every router that does not answer a ping; returns {old id: new id}. A replacement that fails
+        to start is logged and left to the next heal, so the expert actors' repair still runs (a router cannot
+        start over a table naming an actor that died while the controller was down until that actor is
+        replaced)."""
         ids = self.routers.ids()
         alive = await asyncio.gather(*[self.routers.ping(r) for r in ids])
         replaced = {}
         for r, ok in zip(ids, alive):
             if not ok:
-                replaced[r] = await self.routers.replace(r, self.table)
+                try:
+                    replaced[r] = await self.routers.replace(r, self.table)
+                except Exception as exc:  # noqa: BLE001 - retried by the next heal; logged with its cause
+                    log.warning("router %s did not answer and its replacement failed to start: %s", r, exc)
+                    continue
                 log.warning("router %s did not answer; replaced by %s", r, replaced[r])
         if replaced:
             event = {"version": self.table.version, "reason": f"heal: replaced routers {replaced}", "t": time.time(),
