@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 2.0  # after a failed exchange: how long a live actor may take to answer a ping
 ENDPOINTS: dict[str, Endpoint] = {}  # actor id -> its channel endpoint, in this (router) process
+LEARN_EVERY_S = 1.0  # how often a channel transport asks again for endpoints it lacks
 
 
 class ActorTransport(Transport):
@@ -255,19 +257,26 @@ class ChannelTransport(ActorTransport):
         super().__init__(handles, timeout_s, actor_names, device)
         self.channels: ChannelSet | None = None
         self.opened = False
+        self.learning: asyncio.Task | None = None  # fetching the endpoints of actors that did not answer at open
+        self.next_learn = 0.0
+
+    async def _fetch_endpoints(self, names: list[str], wait_s: float) -> None:
+        """Ask these actors for their endpoints (ENDPOINTS keeps those that answer within `wait_s`)."""
+        index = {name: h for name, h in zip(self.actor_names, self.handles)}
+        found = await asyncio.gather(*[asyncio.wait_for(_awaitable(index[n].channel_endpoint.remote()), wait_s)
+                                       for n in names], return_exceptions=True)
+        for name, e in zip(names, found):
+            if not isinstance(e, BaseException):
+                ENDPOINTS[name] = Endpoint(**e)
 
     async def open(self) -> None:
         """Channels to every actor: endpoints learned once per actor (ids are never reused), connections made
         now within PING_TIMEOUT_S. An actor that does not answer (hung, on a lost node) gets a channel that
-        fails when used, naming it, so one silent actor does not stop a table switch; the transport fails to
-        open (and `auto` falls back) only when no actor answers."""
-        missing = [(name, h) for name, h in zip(self.actor_names, self.handles) if name not in ENDPOINTS]
+        fails when used, naming it, so one silent actor does not stop a table switch; its endpoint is asked for
+        again in the background (`_learn`) until it answers. The transport fails to open (and `auto` falls
+        back) only when no actor answers."""
         wait_s = min(PING_TIMEOUT_S, self.timeout_s)
-        found = await asyncio.gather(*[asyncio.wait_for(_awaitable(h.channel_endpoint.remote()), wait_s)
-                                       for _, h in missing], return_exceptions=True)
-        for (name, _), e in zip(missing, found):
-            if not isinstance(e, BaseException):
-                ENDPOINTS[name] = Endpoint(**e)
+        await self._fetch_endpoints([n for n in self.actor_names if n not in ENDPOINTS], wait_s)
         self.channels = ChannelSet.to([ENDPOINTS.get(name, Endpoint(name, "127.0.0.1", 0, ""))
                                        for name in self.actor_names])
         failed = await asyncio.to_thread(self.channels.connect, wait_s)
@@ -278,9 +287,29 @@ class ChannelTransport(ActorTransport):
             log.warning("channels not opened (used, they fail and are named): %s", failed)
         self.opened = True
 
+    def _learn(self) -> None:
+        """Without waiting: fetch the endpoints this transport still lacks (an actor silent at open: otherwise
+        its placeholder channel would fail for as long as the transport lives, even once the actor answers),
+        at most every LEARN_EVERY_S; a learned one replaces its placeholder channel."""
+        unknown = [i for i, e in enumerate(self.channels.endpoints) if e.port == 0]
+        if not unknown or (self.learning is not None and not self.learning.done()) or time.monotonic() < self.next_learn:
+            return
+        self.next_learn = time.monotonic() + LEARN_EVERY_S
+
+        async def learn() -> None:
+            names = [self.actor_names[i] for i in unknown]
+            await self._fetch_endpoints(names, min(PING_TIMEOUT_S, self.timeout_s))
+            learned = {i: ENDPOINTS[self.actor_names[i]] for i in unknown if self.actor_names[i] in ENDPOINTS}
+            if learned:
+                await asyncio.to_thread(self.channels.retarget, learned)
+                log.info("channels: learned the endpoints of %s", ", ".join(self.actor_names[i] for i in learned))
+
+        self.learning = asyncio.get_running_loop().create_task(learn())
+
     async def exchange(self, batch: PreparedBatch) -> tuple[torch.Tensor, TransportStats]:
         if self.channels is None:
             raise TransportError("channels are not open")
+        self._learn()
         rows = batch.rows if batch.rows.device.type == "cpu" else batch.rows.cpu()
         cancelled = threading.Event()
         try:
@@ -293,6 +322,8 @@ class ChannelTransport(ActorTransport):
         return out.to(batch.rows.device), TransportStats(_sent_bytes(batch), ms)
 
     async def close(self) -> None:
+        if self.learning is not None:
+            self.learning.cancel()
         if self.channels is not None:  # off the event loop: it may wait for an exchange thread to let go
             await asyncio.to_thread(self.channels.close)
 

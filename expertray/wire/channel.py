@@ -428,6 +428,17 @@ class ChannelSet:
         finally:
             self._lock.release()
 
+    def retarget(self, endpoints: dict[int, Endpoint]) -> None:
+        """Point channels (by index) at new endpoints (an actor's, learned after the set was made); the old
+        channels close. Waits for the exchange in progress."""
+        with self._lock:
+            for index, endpoint in endpoints.items():
+                if self.endpoints[index].actor != endpoint.actor:
+                    raise ValueError(f"channel {index} is {self.endpoints[index].actor}'s, not {endpoint.actor}'s")
+                self.channels[index].close()
+                self.channels[index] = Channel(endpoint)
+                self.endpoints[index] = endpoint
+
     def abort(self, actors: Collection[str] | None = None) -> None:
         """End the exchange in progress (from another thread): its channels to `actors` (None: all) fail now,
         named in its ChannelError, and reconnect on next use."""

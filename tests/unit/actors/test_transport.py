@@ -191,6 +191,46 @@ def test_the_channel_transport_moves_rows_with_no_call_and_names_a_dead_or_hung_
             a.server.close()
 
 
+def test_an_actor_silent_at_open_is_served_once_it_answers_again() -> None:
+    """A channel transport opened while an actor was stopped (its endpoint call unanswered) learns the
+    endpoint later: its placeholder channel must not fail for as long as the transport lives."""
+    from expertray.actors import transport as transport_module
+
+    actors = [ChannelActor("s0"), ChannelActor("s1")]
+    answer = actors[1].channel_endpoint
+    never = asyncio.Event()
+
+    async def silent() -> Any:
+        await never.wait()
+
+    actors[1].channel_endpoint = _Method(lambda: asyncio.ensure_future(silent()))
+    transport_module.ENDPOINTS.pop("s1", None)
+
+    async def scenario() -> None:
+        t = await open_transport("channel", actors, 0.3, ["s0", "s1"], torch.device("cpu"))
+        with pytest.raises(TransportError) as unknown:
+            await t.exchange(_batch([1, 1]))
+        assert unknown.value.actors == ("s1",)
+        actors[1].channel_endpoint = answer  # the actor answers again (SIGCONT)
+        t.next_learn = 0.0
+        for _ in range(50):
+            try:
+                out, _ = await t.exchange(_batch([1, 2]))
+                break
+            except TransportError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the endpoint was never learned")
+        assert torch.equal(out, _batch([1, 2]).rows * 2)
+        await t.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for a in actors:
+            a.server.close()
+
+
 def test_a_transport_needs_a_positive_deadline() -> None:
     with pytest.raises(ValueError, match="timeout must be > 0"):
         ObjectStoreTransport([FakeActor()], 0.0)
