@@ -239,7 +239,14 @@ class RayRouterPool(_ControllerSide):
         return list(self.ctl.routers)
 
     async def ping(self, router: str) -> bool:
-        return await answers(self.ctl.routers.get(router), self.ctl.cfg.ping_timeout_s)
+        """Whether the router answers and serves (started; see RouterActor.serving) within ping_timeout_s."""
+        handle = self.ctl.routers.get(router)
+        if handle is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(handle.serving.remote(), self.ctl.cfg.ping_timeout_s))
+        except Exception:  # noqa: BLE001 - dead, hung or unreachable: replaced all the same
+            return False
 
     async def call_all(self, method: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
         """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and

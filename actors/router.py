@@ -132,6 +132,12 @@ class RouterActor:
     def ping(self) -> str:
         return self.router_id
 
+    def serving(self) -> bool:
+        """Whether this router serves: started (transport open, batching loop running). A router whose
+        controller died between creating and starting it answers pings but never batches: the controller's
+        router check replaces it."""
+        return self.transport is not None and self.loop_task is not None and not self.loop_task.done()
+
     async def _open_transport(self, table: PlacementTable) -> Any:
         """The configured transport over `table`'s actors, opened on this router's device (the GPU Ray
         assigned it, else the CPU); `auto` falls back to the object store when no group can form."""
@@ -260,14 +266,15 @@ class RouterActor:
         if not isinstance(actors, list) or not all(isinstance(a, str) for a in actors):
             raise InputError(f"suspect: actors must be a list of actor ids, got {actors!r}")
         new = self.failover.suspect(self.table, actors, recovered or ())
-        if new:
+        if new and self.transport is not None:
             self._fall_back(new)
             waiting = new & self.in_flight_actors
             if waiting and self.in_flight is not None and not self.in_flight.done():
                 self.dropped_for = waiting
                 self.in_flight.cancel()
             log.warning("router %s: liveness: avoiding %s until healed (transport %s)%s", self.router_id,
-                        ", ".join(sorted(new)), self.transport.name, "; batch in flight dropped" if waiting else "")
+                        ", ".join(sorted(new)), getattr(self.transport, "name", None),
+                        "; batch in flight dropped" if waiting else "")
         return sorted(self.failover.suspects)
 
     def _reroute(self, exc: BaseException) -> bool:

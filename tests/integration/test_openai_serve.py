@@ -63,13 +63,7 @@ def _ask(client, name: str, prompt: list[int], n: int, stream: bool, delay_s: fl
         r = client.completions.create(model=name, prompt=_words(prompt), max_tokens=n, temperature=0)
         assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == n
         return r.choices[0].text, r.choices[0].finish_reason
-    text, finish = "", None
-    for chunk in client.completions.create(model=name, prompt=_words(prompt), max_tokens=n, temperature=0,
-                                           stream=True):
-        for choice in chunk.choices:
-            text += choice.text
-            finish = choice.finish_reason or finish
-    return text, finish
+    return _stream(client, name, prompt, n, [])
 
 
 def test_concurrent_greedy_completions_equal_transformers(app, until) -> None:
@@ -128,7 +122,8 @@ def test_errors_come_in_openai_shape_with_the_right_status(app) -> None:
     assert err.value.code == 400 and "malformed JSON" in json.loads(err.value.read())["error"]["message"]
 
 
-def _stream_slowly(client, name: str, prompt: list[int], n: int, progress: list[str]) -> tuple[str, str]:
+def _stream(client, name: str, prompt: list[int], n: int, progress: list[str]) -> tuple[str, str]:
+    """A streamed completion's (text, finish reason); each piece is appended to `progress` as it arrives."""
     text, finish = "", None
     for chunk in client.completions.create(model=name, prompt=_words(prompt), max_tokens=n, temperature=0,
                                            stream=True):
@@ -158,7 +153,7 @@ def test_a_killed_expert_actor_or_engine_replica_loses_no_request(app, victim) -
     jobs = [([5 + i, 17, 3 + i], 80) for i in range(4)]
     progress: list[list[str]] = [[] for _ in jobs]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(_stream_slowly, client, name, p, n, progress[i]) for i, (p, n) in enumerate(jobs)]
+        futures = [pool.submit(_stream, client, name, p, n, progress[i]) for i, (p, n) in enumerate(jobs)]
         deadline = time.monotonic() + 60
         while min(len(p) for p in progress) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
