@@ -53,7 +53,9 @@ from expertray.wire.devices import BackendChoice, choose_backend, device_identit
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 2.0  # after a failed exchange: how long a live actor may take to answer a ping
-ENDPOINTS: dict[str, Endpoint] = {}  # actor id -> its channel endpoint, in this (router) process
+# actor id @ Ray actor id -> its channel endpoint, in this (router) process. Keyed by the Ray actor too: an expert
+# actor id can name a new process after a controller restart that rebuilt its counters from the running actors.
+ENDPOINTS: dict[str, Endpoint] = {}
 LEARN_EVERY_S = 1.0  # how often a channel transport asks again for endpoints it lacks
 
 
@@ -260,14 +262,21 @@ class ChannelTransport(ActorTransport):
         self.learning: asyncio.Task | None = None  # fetching the endpoints of actors that did not answer at open
         self.next_learn = 0.0
 
-    async def _fetch_endpoints(self, names: list[str], wait_s: float) -> None:
+    def _key(self, index: int) -> str:
+        """ENDPOINTS' key of actor `index`: its id and its Ray actor's (fakes in tests have no Ray id)."""
+        actor_id = getattr(self.handles[index], "_actor_id", None)
+        return f"{self.actor_names[index]}@{actor_id.hex()}" if actor_id is not None else self.actor_names[index]
+
+    def _known(self, index: int) -> Endpoint | None:
+        return ENDPOINTS.get(self._key(index))
+
+    async def _fetch_endpoints(self, indices: list[int], wait_s: float) -> None:
         """Ask these actors for their endpoints (ENDPOINTS keeps those that answer within `wait_s`)."""
-        index = {name: h for name, h in zip(self.actor_names, self.handles)}
-        found = await asyncio.gather(*[asyncio.wait_for(_awaitable(index[n].channel_endpoint.remote()), wait_s)
-                                       for n in names], return_exceptions=True)
-        for name, e in zip(names, found):
+        found = await asyncio.gather(*[asyncio.wait_for(_awaitable(self.handles[i].channel_endpoint.remote()),
+                                                        wait_s) for i in indices], return_exceptions=True)
+        for i, e in zip(indices, found):
             if not isinstance(e, BaseException):
-                ENDPOINTS[name] = Endpoint(**e)
+                ENDPOINTS[self._key(i)] = Endpoint(**e)
 
     async def open(self) -> None:
         """Channels to every actor: endpoints learned once per actor (ids are never reused), connections made
@@ -276,9 +285,10 @@ class ChannelTransport(ActorTransport):
         again in the background (`_learn`) until it answers. The transport fails to open (and `auto` falls
         back) only when no actor answers."""
         wait_s = min(PING_TIMEOUT_S, self.timeout_s)
-        await self._fetch_endpoints([n for n in self.actor_names if n not in ENDPOINTS], wait_s)
-        self.channels = ChannelSet.to([ENDPOINTS.get(name, Endpoint(name, "127.0.0.1", 0, ""))
-                                       for name in self.actor_names])
+        names = self.actor_names
+        await self._fetch_endpoints([i for i in range(len(names)) if self._known(i) is None], wait_s)
+        self.channels = ChannelSet.to([self._known(i) or Endpoint(names[i], "127.0.0.1", 0, "")
+                                       for i in range(len(names))])
         failed = await asyncio.to_thread(self.channels.connect, wait_s)
         if len(failed) == len(self.actor_names):
             raise TransportError("no actor's channel opened: " + ", ".join(f"{a} ({why})" for a, why in failed.items()),
@@ -297,9 +307,8 @@ class ChannelTransport(ActorTransport):
         self.next_learn = time.monotonic() + LEARN_EVERY_S
 
         async def learn() -> None:
-            names = [self.actor_names[i] for i in unknown]
-            await self._fetch_endpoints(names, min(PING_TIMEOUT_S, self.timeout_s))
-            learned = {i: ENDPOINTS[self.actor_names[i]] for i in unknown if self.actor_names[i] in ENDPOINTS}
+            await self._fetch_endpoints(unknown, min(PING_TIMEOUT_S, self.timeout_s))
+            learned = {i: e for i in unknown if (e := self._known(i)) is not None}
             if learned:
                 await asyncio.to_thread(self.channels.retarget, learned)
                 log.info("channels: learned the endpoints of %s", ", ".join(self.actor_names[i] for i in learned))

@@ -204,7 +204,7 @@ def test_an_actor_silent_at_open_is_served_once_it_answers_again() -> None:
         await never.wait()
 
     actors[1].channel_endpoint = _Method(lambda: asyncio.ensure_future(silent()))
-    transport_module.ENDPOINTS.pop("s1", None)
+    transport_module.ENDPOINTS.pop("s1", None)  # fakes have no Ray actor id: keyed by name
 
     async def scenario() -> None:
         t = await open_transport("channel", actors, 0.3, ["s0", "s1"], torch.device("cpu"))
