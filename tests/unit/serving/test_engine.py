@@ -111,7 +111,7 @@ def test_greedy_equals_transformers_generate_under_continuous_batching(checkpoin
 @pytest.fixture(scope="module")
 def engine(checkpoints):
     engine = load_engine(str(checkpoints["qwen3_moe"]), in_process_runners(2),
-                         EngineConfig(max_running=2, max_waiting=1, prefill_chunk_tokens=16))
+                         EngineConfig(max_running=2, max_waiting=1, prefill_chunk_tokens=16, micro_batches=2))
     yield engine
     engine.stop()
 
