@@ -132,7 +132,7 @@ class EngineReplica:
         """Hand this replica's stats to the expertray controller every REPORT_S (`expertray status` shows them)."""
         while not self._reporting.wait(REPORT_S):
             try:
-                self._cluster.controller.report_engine.remote(self.replica, self.engine.stats())
+                self._cluster.controller.report_engine.remote(self.replica, self.stats())
             except Exception as exc:  # noqa: BLE001 - a missed report only ages this replica's line in status
                 log.debug("engine report failed: %s", exc)
 
