@@ -18,7 +18,7 @@ export EXPERTRAY_DEVICE="${EXPERTRAY_DEVICE:-cuda}"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Where Ray is installed, prove the selection neither needs nor imports it (and the packages the GPU
 # machine lacks): importing them fails as it would there.
-export EXPERTRAY_BLOCK_IMPORTS="${EXPERTRAY_BLOCK_IMPORTS:-ray,prometheus_client}"
+export EXPERTRAY_BLOCK_IMPORTS="${EXPERTRAY_BLOCK_IMPORTS:-ray,prometheus_client,openai}"
 export PYTHONPATH="scripts${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 

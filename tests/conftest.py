@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # test module needs one when it imports it, or a package module that imports it when imported
 # (tests/package_graph.py reads that from the source): which modules may import Ray is the package boundary
 # tests/unit/test_layering.py checks, not a list kept here.
-_OPTIONAL = ("ray", "prometheus_client")
+_OPTIONAL = ("ray", "prometheus_client", "openai")
 
 
 def _installed(name: str) -> bool:
