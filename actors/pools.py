@@ -126,13 +126,13 @@ def request_resources(bundles: list[dict[str, float]]) -> None:
     send(bundles=bundles)
 
 
-async def answers(handle: Any, timeout_s: float) -> bool:
-    """Whether the actor behind `handle` (None: not running) answers a ping within `timeout_s`."""
+async def answers(handle: Any, timeout_s: float, method: str = "ping") -> bool:
+    """Whether the actor behind `handle` (None: not running) answers `method` (no arguments) within `timeout_s`
+    with a true value (`ping` answers its id)."""
     if handle is None:
         return False
     try:
-        await asyncio.wait_for(handle.ping.remote(), timeout_s)
-        return True
+        return bool(await asyncio.wait_for(getattr(handle, method).remote(), timeout_s))
     except Exception:  # noqa: BLE001 - dead, hung or unreachable: all the same to the caller
         return False
 
@@ -240,13 +240,7 @@ class RayRouterPool(_ControllerSide):
 
     async def ping(self, router: str) -> bool:
         """Whether the router answers and serves (started; see RouterActor.serving) within ping_timeout_s."""
-        handle = self.ctl.routers.get(router)
-        if handle is None:
-            return False
-        try:
-            return bool(await asyncio.wait_for(handle.serving.remote(), self.ctl.cfg.ping_timeout_s))
-        except Exception:  # noqa: BLE001 - dead, hung or unreachable: replaced all the same
-            return False
+        return await answers(self.ctl.routers.get(router), self.ctl.cfg.ping_timeout_s, "serving")
 
     async def call_all(self, method: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
         """Call `method` on every router (ping_timeout_s each): (id, reply) of those that answered, and

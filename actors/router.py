@@ -273,8 +273,7 @@ class RouterActor:
                 self.dropped_for = waiting
                 self.in_flight.cancel()
             log.warning("router %s: liveness: avoiding %s until healed (transport %s)%s", self.router_id,
-                        ", ".join(sorted(new)), getattr(self.transport, "name", None),
-                        "; batch in flight dropped" if waiting else "")
+                        ", ".join(sorted(new)), self.transport.name, "; batch in flight dropped" if waiting else "")
         return sorted(self.failover.suspects)
 
     def _reroute(self, exc: BaseException) -> bool:

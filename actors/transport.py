@@ -287,7 +287,7 @@ class ChannelTransport(ActorTransport):
         wait_s = min(PING_TIMEOUT_S, self.timeout_s)
         names = self.actor_names
         await self._fetch_endpoints([i for i in range(len(names)) if self._known(i) is None], wait_s)
-        self.channels = ChannelSet.to([self._known(i) or Endpoint(names[i], "127.0.0.1", 0, "")
+        self.channels = ChannelSet.to([self._known(i) or Endpoint.unknown(names[i])
                                        for i in range(len(names))])
         failed = await asyncio.to_thread(self.channels.connect, wait_s)
         if len(failed) == len(self.actor_names):
@@ -301,7 +301,7 @@ class ChannelTransport(ActorTransport):
         """Without waiting: fetch the endpoints this transport still lacks (an actor silent at open: otherwise
         its placeholder channel would fail for as long as the transport lives, even once the actor answers),
         at most every LEARN_EVERY_S; a learned one replaces its placeholder channel."""
-        unknown = [i for i, e in enumerate(self.channels.endpoints) if e.port == 0]
+        unknown = [i for i, e in enumerate(self.channels.endpoints) if not e.known]
         if not unknown or (self.learning is not None and not self.learning.done()) or time.monotonic() < self.next_learn:
             return
         self.next_learn = time.monotonic() + LEARN_EVERY_S

@@ -111,7 +111,7 @@ class DirectLayers:
             e = endpoints.get(a)
             if e is None:
                 missing.add(a)
-                e = Endpoint(a, "127.0.0.1", 0, "")  # never connects: the actor is avoided until it answers
+                e = Endpoint.unknown(a)  # never connects: the actor is avoided until it answers
             key = (a, e.host, e.port)
             channel = self._channels.get(key)
             if channel is None:

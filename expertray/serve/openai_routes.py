@@ -10,6 +10,7 @@ Retry-After; a client that disconnects cancels its sequence in the engine at onc
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -89,17 +90,18 @@ class OpenAIRoutes:
             text = AutoConfig.from_pretrained(model).get_text_config()
             self.context_len = int(getattr(text, "max_position_embeddings", 0) or 1 << 30)
 
-    def authorized(self, request: Request) -> bool:
-        if not self.api_key:
-            return True
+    def refused(self, request: Request) -> JSONResponse | None:
+        """The 401 reply when an api_key is set and the request does not bear it; None when it may pass."""
         given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+        if not self.api_key or hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            return None
+        return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
 
     # ---- routes ---------------------------------------------------------------------------------------------
     @api.get("/v1/models", summary="The served model (OpenAI list shape)")
     async def models(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        if (refused := self.refused(request)) is not None:
+            return refused
         return JSONResponse(oa.model_list(self.served_name, self.created) if self.tokenizer else
                             {"object": "list", "data": []})
 
@@ -113,8 +115,8 @@ class OpenAIRoutes:
 
     # ---- one request ----------------------------------------------------------------------------------------
     async def _serve(self, request: Request, kind: type) -> Response:
-        if not self.authorized(request):
-            return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        if (refused := self.refused(request)) is not None:
+            return refused
         try:
             body = await read_body(request, MAX_BODY_BYTES)
             try:
@@ -176,7 +178,7 @@ class OpenAIRoutes:
         while True:
             left = params.max_tokens - len(received)
             stream = self.engine.options(stream=True).generate.remote(
-                prompt_ids + received, {**_fields(params), "max_tokens": left})
+                prompt_ids + received, {**dataclasses.asdict(params), "max_tokens": left})
             try:
                 async for item in stream:
                     gone_since = None
@@ -200,34 +202,24 @@ class OpenAIRoutes:
 
     async def _whole(self, rid: str, req: Any, chat: bool, n_prompt: int, first: Any, tokens: Any,
                      text: TextStream) -> Response:
-        out, n_out, finish = [], 0, None
         try:
-            item = first
-            while item is not None:
-                ids, finish = item
-                n_out += len(ids)
-                out.append(text.push(ids))
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if finish is not None:
-                    break
-                item = await anext(tokens, None)
+            pieces = [piece async for piece in _pieces(first, tokens, text)]
         except Exception as exc:  # noqa: BLE001
             return _mapped(exc)
         finally:
             await tokens.aclose()
-        out.append(text.flush())
+        content = "".join(c for c, _, _ in pieces)
+        _, finish, n_out = pieces[-1] if pieces else ("", None, 0)
         use = oa.usage(n_prompt, n_out)
-        body = (oa.chat_completion(rid, req.model, "".join(out), finish, use) if chat else
-                oa.completion(rid, req.model, "".join(out), finish, use))
+        body = (oa.chat_completion(rid, req.model, content, finish, use) if chat else
+                oa.completion(rid, req.model, content, finish, use))
         return JSONResponse(body.model_dump(exclude_none=True))
 
     async def _sse(self, rid: str, req: Any, chat: bool, n_prompt: int, first: Any, tokens: Any,
                    text: TextStream) -> AsyncIterator[bytes]:
-        created, n_out, finish = int(time.time()), 0, None
+        created, last = int(time.time()), ("", None, 0)
 
-        def piece(content: str, done: str | None = None) -> bytes:
+        def piece(content: str, done: str | None) -> bytes:
             if chat:
                 return oa.sse(oa.chat_chunk(rid, req.model, created, text=content, finish=done))
             return oa.sse(oa.completion_chunk(rid, req.model, created, content, done))
@@ -235,22 +227,12 @@ class OpenAIRoutes:
         try:
             if chat:
                 yield oa.sse(oa.chat_chunk(rid, req.model, created, role=True, text=""))
-            item = first
-            while item is not None:
-                ids, finish = item
-                n_out += len(ids)
-                content = text.push(ids)
-                if text.stopped:
-                    finish = "stop"
-                if finish is not None:
-                    content += text.flush()
+            async for last in _pieces(first, tokens, text):
+                content, finish, _ = last
+                if content or finish is not None:
                     yield piece(content, finish)
-                    break
-                if content:
-                    yield piece(content)
-                item = await anext(tokens, None)
             if req.include_usage:
-                use = oa.usage(n_prompt, n_out)
+                use = oa.usage(n_prompt, last[2])
                 yield oa.sse(oa.chat_chunk(rid, req.model, created, use=use) if chat else
                              oa.completion_chunk(rid, req.model, created, use=use))
             yield oa.sse("[DONE]")
@@ -262,6 +244,19 @@ class OpenAIRoutes:
             await tokens.aclose()
 
 
-def _fields(params: Any) -> dict[str, Any]:
-    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "seed": params.seed}
+async def _pieces(first: Any, tokens: Any, text: TextStream) -> AsyncIterator[tuple[str, str | None, int]]:
+    """(text now safe to send, finish reason (last piece only), output tokens so far) from the engine's token
+    stream, starting at its `first` event: a stop string ends it with "stop"; the last piece carries the text
+    held back until then."""
+    n_out, item = 0, first
+    while item is not None:
+        ids, finish = item
+        n_out += len(ids)
+        content = text.push(ids)
+        if text.stopped:
+            finish = "stop"
+        if finish is not None:
+            yield content + text.flush(), finish, n_out
+            return
+        yield content, None, n_out
+        item = await anext(tokens, None)

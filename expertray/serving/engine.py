@@ -460,7 +460,13 @@ class Engine:
                 "kv_used": self.kv_used(), "kv_budget": self.cfg.kv_budget_tokens,
                 "micro_batches": self.cfg.micro_batches, "attention_s": round(max(busy - moe, 0.0), 4),
                 "moe_s": round(moe, 4), "busy_s": round(busy, 4), "wall_s": round(wall, 4),
-                "overlap": round(max(busy - wall, 0.0) / busy, 4) if busy else 0.0}
+                "overlap": overlap(busy, wall)}
+
+
+def overlap(busy_s: float, wall_s: float) -> float:
+    """The share of lane busy time that ran beside another lane: 0 when the lanes' work took as long as the
+    steps (one micro-batch), towards 1 as more of it ran at once."""
+    return round(max(busy_s - wall_s, 0.0) / busy_s, 4) if busy_s else 0.0
 
 
 def _eos_ids(model: Any) -> frozenset[int]:

@@ -86,6 +86,16 @@ class Endpoint:
     port: int
     token: str
 
+    @classmethod
+    def unknown(cls, actor: str) -> Endpoint:
+        """A stand-in for an actor whose endpoint is not known (it did not answer): a channel to it never
+        connects, so the actor is named as failed when used."""
+        return cls(actor, "127.0.0.1", 0, "")
+
+    @property
+    def known(self) -> bool:
+        return self.port != 0
+
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A contiguous tensor's bytes, in place (no copy)."""

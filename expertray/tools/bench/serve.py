@@ -29,7 +29,7 @@ import ray
 import torch
 import typer
 
-from expertray.serving.engine import EngineConfig, Event
+from expertray.serving.engine import EngineConfig, Event, overlap
 from expertray.serving.loader import in_process_runners, load_engine
 from expertray.serving.sampling import SamplingParams
 from expertray.state.actor_names import NAMESPACE, ray_name
@@ -174,8 +174,7 @@ def run(concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int =
             after = engine.stats()
             got["wrong"] = check(sets[c], got.pop("answers"))
             got["stages"] = {k: round(after[k] - before[k], 4) for k in ("attention_s", "moe_s", "busy_s", "wall_s")}
-            busy = got["stages"]["busy_s"]
-            got["stages"]["overlap"] = round(max(busy - got["stages"]["wall_s"], 0.0) / busy, 4) if busy else 0.0
+            got["stages"]["overlap"] = overlap(got["stages"]["busy_s"], got["stages"]["wall_s"])
             return got
 
         engine = load_engine(path, in_process_runners(EngineConfig().micro_batches), EngineConfig())
