@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertray.errors import BackpressureError, ConfigError, InputError
+from expertray.errors import BackpressureError, ConfigError, InputError, RequestTimeoutError
 from expertray.models.synthetic import tiny_model, write_tiny_checkpoint
 from expertray.serving.engine import EngineConfig, Event
 from expertray.serving.loader import in_process_runners, load_engine
@@ -230,3 +230,26 @@ def test_bfloat16_tokens_part_from_the_reference_only_at_its_own_near_ties(tmp_p
             top2 = out.scores[differ[0]][0].float().topk(2).values
             assert float(top2[0] - top2[1]) <= 2 * ref_err, f"request {i} parts at step {differ[0]}"
         assert len(got.tokens[i]) == new
+
+
+def test_a_forward_past_step_timeout_fails_its_requests_with_a_timeout(checkpoints) -> None:
+    class Hung:
+        def __init__(self, inner) -> None:
+            self.inner, self.cfg = inner, inner.cfg
+
+        def forward(self, layer, hidden):
+            time.sleep(1.0)  # an MoE call that never comes back in time
+            return self.inner.forward(layer, hidden)
+
+        def shutdown(self) -> None:
+            self.inner.shutdown()
+
+    engine = load_engine(str(checkpoints["qwen3_moe"]),
+                         lambda d, c: [Hung(in_process_runners(1)(d, c)[0])], EngineConfig(step_timeout_s=0.2))
+    got = Collector()
+    try:
+        engine.submit([4, 5], SamplingParams(max_tokens=3, temperature=0.0), got.callback(0))
+        got.wait(1, timeout_s=30)
+    finally:
+        engine.stop()
+    assert isinstance(got.finish[0], RequestTimeoutError) and "step_timeout_s=0.2" in str(got.finish[0])
